@@ -1,0 +1,1 @@
+"""Benchmarks and soak runs (see bench/README.md)."""

@@ -1,0 +1,1 @@
+"""ZEGO Cloud Recording server API: signing, typed results and errors, and the async client."""

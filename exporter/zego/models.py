@@ -1,0 +1,168 @@
+"""Typed results of the ZEGO Cloud Recording API, parsed strictly from its JSON."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class TaskStatus(enum.IntEnum):
+    INITIALIZING = 1
+    RECORDING = 2
+    ENDED = 3
+    ENDED_ABNORMALLY = 4
+    PAUSED = 5
+
+    @property
+    def live(self) -> bool:
+        return self in LIVE_STATUSES
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+LIVE_STATUSES = frozenset({TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED})
+
+
+class FileStatus(enum.IntEnum):
+    RECORDING = 1
+    UPLOADING = 2
+    UPLOADED = 3
+    IN_BACKUP_STORAGE = 4
+    UPLOAD_FAILED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingTask:
+    """One row of DescribeTasks."""
+
+    task_id: str
+    room_id: str
+    status: TaskStatus
+    begin_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of DescribeTasks."""
+
+    page: int
+    page_size: int
+    total_count: int
+    tasks: tuple[RecordingTask, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFile:
+    file_id: str
+    stream_id: str
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordStatus:
+    """DescribeRecordStatus: the authoritative state of one task."""
+
+    task_id: str
+    room_id: str
+    status: TaskStatus
+    begin_ms: int
+    end_ms: int | None
+    files: tuple[RecordFile, ...]
+
+
+class ShapeError(ValueError):
+    """A JSON value that is not the shape ZEGO documents."""
+
+
+def _int(obj: dict[str, Any], key: str, *, required: bool = True, default: int = 0) -> int:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ShapeError(f"missing {key}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ShapeError(f"{key} is {type(value).__name__}, not an integer")
+    return value
+
+
+def _str(obj: dict[str, Any], key: str, *, required: bool = True) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ShapeError(f"missing {key}")
+        return ""
+    if not isinstance(value, str):
+        raise ShapeError(f"{key} is {type(value).__name__}, not a string")
+    return value
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ShapeError(f"{what} is {type(value).__name__}, not an object")
+    return value
+
+
+def _status(obj: dict[str, Any], key: str = "Status") -> TaskStatus:
+    raw = _int(obj, key)
+    try:
+        return TaskStatus(raw)
+    except ValueError:
+        raise ShapeError(f"unknown {key} {raw}") from None
+
+
+def parse_task(item: Any) -> RecordingTask:
+    obj = _object(item, "task")
+    task_id = _str(obj, "TaskId")
+    if not task_id:
+        raise ShapeError("empty TaskId")
+    return RecordingTask(
+        task_id=task_id,
+        room_id=_str(obj, "RoomId"),
+        status=_status(obj),
+        begin_ms=_int(obj, "RecordBeginTimestamp"),
+    )
+
+
+def parse_task_page(data: Any) -> TaskPage:
+    """DescribeTasks' Data. The list is `TaskidList` or `TaskList` (ZEGO's docs use both)."""
+    obj = _object(data, "Data")
+    keys = [k for k in ("TaskidList", "TaskList") if obj.get(k) is not None]
+    if len(keys) == 2 and obj["TaskidList"] != obj["TaskList"]:
+        raise ShapeError("both TaskidList and TaskList, with different contents")
+    items = obj[keys[0]] if keys else []
+    if not isinstance(items, list):
+        raise ShapeError(f"{keys[0]} is {type(items).__name__}, not a list")
+    total = _int(obj, "TotalCount", required=False, default=len(items))
+    if total < 0:
+        raise ShapeError(f"negative TotalCount {total}")
+    return TaskPage(
+        page=_int(obj, "PageOffset", required=False, default=1),
+        page_size=_int(obj, "PageSize", required=False, default=50),
+        total_count=total,
+        tasks=tuple(parse_task(item) for item in items),
+    )
+
+
+def parse_record_status(task_id: str, data: Any) -> RecordStatus:
+    obj = _object(data, "Data")
+    files_raw = obj.get("RecordFiles") or []
+    if not isinstance(files_raw, list):
+        raise ShapeError("RecordFiles is not a list")
+    files = []
+    for raw in files_raw:
+        f = _object(raw, "RecordFiles item")
+        files.append(RecordFile(file_id=_str(f, "FileId", required=False),
+                                stream_id=_str(f, "StreamId", required=False),
+                                status=_int(f, "Status", required=False)))
+    end = _int(obj, "RecordEndTimestamp", required=False, default=0)
+    return RecordStatus(
+        task_id=task_id,
+        room_id=_str(obj, "RoomId", required=False),
+        status=_status(obj),
+        begin_ms=_int(obj, "RecordBeginTimestamp", required=False),
+        end_ms=end or None,
+        files=tuple(files),
+    )
