@@ -1,4 +1,4 @@
-"""ZEGO return codes and the typed errors the client raises, classified by what a caller should do."""
+"""ZEGO return codes, and the typed errors the client raises, classified by what to do."""
 
 from __future__ import annotations
 

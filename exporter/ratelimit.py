@@ -1,0 +1,56 @@
+"""Async rate limiter: at most `limit` requests in any sliding second, paced smoothly below it.
+
+One limiter exists per (AppId, Action) and is shared by every room of that app. Two rules decide
+when a request may leave:
+
+* pacing: requests leave at least 1 / (limit × pacing) seconds apart (a token bucket holding one
+  token), so a burst does not land in one server-side window and network jitter has room;
+* the hard rule: a request leaves no sooner than 1 s after the request `limit` places before it,
+  so whatever the pacing, no sliding 1-second window ever holds more than `limit` departures.
+
+Slots are reserved synchronously, in call order, so concurrency cannot break either rule.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+from exporter.clock import Clock
+
+DEFAULT_PACING = 0.95
+
+
+class RateLimiter:
+    def __init__(self, limit: float, clock: Clock, pacing: float = DEFAULT_PACING) -> None:
+        if limit <= 0:
+            raise ValueError("limit must be > 0")
+        if not 0 < pacing <= 1:
+            raise ValueError("pacing must be in (0, 1]")
+        self.limit = limit
+        self._clock = clock
+        self._interval = 1.0 / (limit * pacing)
+        self._window = max(1, math.floor(limit))
+        self._recent: collections.deque[float] = collections.deque(maxlen=self._window)
+        self._next_free = -math.inf
+        self.waited_seconds = 0.0
+        self.granted = 0
+
+    def reserve(self, now: float) -> float:
+        """Book the next free slot for a request asked for at `now`; return when it may leave."""
+        at = max(now, self._next_free)
+        if len(self._recent) == self._window:
+            at = max(at, self._recent[0] + 1.0)
+        self._recent.append(at)
+        self._next_free = at + self._interval
+        self.granted += 1
+        return at
+
+    async def acquire(self) -> float:
+        """Wait for a slot; return the seconds waited."""
+        now = self._clock.monotonic()
+        wait = self.reserve(now) - now
+        if wait > 0:
+            self.waited_seconds += wait
+            await self._clock.sleep(wait)
+        return max(0.0, wait)
