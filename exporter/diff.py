@@ -1,0 +1,214 @@
+"""Turns what one poll cycle saw into recording events: a pure function of state and observation.
+
+No I/O, no clock, no metrics: everything the rules need comes in as arguments, so every rule can
+be tested on its own. The rules, in the order they apply to one app:
+
+1. The very first cycle with no stored state is the baseline: live tasks are remembered, ended
+   ones are marked as already counted, and no event is emitted.
+2. A live row whose TaskId was never seen before: **started**.
+3. A tracked task whose status changed: 2→5 **paused**, 5→2 **resumed** (1→2 is no event).
+4. A tracked task missing from the live rows is never assumed ended. An ended row for it
+   (Status=3 listing) or ZEGO's DescribeRecordStatus decides: 3 **ended**, 4 **ended** and
+   **ended abnormally**, 1/2/5 still live (the row was lost to page drift); "task does not
+   exist", or a task older than ZEGO's 3-day horizon, is **lost**; a failed look-up keeps the
+   task pending until the next cycle.
+5. An ended row whose TaskId was never seen (it started and ended between two cycles):
+   **started** and **ended** (and **ended abnormally** for status 4).
+6. A task's started and terminal events count once, ever: finished TaskIds are remembered until
+   ZEGO can no longer list them (3 days after they began, plus the clock-skew margin).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from exporter.zego.models import RecordingTask, RecordStatus, TaskStatus
+
+HORIZON_MS = 3 * 24 * 3600 * 1000  # ZEGO lists and describes tasks begun in the last 3 days
+
+
+class EventKind(enum.Enum):
+    STARTED = "started"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    ENDED = "ended"
+    ENDED_ABNORMALLY = "ended_abnormally"
+    LOST = "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    kind: EventKind
+    task_id: str
+    room_id: str
+    duration_s: float | None = None  # with ENDED: how long the recording lasted
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedTask:
+    task_id: str
+    room_id: str
+    status: TaskStatus
+    begin_ms: int
+
+
+@dataclass
+class Tracking:
+    """What one app's diff remembers between cycles (persisted by the store)."""
+
+    live: dict[str, TrackedTask] = field(default_factory=dict)
+    finished: dict[str, int] = field(default_factory=dict)  # TaskId -> forget after (ms)
+    ended_since_ms: int | None = None  # next Status=3 read starts here; None: no baseline yet
+
+    @property
+    def has_baseline(self) -> bool:
+        return self.ended_since_ms is not None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One cycle's successful listings of one app, de-duplicated by TaskId."""
+
+    taken_ms: int  # when the cycle's first read began
+    live: Mapping[str, RecordingTask]  # rows of Status=2 reads
+    ended: Mapping[str, RecordingTask]  # rows of Status=3 reads
+    consistent: bool = True  # False if pages shifted while they were read
+
+
+class LookupFailed(enum.Enum):
+    """DescribeRecordStatus gave no answer this cycle (the task stays pending)."""
+
+    FAILED = "failed"
+
+
+NOT_FOUND = "not_found"  # DescribeRecordStatus answered 300001000
+Lookup = RecordStatus | str | LookupFailed
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    tracking: Tracking
+    events: list[TaskEvent]
+    pending: list[str]  # TaskIds whose look-up failed and will be asked again
+
+
+def _terminal_rows(snapshot: Snapshot) -> dict[str, RecordingTask]:
+    """Rows that show a task ended: Status=3 rows, and terminal rows in a Status=2 read."""
+    rows = {tid: row for tid, row in snapshot.live.items() if not row.status.live}
+    rows.update({tid: row for tid, row in snapshot.ended.items() if not row.status.live})
+    return rows
+
+
+def _live_rows(snapshot: Snapshot) -> dict[str, RecordingTask]:
+    ended = _terminal_rows(snapshot)
+    return {t: r for t, r in snapshot.live.items() if r.status.live and t not in ended}
+
+
+def horizon_start_ms(now_ms: int, margin_ms: int) -> int:
+    """The oldest begin time ZEGO still lists, kept `margin_ms` off the edge."""
+    return now_ms - HORIZON_MS + margin_ms
+
+
+def needs_lookup(tracking: Tracking, snapshot: Snapshot, margin_ms: int) -> list[str]:
+    """Tracked tasks that vanished from the listings and that ZEGO can still describe."""
+    seen = _live_rows(snapshot).keys() | _terminal_rows(snapshot).keys()
+    oldest = horizon_start_ms(snapshot.taken_ms, margin_ms)
+    return [
+        tid for tid, task in tracking.live.items() if tid not in seen and task.begin_ms >= oldest
+    ]
+
+
+def _ended_events(task: TrackedTask | RecordingTask, status: TaskStatus, duration_s: float
+                  ) -> list[TaskEvent]:
+    events = [TaskEvent(EventKind.ENDED, task.task_id, task.room_id, max(0.0, duration_s))]
+    if status is TaskStatus.ENDED_ABNORMALLY:
+        events.append(TaskEvent(EventKind.ENDED_ABNORMALLY, task.task_id, task.room_id))
+    return events
+
+
+def _status_events(old: TrackedTask, new: TaskStatus) -> list[TaskEvent]:
+    if old.status is not TaskStatus.PAUSED and new is TaskStatus.PAUSED:
+        return [TaskEvent(EventKind.PAUSED, old.task_id, old.room_id)]
+    if old.status is TaskStatus.PAUSED and new is TaskStatus.RECORDING:
+        return [TaskEvent(EventKind.RESUMED, old.task_id, old.room_id)]
+    return []
+
+
+def diff(
+    tracking: Tracking,
+    snapshot: Snapshot,
+    lookups: Mapping[str, Lookup],
+    margin_ms: int,
+) -> DiffResult:
+    """Apply one cycle's observation to `tracking`; return the new tracking and the events."""
+    now = snapshot.taken_ms
+    live_rows = _live_rows(snapshot)
+    terminal_rows = _terminal_rows(snapshot)
+    forget_after = HORIZON_MS + margin_ms
+
+    if not tracking.has_baseline:
+        baseline = Tracking(
+            live={t: TrackedTask(t, r.room_id, r.status, r.begin_ms) for t, r in live_rows.items()},
+            finished={t: r.begin_ms + forget_after for t, r in terminal_rows.items()},
+            ended_since_ms=now - margin_ms,
+        )
+        return DiffResult(baseline, [], [])
+
+    events: list[TaskEvent] = []
+    live: dict[str, TrackedTask] = {}
+    finished = {t: until for t, until in tracking.finished.items() if until >= now}
+    pending: list[str] = []
+
+    def finish(task: TrackedTask | RecordingTask) -> None:
+        finished[task.task_id] = task.begin_ms + forget_after
+
+    for tid, old in tracking.live.items():
+        if tid in terminal_rows:
+            row = terminal_rows[tid]
+            events += _ended_events(old, row.status, (now - old.begin_ms) / 1000)
+            finish(old)
+        elif tid in live_rows:
+            row = live_rows[tid]
+            events += _status_events(old, row.status)
+            live[tid] = TrackedTask(tid, old.room_id, row.status, old.begin_ms)
+        elif old.begin_ms < horizon_start_ms(now, margin_ms):
+            events.append(TaskEvent(EventKind.LOST, tid, old.room_id))
+            finish(old)
+        else:
+            outcome = lookups.get(tid, LookupFailed.FAILED)
+            if isinstance(outcome, RecordStatus):
+                if outcome.status.live:  # page drift: still recording
+                    events += _status_events(old, outcome.status)
+                    live[tid] = TrackedTask(tid, old.room_id, outcome.status, old.begin_ms)
+                else:
+                    end_ms = outcome.end_ms if outcome.end_ms is not None else now
+                    events += _ended_events(old, outcome.status, (end_ms - old.begin_ms) / 1000)
+                    finish(old)
+            elif outcome == NOT_FOUND:
+                events.append(TaskEvent(EventKind.LOST, tid, old.room_id))
+                finish(old)
+            else:
+                live[tid] = old
+                pending.append(tid)
+
+    known = tracking.live.keys() | finished.keys()
+    for tid, row in live_rows.items():
+        if tid not in known:
+            events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
+            live[tid] = TrackedTask(tid, row.room_id, row.status, row.begin_ms)
+    for tid, row in terminal_rows.items():
+        if tid not in known:
+            events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
+            events += _ended_events(row, row.status, (now - row.begin_ms) / 1000)
+            finish(row)
+
+    # Only a consistent listing proves nothing began unseen before this cycle (see docs/design.md).
+    ended_since = now - margin_ms if snapshot.consistent else tracking.ended_since_ms
+    return DiffResult(Tracking(live, finished, ended_since), events, pending)
+
+
+def dedupe(rows: Iterable[RecordingTask]) -> dict[str, RecordingTask]:
+    """De-duplicate listing rows by TaskId; a later row (newer read) wins."""
+    return {row.task_id: row for row in rows}

@@ -1,0 +1,208 @@
+"""Each rule of the diff, as a pure function of tracking, observation and look-ups."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from exporter.diff import (
+    HORIZON_MS,
+    NOT_FOUND,
+    EventKind,
+    Lookup,
+    LookupFailed,
+    Snapshot,
+    TrackedTask,
+    Tracking,
+    diff,
+    needs_lookup,
+)
+from exporter.zego.models import RecordingTask, RecordStatus, TaskStatus
+
+NOW = 1_700_000_000_000
+MARGIN = 600_000
+S = TaskStatus
+
+
+def row(task_id: str, status: TaskStatus = S.RECORDING, begin: int = NOW - 60_000,
+        room: str = "r1") -> RecordingTask:
+    return RecordingTask(task_id, room, status, begin)
+
+
+def snap(live: Sequence[RecordingTask] = (), ended: Sequence[RecordingTask] = (),
+         at: int = NOW, consistent: bool = True) -> Snapshot:
+    return Snapshot(at, {r.task_id: r for r in live}, {r.task_id: r for r in ended}, consistent)
+
+
+def tracking(*tasks: RecordingTask, finished: Mapping[str, int] | None = None) -> Tracking:
+    return Tracking(
+        live={t.task_id: TrackedTask(t.task_id, t.room_id, t.status, t.begin_ms) for t in tasks},
+        finished=dict(finished or {}),
+        ended_since_ms=NOW - 15_000 - MARGIN,
+    )
+
+
+def kinds(state: Tracking, snapshot: Snapshot, lookups: Mapping[str, Lookup] | None = None
+          ) -> list[tuple[EventKind, str]]:
+    result = diff(state, snapshot, lookups or {}, MARGIN)
+    return [(e.kind, e.task_id) for e in result.events]
+
+
+def status(task_id: str, value: TaskStatus, end: int | None = None) -> RecordStatus:
+    return RecordStatus(task_id, "r1", value, NOW - 60_000, end, ())
+
+
+def test_first_cycle_without_stored_state_is_a_baseline_not_starts() -> None:
+    result = diff(Tracking(), snap([row("a"), row("b")], ended=[row("c", S.ENDED)]), {}, MARGIN)
+    assert result.events == []
+    assert set(result.tracking.live) == {"a", "b"}
+    assert "c" in result.tracking.finished
+    assert result.tracking.has_baseline
+
+
+def test_task_ended_before_the_baseline_is_not_counted_later() -> None:
+    base = diff(Tracking(), snap(ended=[row("c", S.ENDED)]), {}, MARGIN).tracking
+    assert kinds(base, snap(ended=[row("c", S.ENDED)], at=NOW + 15_000)) == []
+
+
+def test_new_live_task_is_started() -> None:
+    assert kinds(tracking(), snap([row("a")])) == [(EventKind.STARTED, "a")]
+
+
+def test_a_started_task_seen_again_is_not_started_twice() -> None:
+    assert kinds(tracking(row("a")), snap([row("a")])) == []
+
+
+def test_initializing_to_recording_is_no_event() -> None:
+    assert kinds(tracking(row("a", S.INITIALIZING)), snap([row("a", S.RECORDING)])) == []
+
+
+def test_recording_to_paused_is_paused_and_back_is_resumed() -> None:
+    assert kinds(tracking(row("a")), snap([row("a", S.PAUSED)])) == [(EventKind.PAUSED, "a")]
+    assert kinds(tracking(row("a", S.PAUSED)), snap([row("a")])) == [(EventKind.RESUMED, "a")]
+
+
+def test_task_missing_from_the_live_rows_needs_a_lookup_and_is_not_reported_ended() -> None:
+    state = tracking(row("a"), row("b"))
+    observed = snap([row("b")])
+    assert needs_lookup(state, observed, MARGIN) == ["a"]
+    result = diff(state, observed, {"a": LookupFailed.FAILED}, MARGIN)
+    assert result.events == []
+    assert result.pending == ["a"]
+    assert "a" in result.tracking.live
+
+
+def test_lookup_ended_is_ended_with_its_real_duration() -> None:
+    result = diff(tracking(row("a", begin=NOW - 100_000)), snap(),
+                  {"a": status("a", S.ENDED, end=NOW - 40_000)}, MARGIN)
+    assert [(e.kind, e.duration_s) for e in result.events] == [(EventKind.ENDED, 60.0)]
+    assert "a" in result.tracking.finished and "a" not in result.tracking.live
+
+
+def test_lookup_ended_abnormally_is_ended_and_ended_abnormally() -> None:
+    assert kinds(tracking(row("a")), snap(), {"a": status("a", S.ENDED_ABNORMALLY, NOW)}) == [
+        (EventKind.ENDED, "a"),
+        (EventKind.ENDED_ABNORMALLY, "a"),
+    ]
+
+
+def test_lookup_still_live_is_page_drift_and_keeps_the_task() -> None:
+    result = diff(tracking(row("a")), snap(), {"a": status("a", S.RECORDING)}, MARGIN)
+    assert result.events == []
+    assert "a" in result.tracking.live
+
+
+def test_page_drift_lookup_still_reports_a_pause() -> None:
+    assert kinds(tracking(row("a")), snap(), {"a": status("a", S.PAUSED)}) == [
+        (EventKind.PAUSED, "a")
+    ]
+
+
+def test_task_zego_does_not_know_is_lost() -> None:
+    assert kinds(tracking(row("a")), snap(), {"a": NOT_FOUND}) == [(EventKind.LOST, "a")]
+
+
+def test_task_beyond_the_three_day_horizon_is_lost_without_a_lookup() -> None:
+    old = row("a", begin=NOW - HORIZON_MS)
+    state = tracking(old)
+    assert needs_lookup(state, snap(), MARGIN) == []
+    assert kinds(state, snap()) == [(EventKind.LOST, "a")]
+
+
+def test_short_task_between_cycles_is_started_and_ended() -> None:
+    assert kinds(tracking(), snap(ended=[row("s", S.ENDED)])) == [
+        (EventKind.STARTED, "s"),
+        (EventKind.ENDED, "s"),
+    ]
+
+
+def test_short_task_ended_abnormally_between_cycles_counts_all_three() -> None:
+    assert kinds(tracking(), snap(ended=[row("s", S.ENDED_ABNORMALLY)])) == [
+        (EventKind.STARTED, "s"),
+        (EventKind.ENDED, "s"),
+        (EventKind.ENDED_ABNORMALLY, "s"),
+    ]
+
+
+def test_tracked_task_in_the_ended_rows_needs_no_lookup() -> None:
+    state = tracking(row("a"))
+    observed = snap(ended=[row("a", S.ENDED_ABNORMALLY)])
+    assert needs_lookup(state, observed, MARGIN) == []
+    assert kinds(state, observed) == [(EventKind.ENDED, "a"), (EventKind.ENDED_ABNORMALLY, "a")]
+
+
+def test_task_in_both_listings_ended_between_the_reads() -> None:
+    assert kinds(tracking(row("a")), snap([row("a")], ended=[row("a", S.ENDED)])) == [
+        (EventKind.ENDED, "a")
+    ]
+
+
+def test_finished_task_listed_again_counts_nothing() -> None:
+    state = tracking(finished={"a": NOW + HORIZON_MS})
+    assert kinds(state, snap([row("a")], ended=[row("a", S.ENDED)])) == []
+
+
+def test_finished_task_ids_are_forgotten_once_zego_can_no_longer_list_them() -> None:
+    state = tracking(finished={"old": NOW - 1, "recent": NOW + 1})
+    assert set(diff(state, snap(), {}, MARGIN).tracking.finished) == {"recent"}
+
+
+def test_terminal_row_in_a_live_listing_is_treated_as_ended() -> None:
+    assert kinds(tracking(row("a")), snap([row("a", S.ENDED)])) == [(EventKind.ENDED, "a")]
+
+
+def test_ended_watermark_moves_only_after_a_consistent_listing() -> None:
+    state = tracking()
+    moved = diff(state, snap(at=NOW + 15_000), {}, MARGIN).tracking
+    kept = diff(state, snap(at=NOW + 15_000, consistent=False), {}, MARGIN).tracking
+    assert moved.ended_since_ms == NOW + 15_000 - MARGIN
+    assert kept.ended_since_ms == state.ended_since_ms
+
+
+def test_events_carry_the_room_of_the_task() -> None:
+    result = diff(tracking(), snap([row("a", room="lobby")]), {}, MARGIN)
+    assert [e.room_id for e in result.events] == ["lobby"]
+
+
+def test_one_lifecycle_counts_each_event_exactly_once() -> None:
+    state = tracking()
+    cycle = [
+        (snap([row("t", S.INITIALIZING)], at=NOW), {}),
+        (snap([row("t")], at=NOW + 15_000), {}),
+        (snap([row("t", S.PAUSED)], at=NOW + 30_000), {}),
+        (snap([], at=NOW + 45_000), {"t": LookupFailed.FAILED}),
+        (snap([row("t")], at=NOW + 60_000), {}),
+        (snap([], at=NOW + 75_000), {"t": status("t", S.ENDED_ABNORMALLY, NOW + 70_000)}),
+        (snap([], ended=[row("t", S.ENDED_ABNORMALLY)], at=NOW + 90_000), {}),
+    ]
+    seen: list[EventKind] = []
+    for observed, lookups in cycle:
+        result = diff(state, observed, lookups, MARGIN)
+        state = result.tracking
+        seen += [e.kind for e in result.events]
+    assert seen == [
+        EventKind.STARTED,
+        EventKind.PAUSED,
+        EventKind.RESUMED,
+        EventKind.ENDED,
+        EventKind.ENDED_ABNORMALLY,
+    ]
