@@ -1,0 +1,660 @@
+"""The exporter's typed, validated configuration: every error is one line naming the field."""
+
+from __future__ import annotations
+
+import difflib
+import hmac
+import math
+import os
+import re
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, NoReturn
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_ENDPOINT: Final = "https://cloudrecord-api.zego.im/"
+DEFAULT_TIMEOUT: Final = 10.0
+DEFAULT_PACING: Final = 0.95
+DEFAULT_CLOCK_SKEW_MARGIN: Final = 600.0
+DEFAULT_POLL_INTERVAL: Final = 15.0
+DEFAULT_RATE_LIMIT: Final = 10.0
+DEFAULT_MAX_ROOMS: Final = 1000
+
+MIN_POLL_INTERVAL: Final = 1.0
+# DescribeTasks only looks back 3 days; a poll cycle longer than what is left of that window
+# once the skew margin is taken off would let tasks start and end unseen between two polls.
+QUERY_WINDOW: Final = 3 * 86400.0
+DOCUMENTED_RATE_LIMIT: Final = 10.0
+MAX_APP_ID: Final = 2**32 - 1
+# ZEGO room ids are at most 128 bytes.
+MAX_ROOM_ID_BYTES: Final = 128
+
+_SERVER_SECRET_FORMS: Final = ("server_secret", "server_secret_file", "server_secret_env")
+_CALLBACK_SECRET_FORMS: Final = ("callback_secret", "callback_secret_file", "callback_secret_env")
+_TOP_KEYS: Final = ("zego", "poll_interval", "apps")
+_ZEGO_KEYS: Final = ("endpoint", "timeout", "pacing", "clock_skew_margin")
+_APP_KEYS: Final = (
+    "app_id",
+    "rooms",
+    "rate_limit",
+    "max_rooms",
+    *_SERVER_SECRET_FORMS,
+    *_CALLBACK_SECRET_FORMS,
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# ZEGO secrets are long hex strings; one pasted into a _file or _env field must not be echoed.
+_LOOKS_LIKE_SECRET = re.compile(r"[0-9A-Fa-f]{16,}")
+_DURATION_HINT: Final = "write e.g. 500ms, 15s or 1h30m: whole numbers with units ms s m h d w y"
+
+
+class Secret:
+    """A credential that never shows its value: not in repr, str, format, pickles or errors."""
+
+    __slots__ = ("_value",)
+    _value: str
+
+    def __init__(self, value: str) -> None:
+        object.__setattr__(self, "_value", value)
+
+    def reveal(self) -> str:
+        """The secret itself: call this only where the value is used (signing, verifying)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __format__(self, format_spec: str) -> str:
+        return format(repr(self), format_spec)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Secret is immutable")
+
+    def __reduce__(self) -> NoReturn:
+        # Pickling would write the value in clear into whatever receives the bytes.
+        raise TypeError("a Secret cannot be pickled")
+
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Secret:
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class ZegoConfig:
+    """How to reach ZEGO's server API and how politely to use it."""
+
+    endpoint: str = DEFAULT_ENDPOINT
+    timeout: float = DEFAULT_TIMEOUT
+    pacing: float = DEFAULT_PACING
+    clock_skew_margin: float = DEFAULT_CLOCK_SKEW_MARGIN
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    """One ZEGO app to watch: its credentials, its rooms (None means every room) and its budget."""
+
+    app_id: int
+    server_secret: Secret
+    rooms: tuple[str, ...] | None
+    rate_limit: float = DEFAULT_RATE_LIMIT
+    max_rooms: int = DEFAULT_MAX_ROOMS
+    callback_secret: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration."""
+
+    zego: ZegoConfig
+    poll_interval: float
+    apps: tuple[AppConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A valid configuration and the warnings found while loading it."""
+
+    config: Config
+    warnings: list[str] = field(default_factory=list)
+
+
+class ConfigError(Exception):
+    """An invalid configuration: every problem found, one line each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+# Durations, exactly as Prometheus' model.ParseDuration / Duration.String handle them.
+
+_DURATION_RE = re.compile(
+    r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$",
+    re.ASCII,
+)
+_UNIT_MS: Final = (
+    ("y", 365 * 86_400_000),
+    ("w", 7 * 86_400_000),
+    ("d", 86_400_000),
+    ("h", 3_600_000),
+    ("m", 60_000),
+    ("s", 1000),
+    ("ms", 1),
+)
+# Go's time.Duration is int64 nanoseconds; Prometheus refuses anything longer.
+_MAX_DURATION_MS: Final = (2**63 - 1) // 1_000_000
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Prometheus duration (`500ms`, `15s`, `1h30m`, `1w`; bare `0` too) into seconds."""
+    if text == "0":
+        return 0.0
+    if text == "":
+        raise ValueError("empty duration string")
+    match = _DURATION_RE.match(text)
+    if match is None:
+        raise ValueError(f"not a valid duration string: {text!r}")
+    total_ms = sum(
+        int(amount) * unit_ms
+        for amount, (_, unit_ms) in zip(match.groups(), _UNIT_MS, strict=True)
+        if amount is not None
+    )
+    if total_ms > _MAX_DURATION_MS:
+        raise ValueError(f"duration out of range: {text!r}")
+    return total_ms / 1000
+
+
+def format_duration(seconds: float) -> str:
+    """Write seconds (whole milliseconds) as Prometheus would: `1h30m`, `90d`, `0s`."""
+    remaining = round(seconds * 1000)
+    if remaining < 0:
+        raise ValueError("a duration cannot be negative")
+    if remaining == 0:
+        return "0s"
+    parts: list[str] = []
+    for unit, unit_ms in _UNIT_MS:
+        # Years and weeks only when exact, as Prometheus does: 90d reads better than 12w6d.
+        if unit in ("y", "w") and remaining % unit_ms:
+            continue
+        amount, remaining = divmod(remaining, unit_ms)
+        if amount:
+            parts.append(f"{amount}{unit}")
+    return "".join(parts)
+
+
+# Loading.
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Read and validate the config file at `path`; raise ConfigError listing every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{source}: cannot read the config file: {error.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{source}: the config file is not UTF-8 text"]) from None
+    return parse_config(text, source, Path(path).parent, environ)
+
+
+def parse_config(
+    text: str, source: str, base_dir: Path, environ: Mapping[str, str] | None = None
+) -> LoadedConfig:
+    """Validate config `text`; `source` names it in messages, secret files are under `base_dir`."""
+    problems = _Problems(source)
+    try:
+        document = yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as error:
+        raise ConfigError([problems.yaml_error(error)]) from None
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{source}: invalid YAML: {error}"]) from None
+    reader = _Reader(problems, base_dir, os.environ if environ is None else environ)
+    config = reader.config(document)
+    if problems.errors or config is None:
+        raise ConfigError(problems.errors)
+    return LoadedConfig(config=config, warnings=problems.warnings)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` keys are meant to be overridden
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f'duplicate key "{key}"', key_node.start_mark
+                )
+            if isinstance(key, str | int | float | bool):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Problems:
+    """Errors and warnings found so far, each already one line naming the source and the field."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def error(self, path: str, problem: str) -> None:
+        self.errors.append(self._line(path, problem))
+
+    def warning(self, path: str, problem: str) -> None:
+        self.warnings.append(self._line(path, problem))
+
+    def _line(self, path: str, problem: str) -> str:
+        return f"{self.source}: {path}: {problem}" if path else f"{self.source}: {problem}"
+
+    def yaml_error(self, error: yaml.MarkedYAMLError) -> str:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = error.problem or error.context or "syntax error"
+        return f"{self.source}: {where}invalid YAML: {problem}"
+
+
+_MISSING: Final = object()
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Reader:
+    """Turns the parsed YAML document into typed config, recording every problem on the way."""
+
+    def __init__(self, problems: _Problems, base_dir: Path, environ: Mapping[str, str]) -> None:
+        self.problems = problems
+        self.base_dir = base_dir
+        self.environ = environ
+
+    def error(self, path: str, problem: str) -> None:
+        self.problems.error(path, problem)
+
+    def config(self, document: object) -> Config | None:
+        if document is None:
+            self.error(
+                "", "the file is empty; expected a mapping with zego, poll_interval and apps"
+            )
+            return None
+        if not isinstance(document, dict):
+            self.error(
+                "",
+                f"must be a mapping with zego, poll_interval and apps, got {_type_name(document)}",
+            )
+            return None
+        self.unknown_keys(document, _TOP_KEYS, "")
+        zego = self.zego(document.get("zego", _MISSING))
+        poll_interval = self.duration(document.get("poll_interval", _MISSING), "poll_interval")
+        if poll_interval is None:
+            poll_interval = DEFAULT_POLL_INTERVAL
+        elif poll_interval < MIN_POLL_INTERVAL:
+            self.error("poll_interval", "must be at least 1s")
+        elif zego is not None and poll_interval >= QUERY_WINDOW - zego.clock_skew_margin:
+            limit = format_duration(QUERY_WINDOW - zego.clock_skew_margin)
+            self.error(
+                "poll_interval",
+                "must be shorter than ZEGO's 3-day query window less zego.clock_skew_margin "
+                f"({limit})",
+            )
+        apps = self.apps(document.get("apps", _MISSING))
+        if zego is None or apps is None:
+            return None
+        return Config(zego=zego, poll_interval=poll_interval, apps=apps)
+
+    def unknown_keys(self, mapping: dict[Any, Any], allowed: Iterable[str], path: str) -> None:
+        allowed = tuple(allowed)
+        for key in mapping:
+            if key in allowed:
+                continue
+            if not isinstance(key, str):
+                self.error(path, f"unexpected key {key!r}: keys must be field names")
+                continue
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            advice = f'did you mean "{hint[0]}"?' if hint else f"allowed: {', '.join(allowed)}"
+            self.error(_join(path, key), f"unknown key ({advice})")
+
+    def zego(self, section: object) -> ZegoConfig | None:
+        if section is _MISSING:
+            return ZegoConfig()
+        if not isinstance(section, dict):
+            self.error("zego", f"must be a mapping, got {_type_name(section)}")
+            return None
+        self.unknown_keys(section, _ZEGO_KEYS, "zego")
+        errors_before = len(self.problems.errors)
+        endpoint = self.endpoint(section.get("endpoint", _MISSING))
+        timeout = self.duration(section.get("timeout", _MISSING), "zego.timeout")
+        if timeout is not None and timeout <= 0:
+            self.error("zego.timeout", "must be longer than 0s")
+        pacing = self.number(section.get("pacing", _MISSING), "zego.pacing")
+        if pacing is not None and not 0 < pacing <= 1:
+            self.error(
+                "zego.pacing",
+                "must be a fraction of the rate limit above 0 and at most 1 (e.g. 0.95)",
+            )
+        margin = self.duration(section.get("clock_skew_margin", _MISSING), "zego.clock_skew_margin")
+        if margin is not None and margin >= QUERY_WINDOW:
+            self.error("zego.clock_skew_margin", "must be shorter than ZEGO's 3-day query window")
+        if len(self.problems.errors) > errors_before:
+            return None
+        return ZegoConfig(
+            endpoint=DEFAULT_ENDPOINT if endpoint is None else endpoint,
+            timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+            pacing=DEFAULT_PACING if pacing is None else pacing,
+            clock_skew_margin=DEFAULT_CLOCK_SKEW_MARGIN if margin is None else margin,
+        )
+
+    def endpoint(self, value: object) -> str | None:
+        if value is _MISSING:
+            return None
+        path = "zego.endpoint"
+        if not isinstance(value, str):
+            self.error(path, f"must be an http:// or https:// URL, got {_type_name(value)}")
+            return None
+        # The URL itself is not echoed: a mistaken one may carry credentials.
+        try:
+            url = urlsplit(value)
+            url.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            self.error(path, "is not a valid URL")
+            return None
+        if url.scheme not in ("http", "https"):
+            self.error(path, "must be an http:// or https:// URL")
+        elif not url.hostname:
+            self.error(path, "must name a host, e.g. https://cloudrecord-api.zego.im/")
+        elif url.username is not None or url.password is not None:
+            self.error(path, "must not contain credentials; use server_secret_* in apps")
+        elif url.query or url.fragment:
+            self.error(path, "must not have a query string or fragment")
+        else:
+            return value
+        return None
+
+    def duration(self, value: object, path: str) -> float | None:
+        if value is _MISSING:
+            return None
+        if not isinstance(value, str):
+            self.error(
+                path, f"must be a duration string, got {_type_name(value)}; {_DURATION_HINT}"
+            )
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError:
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            self.error(path, f'"{shown}" is not a duration; {_DURATION_HINT}')
+            return None
+
+    def number(self, value: object, path: str) -> float | None:
+        if value is _MISSING:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.error(path, f"must be a number, got {_type_name(value)}")
+            return None
+        if not math.isfinite(value):
+            self.error(path, "must be a finite number")
+            return None
+        return float(value)
+
+    def integer(self, value: object, path: str) -> int | None:
+        if value is _MISSING:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(path, f"must be an integer, got {_type_name(value)}")
+            return None
+        return value
+
+    def apps(self, value: object) -> tuple[AppConfig, ...] | None:
+        if value is _MISSING:
+            self.error("apps", "is required: a list of ZEGO apps to watch")
+            return None
+        if not isinstance(value, list) or not value:
+            self.error("apps", "must be a non-empty list of ZEGO apps to watch")
+            return None
+        apps: list[AppConfig] = []
+        first_index: dict[int, int] = {}
+        valid = True
+        for index, entry in enumerate(value):
+            path = f"apps[{index}]"
+            app = self.app(entry, path)
+            if app is None:
+                valid = False
+                continue
+            if app.app_id in first_index:
+                self.error(
+                    f"{path}.app_id",
+                    f"duplicate of apps[{first_index[app.app_id]}].app_id ({app.app_id})",
+                )
+                valid = False
+                continue
+            first_index[app.app_id] = index
+            apps.append(app)
+        return tuple(apps) if valid else None
+
+    def app(self, entry: object, path: str) -> AppConfig | None:
+        if not isinstance(entry, dict):
+            self.error(
+                path, f"must be a mapping with app_id, rooms and a secret, got {_type_name(entry)}"
+            )
+            return None
+        self.unknown_keys(entry, _APP_KEYS, path)
+        errors_before = len(self.problems.errors)
+
+        app_id = self.integer(entry.get("app_id", _MISSING), f"{path}.app_id")
+        if "app_id" not in entry:
+            self.error(f"{path}.app_id", "is required")
+        elif app_id is not None and not 0 < app_id <= MAX_APP_ID:
+            self.error(f"{path}.app_id", f"must be between 1 and {MAX_APP_ID} (a uint32)")
+
+        rooms = self.rooms(entry.get("rooms", _MISSING), f"{path}.rooms")
+
+        rate_limit = self.number(entry.get("rate_limit", _MISSING), f"{path}.rate_limit")
+        if rate_limit is not None and rate_limit <= 0:
+            self.error(f"{path}.rate_limit", "must be a number of requests per second above 0")
+        elif rate_limit is not None and rate_limit > DOCUMENTED_RATE_LIMIT:
+            self.problems.warning(
+                f"{path}.rate_limit",
+                f"is above ZEGO's documented DescribeTasks limit of {DOCUMENTED_RATE_LIMIT:g} "
+                "requests/s; expect code 300000003 (frequency exceeds the limit)",
+            )
+
+        max_rooms = self.integer(entry.get("max_rooms", _MISSING), f"{path}.max_rooms")
+        if max_rooms is not None and max_rooms <= 0:
+            self.error(f"{path}.max_rooms", "must be an integer above 0")
+        elif "max_rooms" in entry and isinstance(entry.get("rooms"), list):
+            self.error(
+                f"{path}.max_rooms",
+                'only applies with rooms: "*"; an explicit room list is its own limit',
+            )
+
+        server_secret = self.secret(entry, path, _SERVER_SECRET_FORMS, required=True)
+        callback_secret = self.secret(entry, path, _CALLBACK_SECRET_FORMS, required=False)
+
+        if len(self.problems.errors) > errors_before or app_id is None or server_secret is None:
+            return None
+        return AppConfig(
+            app_id=app_id,
+            server_secret=server_secret,
+            rooms=rooms if isinstance(rooms, tuple) else None,
+            rate_limit=DEFAULT_RATE_LIMIT if rate_limit is None else rate_limit,
+            max_rooms=DEFAULT_MAX_ROOMS if max_rooms is None else max_rooms,
+            callback_secret=callback_secret,
+        )
+
+    def rooms(self, value: object, path: str) -> tuple[str, ...] | str | None:
+        shape = 'must be a non-empty list of room ids or "*"'
+        if value is _MISSING:
+            self.error(path, 'is required: a list of room ids, or "*" for every room of the app')
+            return None
+        if value == "*":
+            return "*"
+        if isinstance(value, str):
+            self.error(path, f'{shape} (for one room write ["{value}"])')
+            return None
+        if not isinstance(value, list) or not value:
+            self.error(path, shape)
+            return None
+        if value == ["*"]:
+            self.error(path, 'write rooms: "*" (not a list) to watch every room of the app')
+            return None
+        rooms: list[str] = []
+        valid = True
+        for index, room in enumerate(value):
+            room_path = f"{path}[{index}]"
+            if isinstance(room, bool) or not isinstance(room, str):
+                hint = (
+                    "; quote room ids, because YAML reads an unquoted 001 as the number 1"
+                    if isinstance(room, int | float) and not isinstance(room, bool)
+                    else ""
+                )
+                self.error(room_path, f"room ids must be strings, got {_type_name(room)}{hint}")
+                valid = False
+            elif not room:
+                self.error(room_path, "room ids must not be empty")
+                valid = False
+            elif len(room.encode()) > MAX_ROOM_ID_BYTES:
+                self.error(room_path, f"room ids are at most {MAX_ROOM_ID_BYTES} bytes")
+                valid = False
+            elif room != room.strip() or any(not char.isprintable() for char in room):
+                self.error(
+                    room_path, "room ids must not have surrounding spaces or control characters"
+                )
+                valid = False
+            elif room in rooms:
+                first = value.index(room)
+                self.error(room_path, f'duplicate room id "{room}" (first at {path}[{first}])')
+                valid = False
+            else:
+                rooms.append(room)
+        return tuple(rooms) if valid else None
+
+    def secret(
+        self, entry: dict[Any, Any], path: str, forms: tuple[str, str, str], required: bool
+    ) -> Secret | None:
+        present = [form for form in forms if form in entry]
+        if not present:
+            if required:
+                self.error(path, f"one of {', '.join(forms)} is required")
+            return None
+        if len(present) > 1:
+            self.error(
+                path,
+                f"only one of {', '.join(forms)} may be set, found {' and '.join(present)}",
+            )
+            return None
+        form = present[0]
+        form_path = f"{path}.{form}"
+        value = entry[form]
+        # Never echo `value` in this method: for the inline form it is the secret itself.
+        if not isinstance(value, str):
+            hint = " (quote it)" if isinstance(value, int | float) else ""
+            self.error(form_path, f"must be a string, got {_type_name(value)}{hint}")
+            return None
+        if form != forms[0] and _LOOKS_LIKE_SECRET.fullmatch(value):
+            self.error(
+                form_path,
+                f"looks like a secret itself (not shown); put it in a file or an environment "
+                f"variable and name that here, or use {forms[0]}",
+            )
+            return None
+        if form.endswith("_file"):
+            secret = self.secret_from_file(value, form_path)
+        elif form.endswith("_env"):
+            secret = self.secret_from_env(value, form_path)
+        else:
+            secret = value
+            if not secret:
+                self.error(form_path, "must not be empty")
+                return None
+        if secret is None:
+            return None
+        if any(char.isspace() for char in secret):
+            self.error(
+                form_path,
+                "contains spaces or line breaks, which ZEGO secrets never do (a copy-paste slip?)",
+            )
+            return None
+        return Secret(secret)
+
+    def secret_from_file(self, name: str, path: str) -> str | None:
+        if not name:
+            self.error(path, "must be a file path, got an empty string")
+            return None
+        file = self.base_dir / Path(name).expanduser()
+        try:
+            with open(file, "rb") as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                content = handle.read()
+        except OSError as error:
+            self.error(path, f"cannot read {file}: {error.strerror}")
+            return None
+        if stat.S_ISREG(mode) and mode & 0o077:
+            self.problems.warning(
+                path,
+                f"{file} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                "chmod 600 it",
+            )
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError:
+            # The decoder's own message quotes the offending bytes, which belong to the secret.
+            self.error(path, f"{file} is not UTF-8 text")
+            return None
+        secret = text.rstrip("\r\n")
+        if not secret:
+            self.error(path, f"{file} is empty")
+            return None
+        return secret
+
+    def secret_from_env(self, name: str, path: str) -> str | None:
+        if not _ENV_NAME.fullmatch(name):
+            self.error(path, "must be an environment variable name (letters, digits, _)")
+            return None
+        if name not in self.environ:
+            self.error(path, f"environment variable {name} is not set")
+            return None
+        secret = self.environ[name]
+        if not secret:
+            self.error(path, f"environment variable {name} is empty")
+            return None
+        return secret
