@@ -1,0 +1,122 @@
+"""Builds every metric family from the state on each scrape; a scrape never calls ZEGO."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from exporter import __version__
+from exporter.diff import EventKind
+from exporter.ratelimit import RateLimiter
+from exporter.state import ExporterState
+
+PREFIX = "zego_cloudrecord"
+
+EVENT_COUNTERS = {
+    EventKind.STARTED: ("tasks_started", "Recording tasks seen starting."),
+    EventKind.ENDED: ("tasks_ended", "Recording tasks that ended, normally or not."),
+    EventKind.ENDED_ABNORMALLY: ("tasks_ended_abnormally", "Recording tasks ended abnormally."),
+    EventKind.PAUSED: ("tasks_paused", "Recording tasks paused."),
+    EventKind.RESUMED: ("tasks_resumed", "Recording tasks resumed after a pause."),
+    EventKind.LOST: ("tasks_lost", "Tracked tasks ZEGO no longer knows (final status unknown)."),
+}
+
+
+class ExporterCollector(Collector):
+    def __init__(
+        self,
+        state: ExporterState,
+        limiters: Mapping[tuple[int, str], RateLimiter],
+        poll_interval: float,
+    ) -> None:
+        self._state = state
+        self._limiters = limiters
+        self._poll_interval = poll_interval
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._tasks()
+        yield from self._polls()
+        yield from self._api()
+        info = GaugeMetricFamily(f"{PREFIX}_exporter_build_info",
+                                 "Exporter version; the value is always 1.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+    def _tasks(self) -> Iterator[Metric]:
+        live = GaugeMetricFamily(f"{PREFIX}_tasks", "Recording tasks live now, by status.",
+                                 labels=["app_id", "room_id", "status"])
+        counters = {
+            kind: CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["app_id", "room_id"])
+            for kind, (name, doc) in EVENT_COUNTERS.items()
+        }
+        durations = HistogramMetricFamily(
+            f"{PREFIX}_task_duration_seconds",
+            "Length of recordings that ended, by outcome.",
+            labels=["app_id", "outcome"],
+        )
+        for app_id, app in self._state.apps.items():
+            app_label = str(app_id)
+            for (room, status), count in app.live_by_room().items():
+                live.add_metric([app_label, room, status.label], count)
+            for room, by_kind in app.counters.items():
+                for kind, family in counters.items():
+                    family.add_metric([app_label, room], by_kind[kind])
+            for outcome, histogram in app.durations.items():
+                durations.add_metric([app_label, outcome], histogram.cumulative(),
+                                     histogram.total)
+        yield live
+        yield from counters.values()
+        yield durations
+
+    def _polls(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(f"{PREFIX}_up", "1 if the last poll cycle of the app succeeded.",
+                               labels=["app_id"])
+        last = GaugeMetricFamily(f"{PREFIX}_last_poll_success_timestamp_seconds",
+                                 "Unix time the last successful poll cycle ended.",
+                                 labels=["app_id"])
+        took = GaugeMetricFamily(f"{PREFIX}_poll_duration_seconds",
+                                 "How long the last poll cycle took.", labels=["app_id"])
+        interval = GaugeMetricFamily(f"{PREFIX}_poll_interval_seconds",
+                                     "Configured time between poll cycles.", labels=["app_id"])
+        tracked = GaugeMetricFamily(f"{PREFIX}_finished_tasks_remembered",
+                                    "Finished TaskIds kept to count each task once.",
+                                    labels=["app_id"])
+        for app_id, app in self._state.apps.items():
+            label = [str(app_id)]
+            up.add_metric(label, 1 if app.up else 0)
+            if app.last_success_time is not None:
+                last.add_metric(label, app.last_success_time)
+            if app.last_poll_duration is not None:
+                took.add_metric(label, app.last_poll_duration)
+            interval.add_metric(label, self._poll_interval)
+            tracked.add_metric(label, len(app.tracking.finished))
+        yield from (up, last, took, interval, tracked)
+
+    def _api(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(f"{PREFIX}_api_requests", "Requests sent to ZEGO, by result"
+                                       " code (ZEGO's Code, or a transport failure).",
+                                       labels=["app_id", "action", "code"])
+        for (app_id, action, code), count in sorted(self._state.api.requests.items()):
+            requests.add_metric([str(app_id), action, code], count)
+        durations = HistogramMetricFamily(f"{PREFIX}_api_request_duration_seconds",
+                                          "Time ZEGO took to answer one request.",
+                                          labels=["action"])
+        for action, histogram in sorted(self._state.api.durations.items()):
+            durations.add_metric([action], histogram.cumulative(), histogram.total)
+        waited = CounterMetricFamily(f"{PREFIX}_rate_limit_wait_seconds",
+                                     "Time requests waited for the rate limiter.",
+                                     labels=["app_id", "action"])
+        limit = GaugeMetricFamily(f"{PREFIX}_rate_limit_requests_per_second",
+                                  "Configured request budget per app and action.",
+                                  labels=["app_id", "action"])
+        for (app_id, action), limiter in sorted(self._limiters.items()):
+            waited.add_metric([str(app_id), action], limiter.waited_seconds)
+            limit.add_metric([str(app_id), action], limiter.limit)
+        yield from (requests, durations, waited, limit)

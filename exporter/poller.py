@@ -1,0 +1,189 @@
+"""One app's poll cycle: read every page of its scopes, ask about vanished tasks, apply the diff."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from exporter.clock import Clock
+from exporter.diff import (
+    NOT_FOUND,
+    Lookup,
+    LookupFailed,
+    Snapshot,
+    diff,
+    horizon_start_ms,
+    needs_lookup,
+)
+from exporter.state import AppState
+from exporter.zego.client import ZegoApp, ZegoClient
+from exporter.zego.errors import Code, ZegoApiError, ZegoError, ZegoResponseError
+from exporter.zego.models import RecordingTask
+
+PAGE_SIZE = 50
+MAX_PAGES = 1000  # 50,000 tasks in one scope: past this, TotalCount is lying
+STATUS_LIVE = 2
+STATUS_ENDED = 3
+
+log = structlog.get_logger("exporter.poller")
+
+
+@dataclass(frozen=True)
+class Listing:
+    rows: list[RecordingTask]
+    consistent: bool  # TotalCount stayed put and the pages added up to it
+    requests: int
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    ok: bool
+    requests: int
+    events: int
+    seconds: float
+
+
+def requests_per_cycle(scopes: int) -> int:
+    """The fewest DescribeTasks requests one cycle needs: a live and an ended read per scope."""
+    return 2 * scopes
+
+
+class AppPoller:
+    """Polls one AppId; `run_cycle` is the scheduled job (never overlapping itself)."""
+
+    def __init__(
+        self,
+        client: ZegoClient,
+        app: ZegoApp,
+        state: AppState,
+        clock: Clock,
+        margin_s: float,
+        on_cycle_done: Callable[[AppState], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._app = app
+        self._state = state
+        self._clock = clock
+        self._margin_ms = int(margin_s * 1000)
+        self._on_cycle_done = on_cycle_done
+
+    @property
+    def scopes(self) -> list[str | None]:
+        return list(self._state.rooms) if self._state.rooms is not None else [None]
+
+    async def run_cycle(self) -> CycleReport:
+        state = self._state
+        started = time.perf_counter()
+        now_ms = int(self._clock.time() * 1000)
+        state.cycles_attempted += 1
+        try:
+            snapshot, requests = await self._observe(now_ms)
+        except ZegoError as exc:
+            return self._finish(False, 0, 0, started, str(exc))
+        lookups = await self._look_up(needs_lookup(state.tracking, snapshot, self._margin_ms))
+        result = diff(state.tracking, snapshot, lookups, self._margin_ms)
+        state.apply(result.tracking, result.events)
+        for event in result.events:
+            log.info(
+                f"task_{event.kind.value}",
+                app_id=self._app.app_id,
+                room_id=event.room_id,
+                task_id=event.task_id,
+                **({"duration_s": round(event.duration_s, 3)} if event.duration_s else {}),
+            )
+        failed = len(result.pending)
+        # The events above stand; the pending tasks are asked about again next cycle.
+        error = f"DescribeRecordStatus failed for {failed} tasks" if failed else None
+        return self._finish(not failed, requests + len(lookups), len(result.events), started, error)
+
+    def _finish(self, ok: bool, requests: int, events: int, started: float,
+                error: str | None) -> CycleReport:
+        state = self._state
+        seconds = time.perf_counter() - started
+        state.up = ok
+        state.last_poll_duration = seconds
+        state.last_error = error
+        if ok:
+            state.last_success_time = self._clock.time()
+        fields = {"app_id": self._app.app_id, "requests": requests, "events": events,
+                  "seconds": round(seconds, 3), "live": len(state.tracking.live)}
+        if error is not None:
+            log.warning("poll_cycle_failed", error=error, **fields)
+        else:
+            log.info("poll_cycle_done", **fields)
+        if self._on_cycle_done is not None:
+            self._on_cycle_done(state)
+        return CycleReport(ok, requests, events, seconds)
+
+    async def _observe(self, now_ms: int) -> tuple[Snapshot, int]:
+        tracking = self._state.tracking
+        oldest = horizon_start_ms(now_ms, self._margin_ms)
+        if tracking.ended_since_ms is None:
+            ended_from = now_ms - self._margin_ms  # baseline: what just ended is not ours to count
+        else:
+            ended_from = max(oldest, tracking.ended_since_ms)
+        live, ended = await asyncio.gather(
+            self._list_all(STATUS_LIVE, oldest, now_ms),
+            self._list_all(STATUS_ENDED, ended_from, now_ms),
+        )
+        snapshot = Snapshot(
+            taken_ms=now_ms,
+            live={r.task_id: r for r in live.rows},
+            ended={r.task_id: r for r in ended.rows},
+            consistent=live.consistent and ended.consistent,
+        )
+        return snapshot, live.requests + ended.requests
+
+    async def _list_all(self, status: int, start_ms: int, end_ms: int) -> Listing:
+        listings = await asyncio.gather(
+            *(self._list_scope(status, room, start_ms, end_ms) for room in self.scopes)
+        )
+        return Listing(
+            rows=[row for listing in listings for row in listing.rows],
+            consistent=all(listing.consistent for listing in listings),
+            requests=sum(listing.requests for listing in listings),
+        )
+
+    async def _list_scope(self, status: int, room: str | None, start_ms: int, end_ms: int
+                          ) -> Listing:
+        """Every page of one scope; rows of other rooms (a broken upstream) are dropped."""
+        rows: dict[str, RecordingTask] = {}
+        totals: set[int] = set()
+        page = 1
+        while True:
+            result = await self._client.describe_tasks(
+                self._app, status, room, start_ms, end_ms, page, PAGE_SIZE
+            )
+            totals.add(result.total_count)
+            rows.update({t.task_id: t for t in result.tasks if room in (None, t.room_id)})
+            pages_needed = math.ceil(result.total_count / PAGE_SIZE)
+            if len(result.tasks) < PAGE_SIZE or page >= pages_needed:
+                break
+            if page >= MAX_PAGES:
+                raise ZegoResponseError("DescribeTasks", f"more than {MAX_PAGES} pages")
+            page += 1
+        consistent = len(totals) == 1 and len(rows) == totals.pop()
+        return Listing(list(rows.values()), consistent, page)
+
+    async def _look_up(self, task_ids: list[str]) -> dict[str, Lookup]:
+        async def one(task_id: str) -> Lookup:
+            try:
+                return await self._client.describe_record_status(self._app, task_id)
+            except ZegoApiError as exc:
+                if exc.code == Code.TASK_NOT_FOUND:
+                    return NOT_FOUND
+                log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
+                            error=str(exc))
+            except ZegoError as exc:
+                log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
+                            error=str(exc))
+            return LookupFailed.FAILED
+
+        outcomes = await asyncio.gather(*(one(t) for t in task_ids))
+        return dict(zip(task_ids, outcomes, strict=True))
+

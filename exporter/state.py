@@ -1,0 +1,126 @@
+"""The exporter's in-memory state: per-app tracking, event counters, poll health, API figures.
+
+The poller writes it once per cycle; the collector reads it on every scrape. Both run on the one
+asyncio loop, so no lock is needed: a cycle's changes are applied in one synchronous step.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from exporter.diff import EventKind, TaskEvent, Tracking
+from exporter.zego.models import TaskStatus
+
+COUNTED_EVENTS = tuple(EventKind)
+TASK_DURATION_BUCKETS = (10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0,
+                         57600.0, 86400.0)
+API_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+OTHER_ROOMS = "_other"  # room label for rooms past an app's cardinality cap ("*" mode)
+
+
+@dataclass
+class Histogram:
+    """Cumulative-on-export histogram: per-bucket counts, sum and count, cheap to persist."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, count) pairs as Prometheus exposes them, +Inf last."""
+        out, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass
+class AppState:
+    """Everything the exporter knows about one AppId."""
+
+    app_id: int
+    rooms: tuple[str, ...] | None  # None: every room of the app ("*")
+    max_rooms: int = 1000
+    tracking: Tracking = field(default_factory=Tracking)
+    counters: dict[str, dict[EventKind, int]] = field(default_factory=dict)
+    durations: dict[str, Histogram] = field(default_factory=dict)  # outcome -> histogram
+    up: bool = False
+    cycles_attempted: int = 0
+    last_success_time: float | None = None
+    last_poll_duration: float | None = None
+    last_error: str | None = None
+
+    def __post_init__(self) -> None:
+        for room in self.rooms or ():
+            self._room_counters(room)
+        for outcome in ("normal", "abnormal"):
+            self.durations.setdefault(outcome, Histogram(TASK_DURATION_BUCKETS))
+
+    def room_label(self, room_id: str) -> str:
+        """The room_id label for a room: itself, or OTHER_ROOMS past the cap in "*" mode."""
+        if room_id in self.counters or self.rooms is not None:
+            return room_id
+        return room_id if len(self.counters) < self.max_rooms else OTHER_ROOMS
+
+    def _room_counters(self, label: str) -> dict[EventKind, int]:
+        return self.counters.setdefault(label, dict.fromkeys(COUNTED_EVENTS, 0))
+
+    def apply(self, tracking: Tracking, events: Iterable[TaskEvent]) -> None:
+        """Take one cycle's result: the new tracking and its events, counted."""
+        self.tracking = tracking
+        for task in tracking.live.values():  # a room's series appear when it is first seen
+            self._room_counters(self.room_label(task.room_id))
+        abnormal = {e.task_id for e in events if e.kind is EventKind.ENDED_ABNORMALLY}
+        for event in events:
+            self._room_counters(self.room_label(event.room_id))[event.kind] += 1
+            if event.kind is EventKind.ENDED and event.duration_s is not None:
+                outcome = "abnormal" if event.task_id in abnormal else "normal"
+                self.durations[outcome].observe(event.duration_s)
+
+    def live_by_room(self) -> dict[tuple[str, TaskStatus], int]:
+        """(room label, status) -> number of live tasks; configured rooms appear at 0."""
+        gauges: dict[tuple[str, TaskStatus], int] = defaultdict(int)
+        for room in self.counters:
+            for status in (TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED):
+                gauges[(room, status)] += 0
+        for task in self.tracking.live.values():
+            gauges[(self.room_label(task.room_id), task.status)] += 1
+        return dict(gauges)
+
+
+@dataclass
+class ApiStats:
+    """What the exporter asked of ZEGO, for the api_* metrics."""
+
+    requests: dict[tuple[int, str, str], int] = field(default_factory=lambda: defaultdict(int))
+    durations: dict[str, Histogram] = field(default_factory=dict)
+
+    def observe(self, app_id: int, action: str, label: str, seconds: float) -> None:
+        self.requests[(app_id, action, label)] += 1
+        self.durations.setdefault(action, Histogram(API_DURATION_BUCKETS)).observe(seconds)
+
+
+@dataclass
+class ExporterState:
+    apps: dict[int, AppState]
+    api: ApiStats = field(default_factory=ApiStats)
+
+    @classmethod
+    def for_apps(cls, apps: Sequence[tuple[int, tuple[str, ...] | None, int]]) -> ExporterState:
+        return cls({app_id: AppState(app_id, rooms, cap) for app_id, rooms, cap in apps})
