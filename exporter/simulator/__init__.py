@@ -1,0 +1,34 @@
+"""A simulated ZEGO Cloud Recording API for the demo, the tests and the benchmarks."""
+
+from exporter.simulator.engine import (
+    LifecycleRates,
+    RoomCounts,
+    SimEngine,
+    SimError,
+    Transition,
+    room_names,
+    summarize,
+)
+from exporter.simulator.faults import FaultConfig, FaultKind, FaultRule
+from exporter.simulator.scenario import DEMO_SCENARIO, Scenario, load_scenario
+from exporter.simulator.server import ServerOptions, SimulatorServer, create_app, rate_limits
+
+__all__ = [
+    "DEMO_SCENARIO",
+    "FaultConfig",
+    "FaultKind",
+    "FaultRule",
+    "LifecycleRates",
+    "RoomCounts",
+    "Scenario",
+    "ServerOptions",
+    "SimEngine",
+    "SimError",
+    "SimulatorServer",
+    "Transition",
+    "create_app",
+    "load_scenario",
+    "rate_limits",
+    "room_names",
+    "summarize",
+]

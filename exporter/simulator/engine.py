@@ -1,0 +1,580 @@
+"""The simulated ZEGO cloud's recording tasks: a seeded lifecycle engine and its true ledger."""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import datetime as dt
+import hashlib
+import heapq
+import itertools
+import logging
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from exporter.clock import Clock
+from exporter.zego.errors import Code
+from exporter.zego.models import LIVE_STATUSES, FileStatus, TaskStatus
+
+log = logging.getLogger(__name__)
+
+MAX_RECORD_SECONDS = 86_400.0  # StartRecord's MaxRecordTime ceiling: no task records longer
+RETENTION_SECONDS = 3 * 86_400.0  # ZEGO answers for tasks that began within the last 3 days
+_PRUNE_EVERY_SECONDS = 3_600.0
+
+Op = Literal["start", "stop", "pause", "resume", "abort", "forget"]
+OPS: tuple[Op, ...] = ("start", "stop", "pause", "resume", "abort", "forget")
+
+_ALLOWED: dict[TaskStatus | None, frozenset[TaskStatus]] = {
+    None: frozenset({TaskStatus.INITIALIZING}),
+    TaskStatus.INITIALIZING: frozenset(
+        {TaskStatus.RECORDING, TaskStatus.ENDED, TaskStatus.ENDED_ABNORMALLY}
+    ),
+    TaskStatus.RECORDING: frozenset(
+        {TaskStatus.PAUSED, TaskStatus.ENDED, TaskStatus.ENDED_ABNORMALLY}
+    ),
+    TaskStatus.PAUSED: frozenset(
+        {TaskStatus.RECORDING, TaskStatus.ENDED, TaskStatus.ENDED_ABNORMALLY}
+    ),
+    TaskStatus.ENDED: frozenset(),
+    TaskStatus.ENDED_ABNORMALLY: frozenset(),
+}
+
+
+def is_valid_transition(from_status: int | None, to_status: int) -> bool:
+    """Whether ZEGO's lifecycle allows `from_status` (None: creation) -> `to_status`."""
+    try:
+        source = None if from_status is None else TaskStatus(from_status)
+        return TaskStatus(to_status) in _ALLOWED[source]
+    except ValueError:
+        return False
+
+
+def room_names(count: int) -> list[str]:
+    """The rooms `--rooms N` creates: room-1 .. room-N."""
+    return [f"room-{i}" for i in range(1, count + 1)]
+
+
+class SimError(Exception):
+    """A control operation ZEGO would refuse, with the return code it would answer."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{int(code)}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleRates:
+    """How busy each room is and how its recordings behave (all times in seconds)."""
+
+    arrivals_per_hour: float = 6.0  # per room, Poisson
+    mean_duration_s: float = 1_800.0  # recording time, log-normal
+    min_duration_s: float = 10.0
+    init_s: tuple[float, float] = (1.0, 5.0)  # time in status 1, uniform
+    abnormal_probability: float = 0.05
+    pause_probability: float = 0.2  # chance of a (further) pause, up to 3 per task
+    mean_pause_s: float = 60.0
+    no_stream_probability: float = 0.02  # ended without files (nobody published)
+    upload_failure_probability: float = 0.05  # per file: backup storage (4) or failed (5)
+    upload_s: tuple[float, float] = (2.0, 30.0)
+
+    def __post_init__(self) -> None:
+        probabilities = (self.abnormal_probability, self.pause_probability,
+                         self.no_stream_probability, self.upload_failure_probability)
+        if any(not 0.0 <= p <= 1.0 for p in probabilities):
+            raise ValueError("probabilities must lie in [0, 1]")
+        if self.arrivals_per_hour < 0:
+            raise ValueError("arrivals_per_hour must be >= 0")
+        if self.mean_duration_s <= 0 or self.min_duration_s < 0 or self.mean_pause_s <= 0:
+            raise ValueError("durations must be > 0")
+        for low, high in (self.init_s, self.upload_s):
+            if not 0 <= low <= high:
+                raise ValueError("ranges must be (low, high) with 0 <= low <= high")
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One status change of one task; from_status is None when the task is created."""
+
+    app_id: int
+    room_id: str
+    task_id: str
+    from_status: int | None
+    to_status: int
+    at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"app_id": self.app_id, "room_id": self.room_id, "task_id": self.task_id,
+                "from_status": self.from_status, "to_status": self.to_status, "at": self.at}
+
+
+@dataclass(slots=True)
+class RoomCounts:
+    """Ledger totals for one room: what the exporter's counters should add up to."""
+
+    started: int = 0
+    ended: int = 0
+    ended_abnormally: int = 0
+    paused: int = 0
+    resumed: int = 0
+
+
+def summarize(ledger: Iterable[Transition]) -> dict[tuple[int, str], RoomCounts]:
+    """Per (app_id, room_id): started, ended (3 or 4), ended abnormally (4), paused, resumed."""
+    counts: dict[tuple[int, str], RoomCounts] = {}
+    for t in ledger:
+        room = counts.setdefault((t.app_id, t.room_id), RoomCounts())
+        if t.from_status is None:
+            room.started += 1
+        elif t.to_status in (TaskStatus.ENDED, TaskStatus.ENDED_ABNORMALLY):
+            room.ended += 1
+            room.ended_abnormally += t.to_status == TaskStatus.ENDED_ABNORMALLY
+        elif (t.from_status, t.to_status) == (TaskStatus.RECORDING, TaskStatus.PAUSED):
+            room.paused += 1
+        elif (t.from_status, t.to_status) == (TaskStatus.PAUSED, TaskStatus.RECORDING):
+            room.resumed += 1
+    return counts
+
+
+@dataclass(frozen=True, slots=True)
+class SimFile:
+    """One output file of a task; its status follows from the task's state and the time."""
+
+    stream_id: str
+    begin_after_s: float  # after the task starts recording
+    upload_s: float
+    outcome: FileStatus  # UPLOADED, IN_BACKUP_STORAGE or UPLOAD_FAILED
+
+
+@dataclass(slots=True)
+class SimTask:
+    """One recording task and everything DescribeRecordStatus reports about it."""
+
+    app_id: int
+    room_id: str
+    task_id: str
+    begin: float
+    record_mode: int
+    files: tuple[SimFile, ...]
+    status: TaskStatus = TaskStatus.INITIALIZING
+    end: float | None = None
+    scripted: bool = False  # touched by a control op: its own random pauses and end are off
+    forgotten: bool = False
+    recording_since: float | None = None
+    first_recording: float | None = None
+    recorded_s: float = 0.0
+
+    @property
+    def begin_ms(self) -> int:
+        return int(self.begin * 1000)
+
+    @property
+    def end_ms(self) -> int:
+        return 0 if self.end is None else int(self.end * 1000)
+
+    def recorded_seconds(self, now: float) -> float:
+        live = 0.0 if self.recording_since is None else max(0.0, now - self.recording_since)
+        return self.recorded_s + live
+
+    def file_status(self, file: SimFile, now: float) -> FileStatus:
+        if self.end is None:
+            return FileStatus.RECORDING
+        return FileStatus.UPLOADING if now < self.end + file.upload_s else file.outcome
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """DescribeRecordStatus' Data for this task at `now`."""
+        data: dict[str, Any] = {
+            "RoomId": self.room_id, "RecordMode": self.record_mode, "StreamType": 3,
+            "RecordBeginTimestamp": self.begin_ms, "RecordEndTimestamp": self.end_ms,
+            "Status": int(self.status),
+        }
+        if self.first_recording is not None and self.files:
+            data["RecordFiles"] = [self._file_json(f, now) for f in self.files]
+        return data
+
+    def _file_json(self, file: SimFile, now: float) -> dict[str, Any]:
+        assert self.first_recording is not None
+        stop = now if self.end is None else self.end
+        begin = min(self.first_recording + file.begin_after_s, stop)
+        duration_ms = int(max(0.0, self.recorded_seconds(stop) - file.begin_after_s) * 1000)
+        stamp = _utc_stamp(begin)
+        file_id = f"{self.task_id}_{self.room_id}_{file.stream_id}_VA_{stamp}.mp4"
+        return {
+            "UserId": file.stream_id, "UserName": file.stream_id, "StreamId": file.stream_id,
+            "FileId": file_id, "FileUrl": f"https://sim.invalid/record/{file_id}",
+            "OutputFileFormat": "mp4", "FileSize": duration_ms * 250, "Duration": duration_ms,
+            "ResolutionWidth": 1280, "ResolutionHeight": 720, "MediaTrackType": 3,
+            "BeginTimestamp": int(begin * 1000), "Status": int(self.file_status(file, now)),
+        }
+
+
+def _utc_stamp(at: float) -> str:
+    moment = dt.datetime.fromtimestamp(at, tz=dt.UTC)
+    return moment.strftime("%Y%m%d%H%M%S") + f"{moment.microsecond // 1000:03d}"
+
+
+def task_id_for(key: str) -> str:
+    """A ZEGO-looking task id (16 url-safe base64 chars) derived from `key`."""
+    digest = hashlib.blake2b(key.encode(), digest_size=12).digest()
+    return base64.urlsafe_b64encode(digest).decode()
+
+
+@dataclass(order=True, frozen=True, slots=True)
+class _Event:
+    at: float
+    seq: int
+    kind: Literal["arrival", "natural", "cap", "script"] = field(compare=False)
+    app_id: int = field(compare=False)
+    room_id: str = field(compare=False)
+    task_id: str = field(compare=False, default="")
+    to_status: int = field(compare=False, default=0)
+    op: str = field(compare=False, default="")
+
+
+class SimEngine:
+    """Rooms whose recording tasks come and go on a seeded schedule, applied by `advance_to(now)`.
+
+    Each room draws its arrivals (a Poisson process) from its own RNG seeded with
+    (seed, app, room), and each task draws its whole life (initialisation, duration, pauses, end,
+    files) from an RNG seeded with (seed, task id). Transitions fire in time order, so the ledger
+    is the same for a seed whatever the pattern of calls to `advance_to`.
+    Control ops (start/stop/pause/resume/abort/forget) at a past time apply at the engine's now.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        apps: Mapping[int, str],
+        seed: int = 0,
+        rooms: Sequence[str] | Mapping[int, Sequence[str]] = (),
+        rates: LifecycleRates | None = None,
+        warmup_s: float = 0.0,
+    ) -> None:
+        if not apps:
+            raise ValueError("at least one app is needed")
+        self.clock = clock
+        self.apps = dict(apps)
+        self.seed = seed
+        self.rates = rates or LifecycleRates()
+        self.ledger: list[Transition] = []
+        self.forgotten: set[str] = set()
+        self.start_time = clock.time()
+        self._now = self.start_time - warmup_s
+        self._heap: list[_Event] = []
+        self._seq = itertools.count()
+        self._tasks: dict[str, SimTask] = {}
+        self._by_app: dict[int, list[SimTask]] = {app: [] for app in self.apps}
+        self._by_room: dict[tuple[int, str], list[SimTask]] = {}
+        self._room_counter: dict[tuple[int, str], int] = {}
+        self._room_rng: dict[tuple[int, str], random.Random] = {}
+        self._pending_ids: set[str] = set()
+        self._scripted_counter = itertools.count(1)
+        self._next_prune = self._now + _PRUNE_EVERY_SECONDS
+        per_app = rooms if isinstance(rooms, Mapping) else dict.fromkeys(self.apps, rooms)
+        self.rooms: dict[int, list[str]] = {app: [] for app in self.apps}
+        for app_id, names in per_app.items():
+            if app_id not in self.apps:
+                raise ValueError(f"rooms given for unknown app {app_id}")
+            for room_id in names:
+                self._add_room(app_id, room_id, arrivals=True)
+        if warmup_s > 0:
+            self.advance_to(self.start_time)
+
+    @property
+    def now(self) -> float:
+        """The time up to which transitions have been applied."""
+        return self._now
+
+    # -- the schedule --------------------------------------------------------------------
+
+    def advance_to(self, now: float) -> None:
+        """Apply every scheduled transition with time <= now, in time order."""
+        while self._heap and self._heap[0].at <= now:
+            event = heapq.heappop(self._heap)
+            self._now = max(self._now, event.at)
+            self._fire(event)
+        self._now = max(self._now, now)
+        if self._now >= self._next_prune:
+            self._prune()
+
+    def _push(self, at: float, kind: Literal["arrival", "natural", "cap", "script"],
+              app_id: int, room_id: str, **kw: Any) -> None:
+        heapq.heappush(self._heap, _Event(at, next(self._seq), kind, app_id, room_id, **kw))
+
+    def _add_room(self, app_id: int, room_id: str, *, arrivals: bool) -> None:
+        key = (app_id, room_id)
+        if key in self._by_room:
+            return
+        self.rooms[app_id].append(room_id)
+        self._by_room[key] = []
+        self._room_counter[key] = 0
+        if arrivals and self.rates.arrivals_per_hour > 0:
+            rng = random.Random(f"{self.seed}:{app_id}:{room_id}")
+            self._room_rng[key] = rng
+            self._push(self._now + self._gap(rng), "arrival", app_id, room_id)
+
+    def _gap(self, rng: random.Random) -> float:
+        return rng.expovariate(self.rates.arrivals_per_hour / 3600.0)
+
+    def _fire(self, event: _Event) -> None:
+        if event.kind == "arrival":
+            rng = self._room_rng[(event.app_id, event.room_id)]
+            self._push(event.at + self._gap(rng), "arrival", event.app_id, event.room_id)
+            key = (event.app_id, event.room_id)
+            self._room_counter[key] += 1
+            task_id = self._unique_id(f"{self.seed}:{event.app_id}:{event.room_id}:"
+                                      f"{self._room_counter[key]}")
+            self._create(event.app_id, event.room_id, task_id, event.at, natural=True)
+        elif event.kind == "script":
+            self._fire_script(event)
+        else:
+            task = self._tasks.get(event.task_id)
+            if task is None or task.forgotten:
+                return
+            if event.kind == "natural" and task.scripted and not (
+                task.status == TaskStatus.INITIALIZING and event.to_status == TaskStatus.RECORDING
+            ):
+                return
+            if is_valid_transition(task.status, event.to_status):
+                self._apply(task, TaskStatus(event.to_status), event.at)
+
+    def _fire_script(self, event: _Event) -> None:
+        try:
+            if event.op == "start":
+                self._pending_ids.discard(event.task_id)
+                self._add_room(event.app_id, event.room_id, arrivals=False)
+                self._create(event.app_id, event.room_id, event.task_id, event.at, natural=False)
+            else:
+                self._control_now(event.op, event.app_id, event.room_id, event.task_id, event.at)
+        except SimError as exc:
+            log.info("scripted_op_skipped op=%s room_id=%s task_id=%s reason=%r",
+                     event.op, event.room_id, event.task_id, exc.message)
+
+    def _unique_id(self, key: str) -> str:
+        task_id = task_id_for(key)
+        while task_id in self._tasks or task_id in self._pending_ids:
+            key += "+"
+            task_id = task_id_for(key)
+        return task_id
+
+    def _create(self, app_id: int, room_id: str, task_id: str, at: float, *, natural: bool) -> None:
+        rates = self.rates
+        rng = random.Random(f"{self.seed}:{task_id}")
+        init = rng.uniform(*rates.init_s)
+        record_mode = 2 if rng.random() < 0.5 else 1
+        streams = 1 if record_mode == 2 else rng.randint(1, 3)
+        files: list[SimFile] = []
+        if rng.random() >= rates.no_stream_probability:
+            for n in range(1, streams + 1):
+                outcome = FileStatus.UPLOADED
+                if rng.random() < rates.upload_failure_probability:
+                    outcome = (FileStatus.IN_BACKUP_STORAGE if rng.random() < 0.7
+                               else FileStatus.UPLOAD_FAILED)
+                files.append(SimFile(f"stream-{n}", rng.uniform(0.0, 2.0),
+                                     rng.uniform(*rates.upload_s), outcome))
+        task = SimTask(app_id, room_id, task_id, at, record_mode, tuple(files),
+                       scripted=not natural)
+        self._tasks[task_id] = task
+        self._by_app[app_id].append(task)
+        self._by_room[(app_id, room_id)].append(task)
+        self._record(task, None, TaskStatus.INITIALIZING, at)
+        cap = at + MAX_RECORD_SECONDS
+        self._push(cap, "cap", app_id, room_id, task_id=task_id,
+                   to_status=int(TaskStatus.ENDED_ABNORMALLY))
+        if not natural:
+            self._push(at + init, "natural", app_id, room_id, task_id=task_id,
+                       to_status=int(TaskStatus.RECORDING))
+            return
+        for when, status in self._natural_plan(rng, at, init):
+            self._push(min(when, cap), "natural", app_id, room_id, task_id=task_id,
+                       to_status=int(status))
+
+    def _natural_plan(self, rng: random.Random, at: float,
+                      init: float) -> list[tuple[float, TaskStatus]]:
+        rates = self.rates
+        abnormal = rng.random() < rates.abnormal_probability
+        end_status = TaskStatus.ENDED_ABNORMALLY if abnormal else TaskStatus.ENDED
+        if abnormal and rng.random() < 0.1:  # the service or room login failed: never recorded
+            return [(at + rng.uniform(0.0, init), end_status)]
+        sigma = 1.0
+        mu = math.log(rates.mean_duration_s) - sigma * sigma / 2
+        duration = max(rates.min_duration_s, rng.lognormvariate(mu, sigma))
+        recording = at + init
+        end = min(recording + duration, at + MAX_RECORD_SECONDS)
+        if end == at + MAX_RECORD_SECONDS:
+            end_status = TaskStatus.ENDED_ABNORMALLY  # MaxRecordTime reached
+        plan: list[tuple[float, TaskStatus]] = [(recording, TaskStatus.RECORDING)]
+        pauses = 0
+        while pauses < 3 and rng.random() < rates.pause_probability:
+            pauses += 1
+        points = sorted(rng.uniform(recording, end) for _ in range(pauses))
+        for i, point in enumerate(points):
+            limit = points[i + 1] if i + 1 < len(points) else end
+            resume = point + rng.expovariate(1.0 / rates.mean_pause_s)
+            plan.append((point, TaskStatus.PAUSED))
+            if resume >= limit:
+                break  # still paused when it ends
+            plan.append((resume, TaskStatus.RECORDING))
+        plan.append((end, end_status))
+        return plan
+
+    def _apply(self, task: SimTask, to_status: TaskStatus, at: float) -> None:
+        if task.recording_since is not None:
+            task.recorded_s += max(0.0, at - task.recording_since)
+            task.recording_since = None
+        if to_status == TaskStatus.RECORDING:
+            task.recording_since = at
+            if task.first_recording is None:
+                task.first_recording = at
+        if to_status not in LIVE_STATUSES:
+            task.end = at
+        self._record(task, task.status, to_status, at)
+        task.status = to_status
+
+    def _record(self, task: SimTask, from_status: TaskStatus | None, to_status: TaskStatus,
+                at: float) -> None:
+        self.ledger.append(Transition(task.app_id, task.room_id, task.task_id,
+                                      None if from_status is None else int(from_status),
+                                      int(to_status), at))
+        log.debug("transition app_id=%s room_id=%s task_id=%s from=%s to=%s at=%.3f",
+                  task.app_id, task.room_id, task.task_id, from_status, int(to_status), at)
+
+    def _prune(self) -> None:
+        """Drop tasks ZEGO no longer answers for (begun more than 3 days and an hour ago)."""
+        cutoff = self._now - RETENTION_SECONDS - 3_600.0
+        for tasks in itertools.chain(self._by_app.values(), self._by_room.values()):
+            index = bisect.bisect_left(tasks, cutoff, key=lambda t: t.begin)
+            del tasks[:index]
+        stale = [tid for tid, t in self._tasks.items()
+                 if t.begin < cutoff and (t.end is not None or t.forgotten)]
+        for task_id in stale:
+            del self._tasks[task_id]
+        self._next_prune = self._now + _PRUNE_EVERY_SECONDS
+
+    # -- queries -------------------------------------------------------------------------
+
+    def task(self, app_id: int, task_id: str, now: float) -> SimTask | None:
+        """The task as DescribeRecordStatus sees it: None if unknown, forgotten or too old."""
+        self.advance_to(self.clock.time())
+        task = self._tasks.get(task_id)
+        if task is None or task.app_id != app_id or task.forgotten:
+            return None
+        if task.begin < now - RETENTION_SECONDS:
+            return None
+        return task
+
+    def list_tasks(self, app_id: int, room_id: str | None, begin_from_ms: int, begin_to_ms: int,
+                   statuses: frozenset[TaskStatus]) -> list[SimTask]:
+        """Tasks of an app (or one room) begun within [begin_from_ms, begin_to_ms], newest first."""
+        self.advance_to(self.clock.time())
+        pool = self._by_app.get(app_id, []) if room_id is None else self._by_room.get(
+            (app_id, room_id), [])
+        low = bisect.bisect_left(pool, begin_from_ms, key=lambda t: t.begin_ms)
+        high = bisect.bisect_right(pool, begin_to_ms, key=lambda t: t.begin_ms)
+        return [t for t in reversed(pool[low:high]) if t.status in statuses and not t.forgotten]
+
+    def live_tasks(self) -> list[SimTask]:
+        """Every task that is live now (status 1, 2 or 5), oldest first."""
+        self.advance_to(self.clock.time())
+        return [t for t in self._tasks.values() if t.status in LIVE_STATUSES and not t.forgotten]
+
+    def ledger_since(self, since: float | None = None) -> list[Transition]:
+        self.advance_to(self.clock.time())
+        if since is None:
+            return list(self.ledger)
+        return self.ledger[bisect.bisect_left(self.ledger, since, key=lambda t: t.at):]
+
+    def summary(self) -> dict[tuple[int, str], RoomCounts]:
+        self.advance_to(self.clock.time())
+        return summarize(self.ledger)
+
+    # -- control -------------------------------------------------------------------------
+
+    def start(self, app_id: int, room_id: str, at: float | None = None) -> str:
+        """Start a task in a room (now or at `at`); it records until stopped or for 24 h."""
+        return self.control("start", app_id=app_id, room_id=room_id, at=at)
+
+    def stop(self, task_id: str, at: float | None = None) -> str:
+        return self.control("stop", task_id=task_id, at=at)
+
+    def pause(self, task_id: str, at: float | None = None) -> str:
+        return self.control("pause", task_id=task_id, at=at)
+
+    def resume(self, task_id: str, at: float | None = None) -> str:
+        return self.control("resume", task_id=task_id, at=at)
+
+    def abort(self, task_id: str, at: float | None = None) -> str:
+        """End a task abnormally (status 4)."""
+        return self.control("abort", task_id=task_id, at=at)
+
+    def forget(self, task_id: str, at: float | None = None) -> str:
+        """Make a task unreachable: no longer listed, DescribeRecordStatus answers 300001000."""
+        return self.control("forget", task_id=task_id, at=at)
+
+    def control(self, op: str, *, app_id: int | None = None, room_id: str | None = None,
+                task_id: str | None = None, at: float | None = None) -> str:
+        """Apply a control op now, or schedule it if `at` is later; returns the task id.
+
+        Ops other than start name a task, or a room (app_id + room_id): then the newest live task
+        there that the op applies to, chosen when the op fires.
+        """
+        if op not in OPS:
+            raise SimError(Code.INVALID_PARAMETER, f"unknown op {op!r}")
+        self.advance_to(self.clock.time())
+        when = self._now if at is None else max(at, self._now)
+        if op == "start":
+            if app_id not in self.apps or not room_id:
+                raise SimError(Code.INVALID_PARAMETER, "start needs a known app_id and a room_id")
+            task_id = self._unique_id(f"{self.seed}:{app_id}:{room_id}:scripted:"
+                                      f"{next(self._scripted_counter)}")
+            if when > self._now:
+                self._pending_ids.add(task_id)
+                self._push(when, "script", app_id, room_id, task_id=task_id, op=op)
+            else:
+                self._add_room(app_id, room_id, arrivals=False)
+                self._create(app_id, room_id, task_id, when, natural=False)
+            return task_id
+        if task_id:
+            task = self._tasks.get(task_id)
+            if task is None and task_id not in self._pending_ids:
+                raise SimError(Code.TASK_NOT_FOUND, f"task {task_id} does not exist")
+            if task is not None:
+                app_id, room_id = task.app_id, task.room_id
+        elif app_id is None or not room_id:
+            raise SimError(Code.INVALID_PARAMETER, f"{op} needs a task_id or an app_id and room_id")
+        if when > self._now:
+            self._push(when, "script", app_id or 0, room_id or "", task_id=task_id or "", op=op)
+            return task_id or ""
+        return self._control_now(op, app_id or 0, room_id or "", task_id or "", when)
+
+    def _control_now(self, op: str, app_id: int, room_id: str, task_id: str, at: float) -> str:
+        task = self._tasks.get(task_id) if task_id else self._newest(app_id, room_id, op)
+        if task is None or task.forgotten:
+            raise SimError(Code.TASK_NOT_FOUND, f"task {task_id or 'in ' + room_id} does not exist")
+        if op == "forget":
+            task.forgotten = True
+            self.forgotten.add(task.task_id)
+            return task.task_id
+        if task.status not in LIVE_STATUSES:
+            raise SimError(Code.TASK_ALREADY_ENDED, f"task {task.task_id} already ended")
+        target = {"stop": TaskStatus.ENDED, "abort": TaskStatus.ENDED_ABNORMALLY,
+                  "pause": TaskStatus.PAUSED, "resume": TaskStatus.RECORDING}[op]
+        if op == "pause" and task.status != TaskStatus.RECORDING:
+            raise SimError(Code.INVALID_PARAMETER, f"task {task.task_id} is not recording")
+        if op == "resume" and task.status != TaskStatus.PAUSED:
+            raise SimError(Code.INVALID_PARAMETER, f"task {task.task_id} is not paused")
+        task.scripted = True
+        self._apply(task, target, at)
+        return task.task_id
+
+    def _newest(self, app_id: int, room_id: str, op: str) -> SimTask | None:
+        wanted = {"pause": {TaskStatus.RECORDING}, "resume": {TaskStatus.PAUSED}}.get(
+            op, set(LIVE_STATUSES))
+        for task in reversed(self._by_room.get((app_id, room_id), [])):
+            if task.status in wanted and not task.forgotten:
+                return task
+        return None

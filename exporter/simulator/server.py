@@ -1,0 +1,340 @@
+"""The simulator's HTTP side: ZEGO's API at `POST /?Action=...`, the test harness at `/_sim/*`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import socket
+import struct
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from exporter.simulator.api import ACTIONS, ActionContext, ListKey, StatusSemantics
+from exporter.simulator.engine import OPS, SimEngine, SimError
+from exporter.simulator.faults import (
+    FAULT_CODES,
+    HTTP_STATUS,
+    FaultConfig,
+    FaultInjector,
+    FaultKind,
+)
+from exporter.simulator.traffic import DEFAULT_RATE_LIMITS, Traffic
+from exporter.zego.errors import Code
+from exporter.zego.signing import SIGNATURE_VERSION, signature
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_TTL_SECONDS = 600.0  # ZEGO: a signature is valid for 10 minutes, clock error included
+_MAX_APP_ID = 2**32 - 1
+
+
+def rate_limits(describe_limit: int = 10) -> dict[str, int]:
+    """ZEGO's documented limits, with DescribeTasks' and DescribeRecordStatus' set to one value."""
+    return {**DEFAULT_RATE_LIMITS, "DescribeTasks": describe_limit,
+            "DescribeRecordStatus": describe_limit}
+
+
+@dataclass(slots=True)
+class ServerOptions:
+    """How the simulated API behaves where ZEGO's docs leave a choice, plus limits and faults."""
+
+    list_key: ListKey = "TaskidList"
+    status_semantics: StatusSemantics = "inclusive"
+    rate_limits: dict[str, int] = field(default_factory=rate_limits)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    callback_url: str | None = None  # reserved: recording callbacks are not simulated yet
+
+
+class _Reject(Exception):
+    def __init__(self, code: Code, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class SimulatorState:
+    """Everything the handlers share: engine, options, traffic counters, fault injector."""
+
+    def __init__(self, engine: SimEngine, options: ServerOptions) -> None:
+        self.engine = engine
+        self.options = options
+        self.traffic = Traffic(dict(options.rate_limits))
+        self.faults = FaultInjector(options.faults, engine.seed)
+        self.closing = asyncio.Event()
+        self._request_ids = itertools.count(1)
+
+    def server_now(self) -> float:
+        """The time ZEGO's side believes it is: the clock plus any injected skew."""
+        return self.engine.clock.time() + self.faults.config.clock_skew_s
+
+    def set_faults(self, config: FaultConfig) -> None:
+        self.faults.config = config
+        self.options.faults = config
+
+    def request_id(self) -> str:
+        return f"sim-{next(self._request_ids):010d}"
+
+
+STATE = web.AppKey("state", SimulatorState)
+
+
+def _envelope(state: SimulatorState, code: int, message: str,
+              data: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"Code": code, "Message": message, "RequestId": state.request_id(),
+            "Data": {} if data is None else data}
+
+
+def _authenticate(state: SimulatorState, query: Any) -> tuple[str, int]:
+    """The common query parameters checked as ZEGO's gateway does; returns (action, app_id)."""
+    action = query.get("Action", "")
+    if not action:
+        raise _Reject(Code.ACTION_EMPTY, "Action is empty")
+    if action not in ACTIONS:
+        raise _Reject(Code.ACTION_UNSUPPORTED, f"Action {action} is not supported")
+    raw_app = query.get("AppId", "")
+    if not raw_app.isdigit() or not 0 < int(raw_app) <= _MAX_APP_ID:
+        raise _Reject(Code.APP_ID_FORMAT, "AppId format error")
+    app_id = int(raw_app)
+    secret = state.engine.apps.get(app_id)
+    if secret is None:
+        raise _Reject(Code.SECRET_LOOKUP_FAILED, "failed to get ServerSecret, check the AppId")
+    nonce = query.get("SignatureNonce", "")
+    if not nonce:
+        raise _Reject(Code.NONCE_EMPTY, "SignatureNonce is empty")
+    raw_ts = query.get("Timestamp", "")
+    if not raw_ts:
+        raise _Reject(Code.TIMESTAMP_EMPTY, "Timestamp is empty")
+    try:
+        timestamp = int(raw_ts)
+    except ValueError:
+        raise _Reject(Code.TIMESTAMP_FORMAT, "Timestamp format error") from None
+    version = query.get("SignatureVersion", "")
+    if not version:
+        raise _Reject(Code.SIGNATURE_VERSION_EMPTY, "SignatureVersion is empty")
+    if version != SIGNATURE_VERSION:
+        raise _Reject(Code.SIGNATURE_VERSION_UNSUPPORTED, "SignatureVersion must be 2.0")
+    given = query.get("Signature", "")
+    if not given:
+        raise _Reject(Code.SIGNATURE_EMPTY, "Signature is empty")
+    if abs(timestamp - state.server_now()) > SIGNATURE_TTL_SECONDS:
+        raise _Reject(Code.SIGNATURE_EXPIRED, "signature expired")
+    if given.lower() != signature(app_id, nonce, secret, timestamp):
+        raise _Reject(Code.SIGNATURE_ERROR, "signature error")
+    return action, app_id
+
+
+def _answer(state: SimulatorState, query: Any, raw_body: bytes,
+            forced: FaultKind | None) -> dict[str, Any]:
+    """The envelope a well-behaved ZEGO would send (or the forced error code)."""
+    try:
+        action, app_id = _authenticate(state, query)
+    except _Reject as exc:
+        return _envelope(state, exc.code, exc.message)
+    if forced in FAULT_CODES:
+        return _envelope(state, FAULT_CODES[forced], f"injected fault {forced}")
+    if not state.traffic.admit(app_id, action, state.engine.clock.monotonic()):
+        return _envelope(state, Code.RATE_LIMITED, "request frequency exceeds the limit")
+    try:
+        body = json.loads(raw_body or b"{}")
+    except ValueError:
+        return _envelope(state, Code.INVALID_PARAMETER, "request body is not valid JSON")
+    if not isinstance(body, dict):
+        return _envelope(state, Code.INVALID_PARAMETER, "request body must be a JSON object")
+    ctx = ActionContext(state.engine, state.server_now(), state.options.list_key,
+                        state.options.status_semantics)
+    try:
+        data = ACTIONS[action](ctx, app_id, body)
+    except SimError as exc:
+        return _envelope(state, exc.code, exc.message)
+    return _envelope(state, Code.SUCCESS, "succeed", data)
+
+
+def _reset(request: web.Request) -> None:
+    """Drop the connection with a TCP reset, answering nothing."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def _truncated(request: web.Request, payload: bytes) -> web.StreamResponse:
+    """Promise the whole payload in Content-Length, send half, then cut the connection."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(payload)
+    await response.prepare(request)
+    await response.write(payload[: len(payload) // 2])
+    _reset(request)
+    return response
+
+
+async def handle_api(request: web.Request) -> web.StreamResponse:
+    """`POST /?Action=...`: faults first (as the network would), then ZEGO's answer."""
+    state = request.app[STATE]
+    state.traffic.arrive()
+    raw_body = await request.read()
+    action = request.query.get("Action", "")
+    decision = state.faults.decide(action, state.engine.clock.time())
+    if decision.delay_s:
+        await asyncio.sleep(decision.delay_s)
+    fault = decision.fault
+    if fault is not None:
+        log.debug("fault_injected action=%s fault=%s", action, fault)
+    if fault == FaultKind.RESET:
+        _reset(request)
+        return web.Response(status=500)
+    if fault == FaultKind.HANG:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.closing.wait(), state.faults.config.hang_seconds)
+    if fault in HTTP_STATUS:
+        status = HTTP_STATUS[fault]
+        return web.Response(status=status, text=f"<html><body>{status}</body></html>",
+                            content_type="text/html")
+    envelope = _answer(state, request.query, raw_body, fault)
+    log.debug("request action=%s app_id=%s code=%s", action, request.query.get("AppId", ""),
+              envelope["Code"])
+    if fault == FaultKind.MALFORMED_JSON:
+        return web.Response(text="{Code: 0, 'Message': succeed, Data: {TaskidList: [}",
+                            content_type="application/json")
+    if fault == FaultKind.TRUNCATED:
+        return await _truncated(request, json.dumps(envelope).encode())
+    return web.json_response(envelope)
+
+
+def _harness_error(status: int, message: str, code: int | None = None) -> web.Response:
+    return web.json_response({"error": message, "code": code}, status=status)
+
+
+async def handle_ledger(request: web.Request) -> web.Response:
+    """`GET /_sim/ledger[?since=UNIX_SECONDS]`: every transition so far, in order."""
+    state = request.app[STATE]
+    raw = request.query.get("since")
+    try:
+        since = None if raw is None else float(raw)
+    except ValueError:
+        return _harness_error(400, "since must be Unix seconds")
+    return web.json_response([t.to_json() for t in state.engine.ledger_since(since)])
+
+
+async def handle_summary(request: web.Request) -> web.Response:
+    """`GET /_sim/summary`: the ledger's counts per room."""
+    summary = request.app[STATE].engine.summary()
+    return web.json_response([{"app_id": app_id, "room_id": room_id, **dataclasses.asdict(c)}
+                              for (app_id, room_id), c in sorted(summary.items())])
+
+
+async def handle_stats(request: web.Request) -> web.Response:
+    """`GET /_sim/stats` (requests, rate-limited answers, busiest second), `DELETE` resets."""
+    state = request.app[STATE]
+    if request.method == "DELETE":
+        state.traffic.reset()
+        state.faults.injected.clear()
+    return web.json_response({**state.traffic.to_json(), "faults": dict(state.faults.injected)})
+
+
+async def handle_control(request: web.Request) -> web.Response:
+    """`POST /_sim/control` {"op", "app_id", "room_id", "task_id", "at"} -> {"task_id"}."""
+    state = request.app[STATE]
+    try:
+        body = await request.json()
+        op = body["op"]
+        app_id = None if body.get("app_id") is None else int(body["app_id"])
+        at = None if body.get("at") is None else float(body["at"])
+        room_id, task_id = body.get("room_id"), body.get("task_id")
+        if op not in OPS or not isinstance(room_id, str | None) or not isinstance(
+                task_id, str | None):
+            raise ValueError(f"op must be one of {list(OPS)}; room_id, task_id strings")
+    except (ValueError, KeyError, TypeError) as exc:
+        return _harness_error(400, f"bad control request: {exc}")
+    try:
+        task_id = state.engine.control(op, app_id=app_id, room_id=room_id, task_id=task_id, at=at)
+    except SimError as exc:
+        status = {Code.TASK_NOT_FOUND: 404, Code.TASK_ALREADY_ENDED: 409}.get(exc.code, 400)
+        return _harness_error(status, exc.message, int(exc.code))
+    return web.json_response({"task_id": task_id})
+
+
+async def handle_faults(request: web.Request) -> web.Response:
+    """`GET /_sim/faults`; `POST` replaces the fault config (windows in clock Unix seconds)."""
+    state = request.app[STATE]
+    if request.method == "POST":
+        try:
+            state.set_faults(FaultConfig.from_json(await request.json()))
+        except (ValueError, TypeError, AttributeError) as exc:
+            return _harness_error(400, f"bad fault config: {exc}")
+    return web.json_response(state.faults.config.to_json())
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    """`GET /_sim/health`: up, and the simulator clock's time."""
+    return web.json_response({"status": "ok", "time": request.app[STATE].engine.clock.time()})
+
+
+def create_app(engine: SimEngine, options: ServerOptions | None = None) -> web.Application:
+    """The aiohttp application playing ZEGO Cloud Recording (and its `/_sim/*` harness)."""
+    app = web.Application()
+    app[STATE] = SimulatorState(engine, options or ServerOptions())
+    app.router.add_post("/", handle_api)
+    app.router.add_get("/_sim/health", handle_health)
+    app.router.add_get("/_sim/ledger", handle_ledger)
+    app.router.add_get("/_sim/summary", handle_summary)
+    app.router.add_route("GET", "/_sim/stats", handle_stats)
+    app.router.add_route("DELETE", "/_sim/stats", handle_stats)
+    app.router.add_post("/_sim/control", handle_control)
+    app.router.add_route("GET", "/_sim/faults", handle_faults)
+    app.router.add_route("POST", "/_sim/faults", handle_faults)
+
+    async def release_hangs(app: web.Application) -> None:
+        app[STATE].closing.set()
+
+    app.on_shutdown.append(release_hangs)
+    return app
+
+
+class SimulatorServer:
+    """`async with SimulatorServer(engine) as sim:` serves the simulator at `sim.url`."""
+
+    def __init__(self, engine: SimEngine, options: ServerOptions | None = None,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        self.engine = engine
+        self.app = create_app(engine, options)
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def state(self) -> SimulatorState:
+        return self.app[STATE]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> SimulatorServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
