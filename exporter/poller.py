@@ -80,7 +80,6 @@ class AppPoller:
         state = self._state
         started = time.perf_counter()
         now_ms = int(self._clock.time() * 1000)
-        state.cycles_attempted += 1
         try:
             snapshot, requests = await self._observe(now_ms)
         except ZegoError as exc:
@@ -105,6 +104,7 @@ class AppPoller:
                 error: str | None) -> CycleReport:
         state = self._state
         seconds = time.perf_counter() - started
+        state.cycles_attempted += 1
         state.up = ok
         state.last_poll_duration = seconds
         state.last_error = error

@@ -1,0 +1,110 @@
+"""Command line: Prometheus-style flags, logging set-up, the daemon's lifetime and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from exporter import __version__
+from exporter.config import Config, ConfigError, load_config
+from exporter.daemon import Exporter, ListenAddress
+from exporter.logs import LEVELS, configure_logging
+
+DEFAULT_LISTEN = ":9867"
+log = structlog.get_logger("exporter")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zego-cloudrecord-exporter",
+        description="Prometheus exporter for ZEGO Cloud Recording: polls DescribeTasks for the "
+        "configured rooms and serves recording events and gauges on /metrics.",
+    )
+    parser.add_argument("--config.file", dest="config_file", metavar="PATH",
+                        help="YAML configuration file (see README: Configuration)")
+    parser.add_argument("--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN,
+                        metavar="HOST:PORT",
+                        help=f"address for /metrics and the landing page ({DEFAULT_LISTEN})")
+    parser.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
+                        metavar="PATH", help="path of the metrics endpoint (default /metrics)")
+    parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info",
+                        help="only log at this level and above (default info)")
+    parser.add_argument("--log.format", dest="log_format", choices=["logfmt", "json"],
+                        default="logfmt", help="log line format (default logfmt)")
+    parser.add_argument("--config.check", dest="config_check", action="store_true",
+                        help="validate the configuration, print what is wrong, exit 0 or 1")
+    parser.add_argument("--demo", action="store_true",
+                        help="start the built-in ZEGO simulator on loopback and export its "
+                        "recordings: live metrics with no ZEGO account")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    if args.config_file is None:
+        raise ConfigError(["--config.file is required (or --demo to run against the simulator)"])
+    loaded = load_config(args.config_file)
+    for warning in loaded.warnings:
+        log.warning("config_warning", problem=warning)
+    return loaded.config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    if not args.telemetry_path.startswith("/") or args.telemetry_path == "/":
+        print("--web.telemetry-path: must start with / and not be / itself", file=sys.stderr)
+        return 1
+    try:
+        listen = ListenAddress.parse(args.listen_address)
+    except ValueError as exc:
+        print(f"--web.listen-address: {exc}", file=sys.stderr)
+        return 1
+    if args.demo:
+        return asyncio.run(_run_demo(args, listen))
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.config_check:
+        print(f"{args.config_file}: OK ({len(config.apps)} apps)")
+        return 0
+    return asyncio.run(_serve(Exporter(config, telemetry_path=args.telemetry_path), listen))
+
+
+async def _run_demo(args: argparse.Namespace, listen: ListenAddress) -> int:
+    from exporter.demo import demo_simulator  # the simulator is imported in demo mode only
+
+    async with demo_simulator() as config:
+        return await _serve(Exporter(config, telemetry_path=args.telemetry_path), listen)
+
+
+async def _serve(exporter: Exporter, listen: ListenAddress) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await exporter.start(listen)
+    except OSError as exc:
+        log.error("cannot_listen", address=f"{listen.host or ''}:{listen.port}", error=str(exc))
+        await exporter.stop()
+        return 1
+    log.info("started", version=__version__, apps=[a.app_id for a in exporter.config.apps],
+             poll_interval_s=exporter.config.poll_interval)
+    await stop.wait()
+    log.info("stopping")
+    with contextlib.suppress(Exception):
+        await exporter.stop()
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

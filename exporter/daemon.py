@@ -1,0 +1,131 @@
+"""Wires the exporter together: ZEGO client, one scheduled poller per app, state, /metrics."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+from prometheus_client.registry import CollectorRegistry
+
+from exporter.clock import Clock, SystemClock
+from exporter.collector import ExporterCollector
+from exporter.config import Config
+from exporter.poller import AppPoller, requests_per_cycle
+from exporter.ratelimit import RateLimiter
+from exporter.state import AppState, ExporterState
+from exporter.web import make_app
+from exporter.zego.client import DESCRIBE_RECORD_STATUS, DESCRIBE_TASKS, ZegoApp, ZegoClient
+
+log = structlog.get_logger("exporter.daemon")
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str | None  # None: every interface
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"listen address {text!r} is not HOST:PORT or :PORT")
+        return cls(host.strip("[]") or None, int(port))
+
+
+class Exporter:
+    """The running daemon. `start()` begins polling and serving; `stop()` undoes it."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        telemetry_path: str = "/metrics",
+        on_cycle_done: Callable[[AppState], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.telemetry_path = telemetry_path
+        self.state = ExporterState.for_apps(
+            [(app.app_id, app.rooms, app.max_rooms) for app in config.apps]
+        )
+        self.limiters = {
+            (app.app_id, action): RateLimiter(app.rate_limit, self.clock, config.zego.pacing)
+            for app in config.apps
+            for action in (DESCRIBE_TASKS, DESCRIBE_RECORD_STATUS)
+        }
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ExporterCollector(self.state, self.limiters, config.poll_interval))
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(standard)
+        self._on_cycle_done = on_cycle_done
+        self.pollers: dict[int, AppPoller] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._scheduler: AsyncIOScheduler | None = None
+        self._runner: web.AppRunner | None = None
+        self.bound_port: int | None = None
+
+    def ready(self) -> bool:
+        return all(app.cycles_attempted > 0 for app in self.state.apps.values())
+
+    def build_pollers(self, session: aiohttp.ClientSession) -> None:
+        zego = self.config.zego
+        client = ZegoClient(session, zego.endpoint, self.clock, timeout=zego.timeout,
+                            observe=self.state.api.observe)
+        for app in self.config.apps:
+            limiters = {a: self.limiters[(app.app_id, a)]
+                        for a in (DESCRIBE_TASKS, DESCRIBE_RECORD_STATUS)}
+            zego_app = ZegoApp(app.app_id, app.server_secret, limiters)
+            self.pollers[app.app_id] = AppPoller(
+                client, zego_app, self.state.apps[app.app_id], self.clock,
+                zego.clock_skew_margin, self._on_cycle_done,
+            )
+            self._check_budget(app.app_id, app.rate_limit, len(self.pollers[app.app_id].scopes))
+
+    def _check_budget(self, app_id: int, rate_limit: float, scopes: int) -> None:
+        budget = rate_limit * self.config.zego.pacing * self.config.poll_interval
+        needed = requests_per_cycle(scopes)
+        if needed > budget:
+            log.warning(
+                "poll_budget_exceeded", app_id=app_id, requests_per_cycle=needed,
+                budget_per_interval=round(budget, 1), poll_interval_s=self.config.poll_interval,
+                expected_cycle_s=round(needed / (rate_limit * self.config.zego.pacing), 1),
+                hint="cycles will take longer than poll_interval; the rate limit is kept",
+            )
+
+    async def start(self, listen: ListenAddress | None, schedule: bool = True) -> None:
+        self._session = aiohttp.ClientSession()
+        self.build_pollers(self._session)
+        if listen is not None:
+            app = make_app(self.registry, self.state, self.telemetry_path, self.ready)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, listen.host, listen.port)
+            await site.start()
+            self.bound_port = int(self._runner.addresses[0][1])
+            log.info("listening", address=f"{listen.host or ''}:{self.bound_port}",
+                     telemetry_path=self.telemetry_path)
+        if schedule:
+            self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
+            now = dt.datetime.now(dt.UTC)
+            for app_id, poller in self.pollers.items():
+                self._scheduler.add_job(
+                    poller.run_cycle, "interval", seconds=self.config.poll_interval,
+                    id=f"poll-{app_id}", next_run_time=now, max_instances=1, coalesce=True,
+                    misfire_grace_time=None,
+                )
+            self._scheduler.start()
+
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,112 @@
+"""The exposition: names, labels and values built from the state, valid for Prometheus."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from prometheus_client import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
+
+from exporter.clock import ManualClock
+from exporter.collector import ExporterCollector
+from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
+from exporter.ratelimit import RateLimiter
+from exporter.state import OTHER_ROOMS, ExporterState
+from exporter.zego.models import TaskStatus
+
+
+def render(state: ExporterState) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    limiters = {(7, "DescribeTasks"): RateLimiter(10, ManualClock())}
+    registry.register(ExporterCollector(state, limiters, poll_interval=15.0))
+    return generate_latest(registry).decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, tuple(sorted(labels.items())))]
+
+
+def test_configured_rooms_exist_at_zero_before_any_event() -> None:
+    text = render(ExporterState.for_apps([(7, ("a", "b"), 1000)]))
+    for room in ("a", "b"):
+        assert value(text, "zego_cloudrecord_tasks_started_total", app_id="7", room_id=room) == 0
+        assert value(text, "zego_cloudrecord_tasks_ended_abnormally_total", app_id="7",
+                     room_id=room) == 0
+        assert value(text, "zego_cloudrecord_tasks", app_id="7", room_id=room,
+                     status="recording") == 0
+
+
+def test_events_count_per_room_and_durations_per_outcome() -> None:
+    state = ExporterState.for_apps([(7, ("a", "b"), 1000)])
+    app = state.apps[7]
+    app.apply(Tracking(live={"t2": TrackedTask("t2", "b", TaskStatus.PAUSED, 0)}), [
+        TaskEvent(EventKind.STARTED, "t1", "a"),
+        TaskEvent(EventKind.ENDED, "t1", "a", 120.0),
+        TaskEvent(EventKind.ENDED_ABNORMALLY, "t1", "a"),
+        TaskEvent(EventKind.STARTED, "t2", "b"),
+        TaskEvent(EventKind.PAUSED, "t2", "b"),
+    ])
+    text = render(state)
+    assert value(text, "zego_cloudrecord_tasks_started_total", app_id="7", room_id="a") == 1
+    assert value(text, "zego_cloudrecord_tasks_ended_abnormally_total", app_id="7",
+                 room_id="a") == 1
+    assert value(text, "zego_cloudrecord_tasks_paused_total", app_id="7", room_id="b") == 1
+    assert value(text, "zego_cloudrecord_tasks", app_id="7", room_id="b", status="paused") == 1
+    assert value(text, "zego_cloudrecord_task_duration_seconds_count", app_id="7",
+                 outcome="abnormal") == 1
+    assert value(text, "zego_cloudrecord_task_duration_seconds_bucket", app_id="7",
+                 outcome="abnormal", le="300.0") == 1
+    assert value(text, "zego_cloudrecord_task_duration_seconds_bucket", app_id="7",
+                 outcome="abnormal", le="60.0") == 0
+    assert value(text, "zego_cloudrecord_task_duration_seconds_count", app_id="7",
+                 outcome="normal") == 0
+
+
+def test_all_rooms_mode_caps_room_series_and_aggregates_the_rest() -> None:
+    state = ExporterState.for_apps([(7, None, 2)])
+    state.apps[7].apply(Tracking(), [TaskEvent(EventKind.STARTED, f"t{i}", f"room{i}")
+                                     for i in range(5)])
+    text = render(state)
+    rooms = {dict(labels)["room_id"] for (name, labels) in samples(text)
+             if name == "zego_cloudrecord_tasks_started_total"}
+    assert rooms == {"room0", "room1", OTHER_ROOMS}
+    assert value(text, "zego_cloudrecord_tasks_started_total", app_id="7",
+                 room_id=OTHER_ROOMS) == 3
+
+
+def test_no_task_id_label_anywhere() -> None:
+    state = ExporterState.for_apps([(7, ("a",), 1000)])
+    state.apps[7].apply(Tracking(live={"t": TrackedTask("t", "a", TaskStatus.RECORDING, 0)}),
+                        [TaskEvent(EventKind.STARTED, "t", "a")])
+    assert all("task_id" not in dict(labels) for _, labels in samples(render(state)))
+
+
+def test_exposition_passes_promtool_check_metrics() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is required (Debian package 'prometheus'; .ci/run installs it)"
+    state = ExporterState.for_apps([(7, ("a",), 1000)])
+    state.apps[7].apply(Tracking(), [TaskEvent(EventKind.STARTED, "t", "a"),
+                                     TaskEvent(EventKind.ENDED, "t", "a", 5.0)])
+    state.api.observe(7, "DescribeTasks", "0", 0.02)
+    result = subprocess.run([promtool, "check", "metrics"], input=render(state).encode(),
+                            capture_output=True, check=False)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_openmetrics_exposition_is_produced_too() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ExporterCollector(ExporterState.for_apps([(7, ("a",), 1000)]), {}, 15.0))
+    text = generate_openmetrics(registry).decode()
+    assert text.endswith("# EOF\n")
+    assert 'zego_cloudrecord_tasks_started_total{app_id="7",room_id="a"} 0' in text
