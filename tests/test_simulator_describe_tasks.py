@@ -1,4 +1,4 @@
-"""DescribeTasks as the simulator plays it: input rules, window, order, pages, documented variants."""
+"""DescribeTasks as the simulator plays it: input rules, window, order, pages, doc variants."""
 
 from __future__ import annotations
 

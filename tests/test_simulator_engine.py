@@ -144,7 +144,7 @@ def test_summary_of_a_busy_day_adds_up() -> None:
     run_for(clock, engine, 24 * 3600)
     summary = engine.summary()
     assert set(summary) == {(app, room) for app in (APP, 42) for room in room_names(4)}
-    live = defaultdict(int)
+    live: defaultdict[tuple[int, str], int] = defaultdict(int)
     for task in engine.live_tasks():
         live[(task.app_id, task.room_id)] += 1
     for key, counts in summary.items():
@@ -210,7 +210,7 @@ def test_room_only_ops_pick_the_newest_live_task() -> None:
 
 
 def test_pausing_a_task_that_is_not_recording_is_refused() -> None:
-    clock, engine = quiet_engine()
+    _clock, engine = quiet_engine()
     task_id = engine.start(APP, "room-1")
     with pytest.raises(SimError) as refused:
         engine.pause(task_id)
@@ -227,7 +227,7 @@ def test_resuming_a_task_that_is_not_paused_is_refused() -> None:
 
 
 def test_stopping_an_ended_task_answers_already_ended() -> None:
-    clock, engine = quiet_engine()
+    _clock, engine = quiet_engine()
     task_id = engine.start(APP, "room-1")
     engine.stop(task_id)
     with pytest.raises(SimError) as refused:
@@ -236,7 +236,7 @@ def test_stopping_an_ended_task_answers_already_ended() -> None:
 
 
 def test_ops_on_an_unknown_task_answer_not_found() -> None:
-    clock, engine = quiet_engine()
+    _clock, engine = quiet_engine()
     with pytest.raises(SimError) as refused:
         engine.stop("AAAAAAAAAAAAAAAA")
     assert refused.value.code == Code.TASK_NOT_FOUND
@@ -251,7 +251,7 @@ def test_a_paused_natural_task_keeps_paused_until_resumed_by_script() -> None:
     assert engine.task(task.app_id, task.task_id, clock.time()) is not None
     assert task.status == TaskStatus.PAUSED
     engine.resume(task.task_id)
-    assert task.status == TaskStatus.RECORDING
+    assert engine.ledger[-1].to_status == TaskStatus.RECORDING
 
 
 def test_a_forgotten_task_is_neither_listed_nor_described() -> None:
