@@ -157,4 +157,4 @@ def test_provisioning_points_grafana_at_prometheus_and_the_dashboards() -> None:
     providers = yaml.safe_load((GRAFANA / "provisioning/dashboards/zego.yml").read_text())
     (provider,) = providers["providers"]
     assert provider["type"] == "file"
-    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"
