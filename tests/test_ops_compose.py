@@ -16,8 +16,6 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from exporter.config import parse_config
-
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
@@ -152,6 +150,8 @@ def test_alertmanager_pages_critical_alerts_only(labels: list[str], receiver: st
 
 
 def test_exporter_config_is_valid_and_points_at_the_simulator(tmp_path: Path) -> None:
+    from exporter.config import parse_config
+
     config_file = bind_mounts("exporter")["/etc/zego-cloudrecord-exporter/config.yml"]
     assert flag(service("exporter")["command"], "--config.file") == (
         "/etc/zego-cloudrecord-exporter/config.yml"
