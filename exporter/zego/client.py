@@ -121,22 +121,18 @@ class ZegoClient:
         }
         if room_id is not None:
             body["RoomId"] = room_id
-        data = await self.call(app, DESCRIBE_TASKS, body)
-        return self._parse(DESCRIBE_TASKS, parse_task_page, data)
+        return await self.call(app, DESCRIBE_TASKS, body, parse_task_page)
 
     async def describe_record_status(self, app: ZegoApp, task_id: str) -> RecordStatus:
-        data = await self.call(app, DESCRIBE_RECORD_STATUS, {"TaskId": task_id})
-        return self._parse(DESCRIBE_RECORD_STATUS, lambda d: parse_record_status(task_id, d), data)
+        return await self.call(app, DESCRIBE_RECORD_STATUS, {"TaskId": task_id},
+                               lambda data: parse_record_status(task_id, data))
 
-    @staticmethod
-    def _parse(action: str, parse: Callable[[Any], T], data: Any) -> T:
-        try:
-            return parse(data)
-        except ShapeError as exc:
-            raise ZegoResponseError(action, str(exc)) from None
+    async def call(self, app: ZegoApp, action: str, body: Mapping[str, Any],
+                   parse: Callable[[Any], T]) -> T:
+        """One API call with bounded, jittered, re-signed retries; returns the parsed Data.
 
-    async def call(self, app: ZegoApp, action: str, body: Mapping[str, Any]) -> Any:
-        """One API call with bounded, jittered, re-signed retries; returns the envelope's Data."""
+        A Data of the wrong shape is retried like any malformed body.
+        """
         limiter = app.limiters[action]
         resigned = False
         attempt = 0
@@ -147,6 +143,10 @@ class ZegoClient:
             started = time.perf_counter()
             try:
                 data = await self._post(action, params, body)
+                try:
+                    result = parse(data)
+                except ShapeError as exc:
+                    raise ZegoResponseError(action, str(exc)) from None
             except ZegoError as exc:
                 self._observe(app.app_id, action, exc.label, time.perf_counter() - started)
                 expired = isinstance(exc, ZegoApiError) and exc.code == Code.SIGNATURE_EXPIRED
@@ -158,7 +158,7 @@ class ZegoClient:
                 await self._clock.sleep(self._backoff(attempt, exc))
                 continue
             self._observe(app.app_id, action, "0", time.perf_counter() - started)
-            return data
+            return result
 
     def _backoff(self, attempt: int, exc: ZegoError) -> float:
         ceiling = min(self._retry.max_delay, self._retry.base_delay * 2 ** (attempt - 1))
