@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -201,3 +202,16 @@ def test_the_fault_option_reads_kind_and_probability() -> None:
     assert parse_fault_option("reset") == FaultRule(FaultKind.RESET, 1.0)
     with pytest.raises(ValueError):
         parse_fault_option("http_503=2")
+
+
+async def test_every_request_logs_one_debug_line_faulted_or_not(
+        sim: SimulatorServer, caller: SimCaller, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="exporter.simulator.server")
+    await caller.call(ACTION, BODY)
+    sim.state.set_faults(always(FaultKind.HTTP_503))
+    async with caller.session.post(caller.url, params=caller.params(ACTION), json=BODY):
+        pass
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request ")]
+    assert len(lines) == 2
+    assert f"code={int(Code.TASK_NOT_FOUND)} fault=None" in lines[0]
+    assert "fault=http_503" in lines[1]

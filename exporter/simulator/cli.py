@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the other options override it")
     parser.add_argument("--seed", type=int, help="RNG seed for recordings and faults (default 0)")
     parser.add_argument("--speed", type=float,
-                        help="clock acceleration: 60 runs an hour per minute (default 1)")
+                        help="clock acceleration: 60 runs an hour per minute (default 1). The "
+                             "API's clock (signature timestamps, the 3-day window, the rate "
+                             "limit's second) runs at this speed too, so clients must share it")
     parser.add_argument("--warmup", type=float, metavar="SECONDS",
                         help="simulate this much activity before the start (default 0)")
     parser.add_argument("--fault", type=_fault, action="append", default=[],

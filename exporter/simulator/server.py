@@ -184,30 +184,33 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     raw_body = await request.read()
     action = request.query.get("Action", "")
     decision = state.faults.decide(action, state.engine.clock.time())
-    if decision.delay_s:
-        await asyncio.sleep(decision.delay_s)
-    fault = decision.fault
-    if fault is not None:
-        log.debug("fault_injected action=%s fault=%s", action, fault)
-    if fault == FaultKind.RESET:
-        _reset(request)
-        return web.Response(status=500)
-    if fault == FaultKind.HANG:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(state.closing.wait(), state.faults.config.hang_seconds)
-    if fault in HTTP_STATUS:
-        status = HTTP_STATUS[fault]
-        return web.Response(status=status, text=f"<html><body>{status}</body></html>",
-                            content_type="text/html")
-    envelope = _answer(state, request.query, raw_body, fault)
-    log.debug("request action=%s app_id=%s code=%s", action, request.query.get("AppId", ""),
-              envelope["Code"])
-    if fault == FaultKind.MALFORMED_JSON:
-        return web.Response(text="{Code: 0, 'Message': succeed, Data: {TaskidList: [}",
-                            content_type="application/json")
-    if fault == FaultKind.TRUNCATED:
-        return await _truncated(request, json.dumps(envelope).encode())
-    return web.json_response(envelope)
+    code: int | None = None
+    try:
+        if decision.delay_s:
+            await asyncio.sleep(decision.delay_s)
+        fault = decision.fault
+        if fault == FaultKind.RESET:
+            _reset(request)
+            return web.Response(status=500)
+        if fault == FaultKind.HANG:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.closing.wait(), state.faults.config.hang_seconds)
+        if fault in HTTP_STATUS:
+            status = HTTP_STATUS[fault]
+            return web.Response(status=status, text=f"<html><body>{status}</body></html>",
+                                content_type="text/html")
+        envelope = _answer(state, request.query, raw_body, fault)
+        code = envelope["Code"]
+        if fault == FaultKind.MALFORMED_JSON:
+            return web.Response(text="{Code: 0, 'Message': succeed, Data: {TaskidList: [}",
+                                content_type="application/json")
+        if fault == FaultKind.TRUNCATED:
+            return await _truncated(request, json.dumps(envelope).encode())
+        return web.json_response(envelope)
+    finally:
+        log.debug("request action=%s app_id=%s code=%s fault=%s delay_ms=%.0f", action,
+                  request.query.get("AppId", ""), code, decision.fault and decision.fault.value,
+                  decision.delay_s * 1000)
 
 
 def _harness_error(status: int, message: str, code: int | None = None) -> web.Response:
