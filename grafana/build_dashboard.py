@@ -198,9 +198,16 @@ def panels() -> list[Panel]:
             [
                 target(
                     f"sum(increase(zego_cloudrecord_tasks_{name}_total{{{ROOM}}}[{RI}]))",
-                    name.replace("_", " "),
+                    legend,
                 )
-                for name in ("started", "ended", "ended_abnormally", "paused", "resumed", "lost")
+                for name, legend in (
+                    ("started", "started"),
+                    ("ended", "ended (all outcomes)"),
+                    ("ended_abnormally", "ended abnormally"),
+                    ("paused", "paused"),
+                    ("resumed", "resumed"),
+                    ("lost", "lost"),
+                )
             ],
             bars=True,
             overrides=[

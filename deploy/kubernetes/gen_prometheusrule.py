@@ -48,7 +48,10 @@ def prometheus_rule() -> dict[str, Any]:
 
 def render() -> str:
     body = yaml.dump(
-        prometheus_rule(), Dumper=_BlockStyleDumper, sort_keys=False, width=100,
+        prometheus_rule(),
+        Dumper=_BlockStyleDumper,
+        sort_keys=False,
+        width=100,
         allow_unicode=True,
     )
     return HEADER + body
