@@ -330,3 +330,16 @@ def test_ledger_since_returns_only_later_transitions() -> None:
     run_for(clock, engine, 3600)
     middle = START + 1800
     assert engine.ledger_since(middle) == [t for t in engine.ledger if t.at >= middle]
+
+
+def test_after_a_week_the_last_three_days_are_still_all_listed() -> None:
+    clock, engine = busy_engine(rates=LifecycleRates(arrivals_per_hour=4, mean_duration_s=600))
+    run_for(clock, engine, 7 * 86_400)
+    now_ms = int(clock.time() * 1000)
+    since_ms = now_ms - 3 * 86_400_000
+    listed = {t.task_id for t in engine.list_tasks(APP, None, since_ms, now_ms,
+                                                   frozenset(TaskStatus))}
+    created = {t.task_id for t in engine.ledger
+               if t.from_status is None and t.app_id == APP and t.at * 1000 >= since_ms}
+    assert len(created) > 500
+    assert listed == created

@@ -177,12 +177,29 @@ async def test_faults_can_be_set_at_runtime_over_http(
     assert (await caller.call(ACTION, BODY))["Code"] == Code.TASK_NOT_FOUND
 
 
+async def test_an_unknown_fault_setting_is_refused_over_http(
+        sim: SimulatorServer, caller: SimCaller) -> None:
+    async with caller.session.post(sim.url + "_sim/faults", json={"skew": 5}) as response:
+        assert response.status == 400
+        assert "skew" in (await response.json())["error"]
+
+
 async def test_an_unknown_fault_kind_is_refused_over_http(
         sim: SimulatorServer, caller: SimCaller) -> None:
     config = {"rules": [{"kind": "meteor", "probability": 1.0}]}
     async with caller.session.post(sim.url + "_sim/faults", json=config) as response:
         assert response.status == 400
         assert "fault kind" in (await response.json())["error"]
+
+
+async def test_injected_error_codes_still_count_as_requests_of_their_action(
+        sim: SimulatorServer, caller: SimCaller) -> None:
+    sim.state.set_faults(always(FaultKind.SYSTEM_ERROR))
+    await caller.call(ACTION, BODY)
+    async with caller.session.get(sim.url + "_sim/stats") as response:
+        stats = await response.json()
+    assert stats["by_action"][ACTION]["requests"] == 1
+    assert stats["faults"] == {"system_error": 1}
 
 
 async def test_injected_faults_are_counted_in_the_stats(

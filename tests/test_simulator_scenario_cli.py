@@ -108,6 +108,8 @@ def test_scenario_settings_reach_the_engine_and_server() -> None:
     ({"events": [{"op": "start", "room": "a"}]}, "events[0]"),
     ({"events": [{"at": 1, "op": "stop"}]}, "events[0]"),
     ({"speed": 0}, "speed"),
+    ({"api": {"rate_limit": "lots"}}, "api.rate_limit"),
+    ({"faults": {"clock_skew": 5}}, "faults"),
 ])
 def test_scenario_errors_name_the_field(change: dict[str, Any], field: str) -> None:
     with pytest.raises(ScenarioError, match=field.replace("[", r"\[").replace("]", r"\]")):

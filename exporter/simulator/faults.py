@@ -88,6 +88,9 @@ class FaultConfig:
     @classmethod
     def from_json(cls, raw: Mapping[str, Any], offset: float = 0.0) -> FaultConfig:
         default = cls()
+        unknown = set(raw) - {"rules", "latency_ms", "jitter_ms", "hang_seconds", "clock_skew_s"}
+        if unknown:
+            raise ValueError(f"unknown fault settings {sorted(unknown)}")
         return cls(
             rules=tuple(FaultRule.from_json(r, offset) for r in raw.get("rules", ())),
             latency_ms=float(raw.get("latency_ms", default.latency_ms)),

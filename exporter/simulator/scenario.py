@@ -187,7 +187,10 @@ def parse_scenario(doc: Any) -> Scenario:
                                               "api.list_key"))
     scenario.status_semantics = cast(StatusSemantics, _choice(
         api.get("status_semantics", "inclusive"), STATUS_SEMANTICS, "api.status_semantics"))
-    scenario.rate_limit = int(api.get("rate_limit", 10))
+    try:
+        scenario.rate_limit = int(api.get("rate_limit", 10))
+    except (TypeError, ValueError):
+        raise ScenarioError("api.rate_limit: must be an integer") from None
     scenario.faults = dict(_mapping(top.get("faults"), "faults"))
     if "clock_skew_seconds" in scenario.faults:
         scenario.faults["clock_skew_s"] = scenario.faults.pop("clock_skew_seconds")

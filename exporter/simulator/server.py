@@ -137,10 +137,10 @@ def _answer(state: SimulatorState, query: Any, raw_body: bytes,
         action, app_id = _authenticate(state, query)
     except _Reject as exc:
         return _envelope(state, exc.code, exc.message)
-    if forced in FAULT_CODES:
-        return _envelope(state, FAULT_CODES[forced], f"injected fault {forced}")
     if not state.traffic.admit(app_id, action, state.engine.clock.monotonic()):
         return _envelope(state, Code.RATE_LIMITED, "request frequency exceeds the limit")
+    if forced in FAULT_CODES:
+        return _envelope(state, FAULT_CODES[forced], f"injected fault {forced}")
     try:
         body = json.loads(raw_body or b"{}")
     except ValueError:
