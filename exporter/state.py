@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from exporter.diff import EventKind, TaskEvent, Tracking
@@ -65,6 +65,9 @@ class AppState:
     last_success_time: float | None = None
     last_poll_duration: float | None = None
     last_error: str | None = None
+    # Events of rooms first seen last cycle ("*" mode), counted one cycle late so that their
+    # series are scraped at 0 first and the first event shows in increase().
+    deferred: list[TaskEvent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for room in self.rooms or ():
@@ -81,14 +84,23 @@ class AppState:
     def _room_counters(self, label: str) -> dict[EventKind, int]:
         return self.counters.setdefault(label, dict.fromkeys(COUNTED_EVENTS, 0))
 
-    def apply(self, tracking: Tracking, events: Iterable[TaskEvent]) -> None:
+    def apply(self, tracking: Tracking, events: Sequence[TaskEvent]) -> None:
         """Take one cycle's result: the new tracking and its events, counted."""
         self.tracking = tracking
+        known = set(self.counters)
+        due, self.deferred = self.deferred, []
+        for event in events:
+            label = self.room_label(event.room_id)
+            (due if label in known else self.deferred).append(event)
+            self._room_counters(label)
         for task in tracking.live.values():  # a room's series appear when it is first seen
             self._room_counters(self.room_label(task.room_id))
+        self._count(due)
+
+    def _count(self, events: Sequence[TaskEvent]) -> None:
         abnormal = {e.task_id for e in events if e.kind is EventKind.ENDED_ABNORMALLY}
         for event in events:
-            self._room_counters(self.room_label(event.room_id))[event.kind] += 1
+            self.counters[self.room_label(event.room_id)][event.kind] += 1
             if event.kind is EventKind.ENDED and event.duration_s is not None:
                 outcome = "abnormal" if event.task_id in abnormal else "normal"
                 self.durations[outcome].observe(event.duration_s)

@@ -77,12 +77,30 @@ def test_all_rooms_mode_caps_room_series_and_aggregates_the_rest() -> None:
     state = ExporterState.for_apps([(7, None, 2)])
     state.apps[7].apply(Tracking(), [TaskEvent(EventKind.STARTED, f"t{i}", f"room{i}")
                                      for i in range(5)])
+    state.apps[7].apply(Tracking(), [])
     text = render(state)
     rooms = {dict(labels)["room_id"] for (name, labels) in samples(text)
              if name == "zego_cloudrecord_tasks_started_total"}
     assert rooms == {"room0", "room1", OTHER_ROOMS}
     assert value(text, "zego_cloudrecord_tasks_started_total", app_id="7",
                  room_id=OTHER_ROOMS) == 3
+
+
+def test_a_room_first_seen_in_all_rooms_mode_shows_at_zero_before_its_first_event() -> None:
+    state = ExporterState.for_apps([(7, None, 1000)])
+    app = state.apps[7]
+    died = [TaskEvent(EventKind.STARTED, "t", "new"), TaskEvent(EventKind.ENDED, "t", "new", 9.0),
+            TaskEvent(EventKind.ENDED_ABNORMALLY, "t", "new")]
+    app.apply(Tracking(), died)
+    first = render(state)
+    assert value(first, "zego_cloudrecord_tasks_ended_abnormally_total", app_id="7",
+                 room_id="new") == 0
+    app.apply(Tracking(), [])
+    second = render(state)
+    assert value(second, "zego_cloudrecord_tasks_ended_abnormally_total", app_id="7",
+                 room_id="new") == 1
+    assert value(second, "zego_cloudrecord_task_duration_seconds_count", app_id="7",
+                 outcome="abnormal") == 1
 
 
 def test_no_task_id_label_anywhere() -> None:
