@@ -15,8 +15,10 @@ from exporter import __version__
 from exporter.config import Config, ConfigError, load_config
 from exporter.daemon import Exporter, ListenAddress
 from exporter.logs import LEVELS, configure_logging
+from exporter.store import StoreError
 
 DEFAULT_LISTEN = ":9867"
+DEFAULT_STORAGE = "data/zego-cloudrecord-exporter.db"
 log = structlog.get_logger("exporter")
 
 
@@ -37,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only log at this level and above (default info)")
     parser.add_argument("--log.format", dest="log_format", choices=["logfmt", "json"],
                         default="logfmt", help="log line format (default logfmt)")
+    parser.add_argument("--storage.path", dest="storage_path", metavar="PATH",
+                        help=f"SQLite file keeping counters and tracked tasks across restarts "
+                        f"(default {DEFAULT_STORAGE}; '' for none; --demo: none unless given)")
     parser.add_argument("--config.check", dest="config_check", action="store_true",
                         help="validate the configuration, print what is wrong, exit 0 or 1")
     parser.add_argument("--demo", action="store_true",
@@ -76,17 +81,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config_check:
         print(f"{args.config_file}: OK ({len(config.apps)} apps)")
         return 0
-    return asyncio.run(_serve(Exporter(config, telemetry_path=args.telemetry_path), listen))
+    storage = DEFAULT_STORAGE if args.storage_path is None else args.storage_path
+    return asyncio.run(_serve(config, args.telemetry_path, storage or None, listen))
 
 
 async def _run_demo(args: argparse.Namespace, listen: ListenAddress) -> int:
     from exporter.demo import demo_simulator  # the simulator is imported in demo mode only
 
+    # The demo's simulated recordings are new every run: no state to keep unless asked.
     async with demo_simulator() as config:
-        return await _serve(Exporter(config, telemetry_path=args.telemetry_path), listen)
+        return await _serve(config, args.telemetry_path, args.storage_path or None, listen)
 
 
-async def _serve(exporter: Exporter, listen: ListenAddress) -> int:
+async def _serve(config: Config, telemetry_path: str, storage_path: str | None,
+                 listen: ListenAddress) -> int:
+    try:
+        exporter = Exporter(config, telemetry_path=telemetry_path, storage_path=storage_path)
+    except StoreError as exc:
+        print(f"--storage.path: {exc}", file=sys.stderr)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -44,6 +44,10 @@ class ExporterCollector(Collector):
         yield from self._tasks()
         yield from self._polls()
         yield from self._api()
+        errors = CounterMetricFamily(f"{PREFIX}_state_store_errors",
+                                     "Failed writes of the state file (--storage.path).")
+        errors.add_metric([], self._state.storage_errors)
+        yield errors
         info = GaugeMetricFamily(f"{PREFIX}_exporter_build_info",
                                  "Exporter version; the value is always 1.", labels=["version"])
         info.add_metric([__version__], 1)

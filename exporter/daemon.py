@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from exporter.config import Config
 from exporter.poller import AppPoller, requests_per_cycle
 from exporter.ratelimit import RateLimiter
 from exporter.state import AppState, ExporterState
+from exporter.store import Store
 from exporter.web import make_app
 from exporter.zego.client import DESCRIBE_RECORD_STATUS, DESCRIBE_TASKS, ZegoApp, ZegoClient
 
@@ -47,6 +49,7 @@ class Exporter:
         *,
         clock: Clock | None = None,
         telemetry_path: str = "/metrics",
+        storage_path: str | None = None,
         on_cycle_done: Callable[[AppState], None] | None = None,
     ) -> None:
         self.config = config
@@ -65,6 +68,13 @@ class Exporter:
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(standard)
         self._on_cycle_done = on_cycle_done
+        self.store = Store(storage_path) if storage_path else None  # raises StoreError
+        if self.store is not None:
+            for app_state in self.state.apps.values():
+                if self.store.load(app_state):
+                    log.info("state_restored", app_id=app_state.app_id, path=storage_path,
+                             live=len(app_state.tracking.live),
+                             remembered=len(app_state.tracking.finished))
         self.pollers: dict[int, AppPoller] = {}
         self._session: aiohttp.ClientSession | None = None
         self._scheduler: AsyncIOScheduler | None = None
@@ -84,9 +94,21 @@ class Exporter:
             zego_app = ZegoApp(app.app_id, app.server_secret, limiters)
             self.pollers[app.app_id] = AppPoller(
                 client, zego_app, self.state.apps[app.app_id], self.clock,
-                zego.clock_skew_margin, self._on_cycle_done,
+                zego.clock_skew_margin, self._cycle_done,
             )
             self._check_budget(app.app_id, app.rate_limit, len(self.pollers[app.app_id].scopes))
+
+    def _cycle_done(self, app: AppState) -> None:
+        if self.store is not None:
+            try:
+                self.store.save(app)
+            except sqlite3.Error as exc:
+                # Keep polling from memory; the next cycle writes the whole state again.
+                self.state.storage_errors += 1
+                log.error("state_save_failed", app_id=app.app_id, path=str(self.store.path),
+                          error=str(exc))
+        if self._on_cycle_done is not None:
+            self._on_cycle_done(app)
 
     def _check_budget(self, app_id: int, rate_limit: float, scopes: int) -> None:
         budget = rate_limit * self.config.zego.pacing * self.config.poll_interval
@@ -129,3 +151,5 @@ class Exporter:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        if self.store is not None:
+            self.store.close()

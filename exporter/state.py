@@ -132,6 +132,7 @@ class ApiStats:
 class ExporterState:
     apps: dict[int, AppState]
     api: ApiStats = field(default_factory=ApiStats)
+    storage_errors: int = 0
 
     @classmethod
     def for_apps(cls, apps: Sequence[tuple[int, tuple[str, ...] | None, int]]) -> ExporterState:

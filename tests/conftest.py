@@ -32,6 +32,15 @@ class Rig:
     rooms: tuple[str, ...] | None
     reports: list[object] = field(default_factory=list)
 
+    async def restart(self, storage_path: str | None, graceful: bool = True) -> None:
+        """A new exporter process: same config and clock, state only from `storage_path`."""
+        if graceful:
+            await self.exporter.stop()
+        # else: like kill -9, nothing is flushed beyond what the last cycle committed
+        self.exporter = Exporter(self.exporter.config, clock=self.clock,
+                                 storage_path=storage_path)
+        await self.exporter.start(listen=None, schedule=False)
+
     async def cycle(self, advance: float = 15.0) -> None:
         """Run one poll cycle, then let `advance` seconds pass."""
         self.reports.append(await self.exporter.pollers[APP_ID].run_cycle())
@@ -81,6 +90,7 @@ async def rig_factory() -> AsyncIterator[Callable[..., object]]:
         options: ServerOptions | None = None,
         seed: int = 7,
         request_timeout: float = 2.0,
+        storage_path: str | None = None,
     ) -> Rig:
         clock = ManualClock(start=1_750_000_000.0)
         engine = SimEngine(clock, {APP_ID: SECRET}, seed=seed,
@@ -92,7 +102,8 @@ async def rig_factory() -> AsyncIterator[Callable[..., object]]:
         options.rate_limits = rate_limits(1_000_000)
         sim = SimulatorServer(engine, options)
         await sim.start()
-        exporter = Exporter(make_config(sim.url, rooms, request_timeout), clock=clock)
+        exporter = Exporter(make_config(sim.url, rooms, request_timeout), clock=clock,
+                            storage_path=storage_path)
         await exporter.start(listen=None, schedule=False)
         rig = Rig(clock, engine, sim, exporter, rooms)
         opened.append(rig)

@@ -1,0 +1,167 @@
+"""SQLite persistence of each app's tracking and counters, so restarts keep counters exact.
+
+One file (WAL mode), written in one transaction per poll cycle. A schema version and ordered
+migrations from day one; a file that is corrupt, from a newer version or unwritable is refused
+with a clear error, never silently replaced by an empty state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
+from exporter.state import AppState, Histogram
+from exporter.zego.models import TaskStatus
+
+SCHEMA_VERSION = 1
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE apps (
+        app_id INTEGER PRIMARY KEY,
+        ended_since_ms INTEGER,
+        last_success_time REAL,
+        durations TEXT NOT NULL,
+        deferred TEXT NOT NULL
+    );
+    CREATE TABLE counters (
+        app_id INTEGER NOT NULL, room_id TEXT NOT NULL, kind TEXT NOT NULL,
+        value INTEGER NOT NULL,
+        PRIMARY KEY (app_id, room_id, kind)
+    );
+    CREATE TABLE live_tasks (
+        app_id INTEGER NOT NULL, task_id TEXT NOT NULL, room_id TEXT NOT NULL,
+        status INTEGER NOT NULL, begin_ms INTEGER NOT NULL,
+        PRIMARY KEY (app_id, task_id)
+    );
+    CREATE TABLE finished_tasks (
+        app_id INTEGER NOT NULL, task_id TEXT NOT NULL, forget_after_ms INTEGER NOT NULL,
+        PRIMARY KEY (app_id, task_id)
+    );
+    """,
+}
+
+
+class StoreError(Exception):
+    """The state file cannot be used; the message names the file and what to do."""
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._finished_saved: dict[int, set[str]] = {}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a kill -9
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"{self.path}: not a usable state file ({exc}). Move it away to start from an "
+                "empty state (counters restart at 0), or point --storage.path elsewhere."
+            ) from None
+        except OSError as exc:
+            raise StoreError(
+                f"{self.path}: cannot open the state file ({exc.strerror}). Make its directory "
+                "writable, choose another --storage.path, or --storage.path='' for no persistence."
+            ) from None
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: written by a newer exporter (schema {version}, this one knows "
+                f"{SCHEMA_VERSION}). Upgrade the exporter, or point --storage.path elsewhere."
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self._db.executescript(
+                f"BEGIN;\n{MIGRATIONS[target]}\nPRAGMA user_version={target};\nCOMMIT;"
+            )
+        self._db.execute("SELECT count(*) FROM apps").fetchone()  # reads the pages: corruption
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def load(self, app: AppState) -> bool:
+        """Fill `app` from the file; False if the file holds nothing for this app."""
+        row = self._db.execute(
+            "SELECT ended_since_ms, last_success_time, durations, deferred FROM apps "
+            "WHERE app_id = ?", (app.app_id,)).fetchone()
+        if row is None:
+            return False
+        ended_since, last_success, durations, deferred = row
+        in_scope = (lambda room: True) if app.rooms is None else set(app.rooms).__contains__
+        live = {
+            task_id: TrackedTask(task_id, room, TaskStatus(status), begin)
+            for task_id, room, status, begin in self._db.execute(
+                "SELECT task_id, room_id, status, begin_ms FROM live_tasks WHERE app_id = ?",
+                (app.app_id,))
+            if in_scope(room)
+        }
+        finished = dict(self._db.execute(
+            "SELECT task_id, forget_after_ms FROM finished_tasks WHERE app_id = ?",
+            (app.app_id,)).fetchall())
+        self._finished_saved[app.app_id] = set(finished)
+        app.tracking = Tracking(live, finished, ended_since)
+        app.last_success_time = last_success
+        for room, kind, value in self._db.execute(
+                "SELECT room_id, kind, value FROM counters WHERE app_id = ?", (app.app_id,)):
+            if in_scope(room):
+                app.counters.setdefault(room, dict.fromkeys(EventKind, 0))[EventKind(kind)] = value
+        for outcome, saved in json.loads(durations).items():
+            histogram = app.durations[outcome]
+            if len(saved["counts"]) == len(histogram.counts):  # buckets unchanged
+                app.durations[outcome] = Histogram(histogram.bounds, saved["counts"],
+                                                   saved["total"])
+        app.deferred = [TaskEvent(EventKind(e["kind"]), e["task_id"], e["room_id"],
+                                  e.get("duration_s")) for e in json.loads(deferred)]
+        return True
+
+    def save(self, app: AppState) -> None:
+        """Write one app's whole state in one transaction."""
+        tracking = app.tracking
+        saved = self._finished_saved.get(app.app_id, set())
+        finished = set(tracking.finished)
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?)",
+                (app.app_id, tracking.ended_since_ms, app.last_success_time,
+                 json.dumps({o: {"counts": h.counts, "total": h.total}
+                             for o, h in app.durations.items()}),
+                 json.dumps([{"kind": e.kind.value, "task_id": e.task_id, "room_id": e.room_id,
+                              "duration_s": e.duration_s} for e in app.deferred])))
+            self._db.executemany(
+                "INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?)",
+                ((app.app_id, room, kind.value, value)
+                 for room, by_kind in app.counters.items() for kind, value in by_kind.items()))
+            self._db.execute("DELETE FROM live_tasks WHERE app_id = ?", (app.app_id,))
+            self._db.executemany(
+                "INSERT INTO live_tasks VALUES (?, ?, ?, ?, ?)",
+                ((app.app_id, t.task_id, t.room_id, int(t.status), t.begin_ms)
+                 for t in tracking.live.values()))
+            self._db.executemany(
+                "DELETE FROM finished_tasks WHERE app_id = ? AND task_id = ?",
+                ((app.app_id, task_id) for task_id in saved - finished))
+            self._db.executemany(
+                "INSERT OR REPLACE INTO finished_tasks VALUES (?, ?, ?)",
+                ((app.app_id, task_id, tracking.finished[task_id])
+                 for task_id in finished - saved))
+        self._finished_saved[app.app_id] = finished
+
+    def app_ids(self) -> Iterable[int]:
+        return [row[0] for row in self._db.execute("SELECT app_id FROM apps")]
+

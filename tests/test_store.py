@@ -1,0 +1,153 @@
+"""The SQLite state file: exact round trips, restarts that keep counters true, clear refusals."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exporter.cli import main
+from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
+from exporter.state import AppState
+from exporter.store import SCHEMA_VERSION, Store, StoreError
+from exporter.zego.models import TaskStatus
+from tests.conftest import APP_ID, Rig
+
+Factory = Callable[..., Any]
+
+
+def busy_app() -> AppState:
+    app = AppState(7, ("a", "b"))
+    app.apply(
+        Tracking(live={"t2": TrackedTask("t2", "b", TaskStatus.PAUSED, 1000)},
+                 finished={"t1": 99_000, "t0": 50_000}, ended_since_ms=12_345),
+        [TaskEvent(EventKind.STARTED, "t1", "a"), TaskEvent(EventKind.ENDED, "t1", "a", 42.0),
+         TaskEvent(EventKind.ENDED_ABNORMALLY, "t1", "a"), TaskEvent(EventKind.PAUSED, "t2", "b")],
+    )
+    app.last_success_time = 1_750_000_000.5
+    app.deferred = [TaskEvent(EventKind.LOST, "t9", "b")]
+    return app
+
+
+def test_an_app_round_trips_exactly(tmp_path: Path) -> None:
+    saved = busy_app()
+    store = Store(tmp_path / "state.db")
+    store.save(saved)
+    store.close()
+    loaded = AppState(7, ("a", "b"))
+    assert Store(tmp_path / "state.db").load(loaded)
+    assert loaded.tracking == saved.tracking
+    assert loaded.counters == saved.counters
+    assert loaded.durations == saved.durations
+    assert loaded.deferred == saved.deferred
+    assert loaded.last_success_time == saved.last_success_time
+
+
+def test_forgotten_task_ids_leave_the_file(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    app = busy_app()
+    store.save(app)
+    app.tracking = Tracking(app.tracking.live, {"t1": 99_000, "t3": 120_000}, 20_000)
+    store.save(app)
+    loaded = AppState(7, ("a", "b"))
+    Store(tmp_path / "state.db").load(loaded)
+    assert loaded.tracking.finished == {"t1": 99_000, "t3": 120_000}
+
+
+def test_rooms_no_longer_configured_are_dropped_on_load(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    store.save(busy_app())
+    loaded = AppState(7, ("a",))
+    store.load(loaded)
+    assert set(loaded.counters) == {"a"}
+    assert loaded.tracking.live == {}
+
+
+def test_an_app_never_saved_loads_nothing(tmp_path: Path) -> None:
+    assert not Store(tmp_path / "state.db").load(AppState(8, ("a",)))
+
+
+def test_corrupt_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match=f"{path}: not a usable state file.*Move it away"):
+        Store(path)
+    assert path.read_bytes().startswith(b"this is not sqlite")  # left as it was
+
+
+def test_file_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer exporter"):
+        Store(path)
+
+
+def test_unwritable_location_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError, match="cannot open the state file"):
+        Store(tmp_path / "file" / "state.db")
+
+
+def test_wal_mode_and_schema_version_are_set(tmp_path: Path) -> None:
+    Store(tmp_path / "state.db").close()
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_cli_exits_1_naming_the_corrupt_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                             ) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text('apps: [{app_id: 7, rooms: ["1"], server_secret: "abc"}]\n')
+    state = tmp_path / "state.db"
+    state.write_bytes(b"garbage" * 1000)
+    assert main([f"--config.file={config}", f"--storage.path={state}",
+                 "--web.listen-address=127.0.0.1:0"]) == 1
+    assert str(state) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("graceful", [True, False], ids=["restart", "kill-9"])
+async def test_a_restart_keeps_counters_and_counts_what_happened_while_down(
+    rig_factory: Factory, tmp_path: Path, graceful: bool
+) -> None:
+    path = str(tmp_path / "state.db")
+    rig: Rig = await rig_factory(storage_path=path)
+    await rig.cycle()
+    long_a = rig.engine.start(APP_ID, "r1")
+    long_b = rig.engine.start(APP_ID, "r2")
+    await rig.cycle(advance=700)
+    await rig.cycle()
+    before = dict(rig.counters("r1"))
+    assert before[EventKind.STARTED] == 1
+
+    # Down for 20 minutes: a tracked task dies, a task starts and dies, another starts.
+    rig.clock.advance(300)
+    rig.engine.abort(long_a)
+    short = rig.engine.start(APP_ID, "r3")
+    rig.clock.advance(60)
+    rig.engine.stop(short)
+    rig.engine.start(APP_ID, "r3")
+    rig.clock.advance(840)
+    await rig.restart(path, graceful=graceful)
+    assert rig.counters("r1") == before  # continued, not reset
+    await rig.cycle()
+    await rig.cycle()
+    rig.assert_counters_match_ledger(["r1", "r2", "r3"])
+    assert rig.counters("r1")[EventKind.ENDED_ABNORMALLY] == 1
+    assert rig.counters("r3")[EventKind.STARTED] == 2
+    assert long_b in rig.exporter.state.apps[APP_ID].tracking.live
+
+
+async def test_without_storage_a_restart_starts_from_a_baseline(rig_factory: Factory) -> None:
+    rig: Rig = await rig_factory()
+    await rig.cycle()
+    rig.engine.start(APP_ID, "r1")
+    await rig.cycle()
+    await rig.restart(None)
+    assert rig.counters("r1")[EventKind.STARTED] == 0
+    await rig.cycle()
+    assert rig.counters("r1")[EventKind.STARTED] == 0  # the baseline counts nothing
