@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only log at this level and above (default info)")
     parser.add_argument("--log.format", dest="log_format", choices=["logfmt", "json"],
                         default="logfmt", help="log line format (default logfmt)")
+    parser.add_argument("--callback.listen-address", dest="callback_listen", metavar="HOST:PORT",
+                        help="serve ZEGO recording callbacks here (off by default); apps need a "
+                        "callback_secret")
+    parser.add_argument("--callback.path", dest="callback_path", default="/callback",
+                        metavar="PATH", help="path of the callback endpoint (default /callback)")
     parser.add_argument("--storage.path", dest="storage_path", metavar="PATH",
                         help=f"SQLite file keeping counters and tracked tasks across restarts "
                         f"(default {DEFAULT_STORAGE}; '' for none; --demo: none unless given)")
@@ -71,6 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"--web.listen-address: {exc}", file=sys.stderr)
         return 1
+    try:
+        callback_listen = ListenAddress.parse(args.callback_listen) if args.callback_listen \
+            else None
+    except ValueError as exc:
+        print(f"--callback.listen-address: {exc}", file=sys.stderr)
+        return 1
+    if not args.callback_path.startswith("/"):
+        print("--callback.path: must start with /", file=sys.stderr)
+        return 1
+    args.callback_listen = callback_listen
     if args.demo:
         return asyncio.run(_run_demo(args, listen))
     try:
@@ -82,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.config_file}: OK ({len(config.apps)} apps)")
         return 0
     storage = DEFAULT_STORAGE if args.storage_path is None else args.storage_path
-    return asyncio.run(_serve(config, args.telemetry_path, storage or None, listen))
+    return asyncio.run(_serve(config, args, storage or None, listen))
 
 
 async def _run_demo(args: argparse.Namespace, listen: ListenAddress) -> int:
@@ -90,13 +105,18 @@ async def _run_demo(args: argparse.Namespace, listen: ListenAddress) -> int:
 
     # The demo's simulated recordings are new every run: no state to keep unless asked.
     async with demo_simulator() as config:
-        return await _serve(config, args.telemetry_path, args.storage_path or None, listen)
+        return await _serve(config, args, args.storage_path or None, listen)
 
 
-async def _serve(config: Config, telemetry_path: str, storage_path: str | None,
+async def _serve(config: Config, args: argparse.Namespace, storage_path: str | None,
                  listen: ListenAddress) -> int:
+    if args.callback_listen is not None and not any(a.callback_secret for a in config.apps):
+        print("--callback.listen-address: no app has a callback_secret; callbacks from ZEGO "
+              "could not be verified", file=sys.stderr)
+        return 1
     try:
-        exporter = Exporter(config, telemetry_path=telemetry_path, storage_path=storage_path)
+        exporter = Exporter(config, telemetry_path=args.telemetry_path,
+                            storage_path=storage_path, callback_path=args.callback_path)
     except StoreError as exc:
         print(f"--storage.path: {exc}", file=sys.stderr)
         return 1
@@ -105,7 +125,7 @@ async def _serve(config: Config, telemetry_path: str, storage_path: str | None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await exporter.start(listen)
+        await exporter.start(listen, callback_listen=args.callback_listen)
     except OSError as exc:
         log.error("cannot_listen", address=f"{listen.host or ''}:{listen.port}", error=str(exc))
         await exporter.stop()

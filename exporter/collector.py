@@ -44,6 +44,7 @@ class ExporterCollector(Collector):
         yield from self._tasks()
         yield from self._polls()
         yield from self._api()
+        yield from self._callbacks()
         errors = CounterMetricFamily(f"{PREFIX}_state_store_errors",
                                      "Failed writes of the state file (--storage.path).")
         errors.add_metric([], self._state.storage_errors)
@@ -78,6 +79,26 @@ class ExporterCollector(Collector):
         yield live
         yield from counters.values()
         yield durations
+
+    def _callbacks(self) -> Iterator[Metric]:
+        by_reason = CounterMetricFamily(
+            f"{PREFIX}_tasks_ended_abnormally_by_reason",
+            "Abnormal ends reported by ZEGO callbacks, by quit_reason.",
+            labels=["app_id", "quit_reason"])
+        uploads = CounterMetricFamily(f"{PREFIX}_upload_failures",
+                                      "Recorded files ZEGO callbacks reported not uploaded.",
+                                      labels=["app_id", "room_id"])
+        received = CounterMetricFamily(f"{PREFIX}_callbacks",
+                                       "ZEGO callbacks received, by event type and result.",
+                                       labels=["app_id", "event_type", "result"])
+        for app_id, app in self._state.apps.items():
+            for reason, count in sorted(app.ended_by_reason.items()):
+                by_reason.add_metric([str(app_id), reason], count)
+            for room, count in sorted(app.upload_failures.items()):
+                uploads.add_metric([str(app_id), room], count)
+        for labels, count in sorted(self._state.callbacks.items()):
+            received.add_metric(list(labels), count)
+        yield from (by_reason, uploads, received)
 
     def _polls(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(f"{PREFIX}_up", "1 if the last poll cycle of the app succeeded.",

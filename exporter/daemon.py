@@ -14,6 +14,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.registry import CollectorRegistry
 
+from exporter.callbacks import CallbackReceiver
 from exporter.clock import Clock, SystemClock
 from exporter.collector import ExporterCollector
 from exporter.config import Config
@@ -50,6 +51,7 @@ class Exporter:
         clock: Clock | None = None,
         telemetry_path: str = "/metrics",
         storage_path: str | None = None,
+        callback_path: str = "/callback",
         on_cycle_done: Callable[[AppState], None] | None = None,
     ) -> None:
         self.config = config
@@ -75,10 +77,17 @@ class Exporter:
                     log.info("state_restored", app_id=app_state.app_id, path=storage_path,
                              live=len(app_state.tracking.live),
                              remembered=len(app_state.tracking.finished))
+        secrets = {a.app_id: a.callback_secret for a in config.apps if a.callback_secret}
+        self.callbacks = CallbackReceiver(self.state, secrets, self.clock, self._save)
+        self.callback_path = callback_path
+        for app_id in secrets:  # series exist at 0 before the first callback
+            self.state.apps[app_id].enable_callback_series()
+        self.callback_port: int | None = None
         self.pollers: dict[int, AppPoller] = {}
         self._session: aiohttp.ClientSession | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._runner: web.AppRunner | None = None
+        self._callback_runner: web.AppRunner | None = None
         self.bound_port: int | None = None
 
     def ready(self) -> bool:
@@ -99,6 +108,11 @@ class Exporter:
             self._check_budget(app.app_id, app.rate_limit, len(self.pollers[app.app_id].scopes))
 
     def _cycle_done(self, app: AppState) -> None:
+        self._save(app)
+        if self._on_cycle_done is not None:
+            self._on_cycle_done(app)
+
+    def _save(self, app: AppState) -> None:
         if self.store is not None:
             try:
                 self.store.save(app)
@@ -107,8 +121,6 @@ class Exporter:
                 self.state.storage_errors += 1
                 log.error("state_save_failed", app_id=app.app_id, path=str(self.store.path),
                           error=str(exc))
-        if self._on_cycle_done is not None:
-            self._on_cycle_done(app)
 
     def _check_budget(self, app_id: int, rate_limit: float, scopes: int) -> None:
         budget = rate_limit * self.config.zego.pacing * self.config.poll_interval
@@ -121,9 +133,20 @@ class Exporter:
                 hint="cycles will take longer than poll_interval; the rate limit is kept",
             )
 
-    async def start(self, listen: ListenAddress | None, schedule: bool = True) -> None:
+    async def start(self, listen: ListenAddress | None, schedule: bool = True,
+                    callback_listen: ListenAddress | None = None) -> None:
         self._session = aiohttp.ClientSession()
         self.build_pollers(self._session)
+        if callback_listen is not None:
+            # Its own listener: it faces ZEGO (the internet), /metrics does not.
+            runner = web.AppRunner(self.callbacks.make_app(self.callback_path), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, callback_listen.host, callback_listen.port).start()
+            self._callback_runner = runner
+            self.callback_port = int(runner.addresses[0][1])
+            log.info("callbacks_listening",
+                     address=f"{callback_listen.host or ''}:{self.callback_port}",
+                     path=self.callback_path, apps=sorted(self.callbacks.app_ids))
         if listen is not None:
             app = make_app(self.registry, self.state, self.telemetry_path, self.ready)
             self._runner = web.AppRunner(app, access_log=None)
@@ -147,8 +170,9 @@ class Exporter:
     async def stop(self) -> None:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in (self._runner, self._callback_runner):
+            if runner is not None:
+                await runner.cleanup()
         if self._session is not None:
             await self._session.close()
         if self.store is not None:

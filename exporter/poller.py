@@ -87,6 +87,7 @@ class AppPoller:
         lookups = await self._look_up(needs_lookup(state.tracking, snapshot, self._margin_ms))
         result = diff(state.tracking, snapshot, lookups, self._margin_ms)
         state.apply(result.tracking, result.events)
+        state.last_observed_ms = now_ms
         for event in result.events:
             log.info(
                 f"task_{event.kind.value}",

@@ -19,6 +19,8 @@ TASK_DURATION_BUCKETS = (10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400
                          57600.0, 86400.0)
 API_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OTHER_ROOMS = "_other"  # room label for rooms past an app's cardinality cap ("*" mode)
+# ZEGO's documented quit_reason values of an abnormal end (callback event 2).
+QUIT_REASONS = tuple(str(r) for r in (1, 2, 3, 4, 5, 6, *range(1001, 1012)))
 
 
 @dataclass
@@ -68,12 +70,22 @@ class AppState:
     # Events of rooms first seen last cycle ("*" mode), counted one cycle late so that their
     # series are scraped at 0 first and the first event shows in increase().
     deferred: list[TaskEvent] = field(default_factory=list)
+    last_observed_ms: int | None = None  # when the last successful cycle's listings began
+    ended_by_reason: dict[str, int] = field(default_factory=dict)  # callbacks' quit_reason
+    upload_failures: dict[str, int] = field(default_factory=dict)  # room label -> files
 
     def __post_init__(self) -> None:
         for room in self.rooms or ():
             self._room_counters(room)
         for outcome in ("normal", "abnormal"):
             self.durations.setdefault(outcome, Histogram(TASK_DURATION_BUCKETS))
+
+    def enable_callback_series(self) -> None:
+        """Callback-only series at 0 from the start, so the first one shows in increase()."""
+        for reason in QUIT_REASONS:
+            self.ended_by_reason.setdefault(reason, 0)
+        for room in self.rooms or ():
+            self.upload_failures.setdefault(room, 0)
 
     def room_label(self, room_id: str) -> str:
         """The room_id label for a room: itself, or OTHER_ROOMS past the cap in "*" mode."""
@@ -84,11 +96,14 @@ class AppState:
     def _room_counters(self, label: str) -> dict[EventKind, int]:
         return self.counters.setdefault(label, dict.fromkeys(COUNTED_EVENTS, 0))
 
-    def apply(self, tracking: Tracking, events: Sequence[TaskEvent]) -> None:
-        """Take one cycle's result: the new tracking and its events, counted."""
+    def apply(self, tracking: Tracking, events: Sequence[TaskEvent],
+              flush_deferred: bool = True) -> None:
+        """Take one cycle's (or callback's) result: the new tracking and its events, counted."""
         self.tracking = tracking
         known = set(self.counters)
-        due, self.deferred = self.deferred, []
+        due: list[TaskEvent] = []
+        if flush_deferred:
+            due, self.deferred = self.deferred, []
         for event in events:
             label = self.room_label(event.room_id)
             (due if label in known else self.deferred).append(event)
@@ -133,6 +148,7 @@ class ExporterState:
     apps: dict[int, AppState]
     api: ApiStats = field(default_factory=ApiStats)
     storage_errors: int = 0
+    callbacks: dict[tuple[str, str, str], int] = field(default_factory=dict)  # app, event, result
 
     @classmethod
     def for_apps(cls, apps: Sequence[tuple[int, tuple[str, ...] | None, int]]) -> ExporterState:

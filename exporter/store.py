@@ -24,8 +24,11 @@ MIGRATIONS: dict[int, str] = {
         app_id INTEGER PRIMARY KEY,
         ended_since_ms INTEGER,
         last_success_time REAL,
+        last_observed_ms INTEGER,
         durations TEXT NOT NULL,
-        deferred TEXT NOT NULL
+        deferred TEXT NOT NULL,
+        ended_by_reason TEXT NOT NULL,
+        upload_failures TEXT NOT NULL
     );
     CREATE TABLE counters (
         app_id INTEGER NOT NULL, room_id TEXT NOT NULL, kind TEXT NOT NULL,
@@ -99,11 +102,12 @@ class Store:
     def load(self, app: AppState) -> bool:
         """Fill `app` from the file; False if the file holds nothing for this app."""
         row = self._db.execute(
-            "SELECT ended_since_ms, last_success_time, durations, deferred FROM apps "
-            "WHERE app_id = ?", (app.app_id,)).fetchone()
+            "SELECT ended_since_ms, last_success_time, last_observed_ms, durations, deferred, "
+            "ended_by_reason, upload_failures FROM apps WHERE app_id = ?",
+            (app.app_id,)).fetchone()
         if row is None:
             return False
-        ended_since, last_success, durations, deferred = row
+        ended_since, last_success, last_observed, durations, deferred, by_reason, uploads = row
         in_scope = (lambda room: True) if app.rooms is None else set(app.rooms).__contains__
         live = {
             task_id: TrackedTask(task_id, room, TaskStatus(status), begin)
@@ -118,6 +122,9 @@ class Store:
         self._finished_saved[app.app_id] = set(finished)
         app.tracking = Tracking(live, finished, ended_since)
         app.last_success_time = last_success
+        app.last_observed_ms = last_observed
+        app.ended_by_reason = json.loads(by_reason)
+        app.upload_failures = {r: n for r, n in json.loads(uploads).items() if in_scope(r)}
         for room, kind, value in self._db.execute(
                 "SELECT room_id, kind, value FROM counters WHERE app_id = ?", (app.app_id,)):
             if in_scope(room):
@@ -138,12 +145,13 @@ class Store:
         finished = set(tracking.finished)
         with self._transaction():
             self._db.execute(
-                "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?)",
-                (app.app_id, tracking.ended_since_ms, app.last_success_time,
+                "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (app.app_id, tracking.ended_since_ms, app.last_success_time, app.last_observed_ms,
                  json.dumps({o: {"counts": h.counts, "total": h.total}
                              for o, h in app.durations.items()}),
                  json.dumps([{"kind": e.kind.value, "task_id": e.task_id, "room_id": e.room_id,
-                              "duration_s": e.duration_s} for e in app.deferred])))
+                              "duration_s": e.duration_s} for e in app.deferred]),
+                 json.dumps(app.ended_by_reason), json.dumps(app.upload_failures)))
             self._db.executemany(
                 "INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?)",
                 ((app.app_id, room, kind.value, value)
