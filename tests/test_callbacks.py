@@ -1,0 +1,192 @@
+"""ZEGO callbacks over real HTTP: verified, deduplicated, and reconciled with polling."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import pytest
+
+from exporter.config import AppConfig, Secret
+from exporter.daemon import Exporter, ListenAddress
+from exporter.diff import EventKind
+from exporter.zego.callback_signing import callback_signature
+from tests.conftest import APP_ID, Rig
+
+Factory = Callable[..., Any]
+CALLBACK_SECRET = "cb-secret-0123456789"
+_nonces = itertools.count(1)
+
+
+def signed(rig: Rig, task_id: str, room_id: str, event_type: int, sequence: int,
+           detail: dict[str, Any] | None = None, secret: str = CALLBACK_SECRET,
+           age_s: float = 0.0, nonce: str | None = None, **override: Any) -> dict[str, Any]:
+    timestamp = str(int(rig.clock.time() - age_s))
+    nonce = nonce or str(next(_nonces))
+    body = {"app_id": APP_ID, "task_id": task_id, "room_id": room_id, "event_type": event_type,
+            "message": "", "nonce": nonce, "timestamp": timestamp,
+            "signature": callback_signature(secret, timestamp, nonce), "sequence": sequence,
+            "detail": detail or {}}
+    body.update(override)
+    return body
+
+
+@pytest.fixture
+async def rig(rig_factory: Factory) -> AsyncIterator[Rig]:
+    rig: Rig = await rig_factory()
+    await rig.exporter.stop()
+    config = rig.exporter.config
+    app = config.apps[0]
+    with_secret = AppConfig(app.app_id, app.server_secret, app.rooms,
+                            callback_secret=Secret(CALLBACK_SECRET))
+    rig.exporter = Exporter(replace(config, apps=(with_secret,)), clock=rig.clock)
+    await rig.exporter.start(None, schedule=False,
+                             callback_listen=ListenAddress("127.0.0.1", 0))
+    yield rig
+
+
+async def post(rig: Rig, body: dict[str, Any] | bytes) -> tuple[int, dict[str, Any]]:
+    url = f"http://127.0.0.1:{rig.exporter.callback_port}/callback"
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as http, http.post(url, data=data) as response:
+        return response.status, await response.json(content_type=None)
+
+
+def results(rig: Rig) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for (_, _, result), count in rig.exporter.state.callbacks.items():
+        out[result] = out.get(result, 0) + count
+    return out
+
+
+async def live_task(rig: Rig, room: str = "r1") -> str:
+    await rig.cycle()
+    task = rig.engine.start(APP_ID, room)
+    await rig.cycle()
+    return task
+
+
+async def test_abnormal_end_counts_at_once_with_its_reason_and_polling_agrees(rig: Rig) -> None:
+    task = await live_task(rig)
+    rig.engine.abort(task)
+    status, _ = await post(rig, signed(rig, task, "r1", 2, 0, {"quit_reason": 6}))
+    assert status == 200
+    counters = rig.counters("r1")
+    assert counters[EventKind.ENDED_ABNORMALLY] == 1
+    assert rig.exporter.state.apps[APP_ID].ended_by_reason["6"] == 1
+    for _ in range(3):
+        await rig.cycle()
+    rig.assert_counters_match_ledger(["r1", "r2", "r3"])
+
+
+async def test_polling_first_then_the_callback_is_recognised(rig: Rig) -> None:
+    task = await live_task(rig)
+    rig.engine.abort(task)
+    await rig.cycle()
+    assert rig.counters("r1")[EventKind.ENDED_ABNORMALLY] == 1
+    assert (await post(rig, signed(rig, task, "r1", 2, 0, {"quit_reason": 1})))[0] == 200
+    assert rig.counters("r1")[EventKind.ENDED_ABNORMALLY] == 1
+    assert results(rig) == {"recognised": 1}
+
+
+async def test_a_repeated_callback_changes_nothing(rig: Rig) -> None:
+    task = await live_task(rig)
+    body = signed(rig, task, "r1", 2, 0, {"quit_reason": 6})
+    for _ in range(3):  # ZEGO's retries carry the same task, event and sequence
+        again = {**body, "nonce": str(next(_nonces))}
+        again["signature"] = callback_signature(CALLBACK_SECRET, again["timestamp"],
+                                                again["nonce"])
+        assert (await post(rig, again))[0] == 200
+    assert rig.counters("r1")[EventKind.ENDED_ABNORMALLY] == 1
+    assert results(rig) == {"applied": 1, "duplicate": 2}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "result"),
+    [
+        (lambda b: {**b, "signature": "0" * 40}, 401, "bad_signature"),
+        (lambda b: {**b, "app_id": 42}, 401, "unknown_app"),
+        (lambda b: {**b, "task_id": 5}, 400, "malformed"),
+        (lambda b: b"{not json", 400, "malformed"),
+        (lambda b: b"x" * (300 * 1024), 413, "too_large"),
+    ],
+    ids=["bad-signature", "unknown-app", "wrong-type", "not-json", "oversized"],
+)
+async def test_bad_callbacks_are_rejected_and_change_nothing(
+    rig: Rig, mutate: Callable[[dict[str, Any]], Any], status: int, result: str
+) -> None:
+    task = await live_task(rig)
+    assert (await post(rig, mutate(signed(rig, task, "r1", 2, 0))))[0] == status
+    assert rig.counters("r1")[EventKind.ENDED] == 0
+    assert task in rig.exporter.state.apps[APP_ID].tracking.live
+    assert results(rig) == {result: 1}
+
+
+async def test_stale_and_replayed_callbacks_are_rejected(rig: Rig) -> None:
+    task = await live_task(rig)
+    assert (await post(rig, signed(rig, task, "r1", 201, 0, age_s=3600)))[0] == 401
+    body = signed(rig, task, "r1", 201, 1)
+    assert (await post(rig, body))[0] == 200
+    forged = {**body, "event_type": 2, "sequence": 2}  # same signature, different body
+    assert (await post(rig, forged))[0] == 401
+    assert results(rig) == {"stale": 1, "applied": 1, "replayed": 1}
+    assert rig.counters("r1")[EventKind.ENDED] == 0
+
+
+async def test_pause_and_resume_count_once_whoever_sees_them_first(rig: Rig) -> None:
+    task = await live_task(rig)
+    rig.engine.pause(task)
+    await post(rig, signed(rig, task, "r1", 201, 0))
+    await rig.cycle()  # polling sees status 5: recognised, not a second pause
+    rig.engine.resume(task)
+    await rig.cycle()  # polling sees the resume first
+    await post(rig, signed(rig, task, "r1", 202, 1, age_s=20))  # sent before that poll
+    counters = rig.counters("r1")
+    assert (counters[EventKind.PAUSED], counters[EventKind.RESUMED]) == (1, 1)
+    rig.assert_counters_match_ledger(["r1"])
+
+
+async def test_a_late_resume_never_flips_a_newer_pause(rig: Rig) -> None:
+    task = await live_task(rig)
+    await post(rig, signed(rig, task, "r1", 201, 0))
+    await post(rig, signed(rig, task, "r1", 202, 1))
+    await post(rig, signed(rig, task, "r1", 201, 2))
+    status, answer = await post(rig, signed(rig, task, "r1", 202, 1, nonce="late"))  # retry
+    assert (status, answer["message"]) == (200, "duplicate")
+    await post(rig, signed(rig, task, "r1", 202, 0))  # never applied, and older than seq 2
+    counters = rig.counters("r1")
+    assert (counters[EventKind.PAUSED], counters[EventKind.RESUMED]) == (2, 1)
+    assert results(rig) == {"applied": 3, "duplicate": 1, "out_of_order": 1}
+
+
+async def test_upload_failures_are_counted_per_room(rig: Rig) -> None:
+    task = await live_task(rig, "r2")
+    files = [{"file_id": "a", "status": 3}, {"file_id": "b", "status": 5},
+             {"file_id": "c", "status": 4}]
+    await post(rig, signed(rig, task, "r2", 1, 3, {"upload_status": 2, "file_info": files}))
+    app = rig.exporter.state.apps[APP_ID]
+    assert app.upload_failures == {"r1": 0, "r2": 2, "r3": 0}
+
+
+async def test_callback_for_a_room_not_watched_is_ignored(rig: Rig) -> None:
+    await rig.cycle()
+    assert (await post(rig, signed(rig, "elsewhere", "lobby", 2, 0)))[0] == 200
+    assert results(rig) == {"ignored": 1}
+    assert all(c[EventKind.ENDED] == 0 for c in rig.exporter.state.apps[APP_ID].counters.values())
+
+
+async def test_short_task_ended_before_polling_saw_it_is_started_and_ended_once(rig: Rig
+                                                                              ) -> None:
+    await rig.cycle()
+    task = rig.engine.start(APP_ID, "r3")
+    rig.clock.advance(3)
+    rig.engine.abort(task)
+    await post(rig, signed(rig, task, "r3", 2, 0, {"quit_reason": 2}))
+    await rig.cycle()
+    await rig.cycle()
+    rig.assert_counters_match_ledger(["r3"])
+    assert rig.counters("r3")[EventKind.STARTED] == 1
