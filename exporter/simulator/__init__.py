@@ -1,5 +1,11 @@
 """A simulated ZEGO Cloud Recording API for the demo, the tests and the benchmarks."""
 
+from exporter.simulator.callbacks import (
+    CallbackDelivery,
+    CallbackEvent,
+    CallbackSender,
+    DeliveryOutcome,
+)
 from exporter.simulator.engine import (
     LifecycleRates,
     RoomCounts,
@@ -15,6 +21,10 @@ from exporter.simulator.server import ServerOptions, SimulatorServer, create_app
 
 __all__ = [
     "DEMO_SCENARIO",
+    "CallbackDelivery",
+    "CallbackEvent",
+    "CallbackSender",
+    "DeliveryOutcome",
     "FaultConfig",
     "FaultKind",
     "FaultRule",

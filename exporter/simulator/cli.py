@@ -38,6 +38,25 @@ def parse_app(text: str) -> tuple[int, str]:
     return int(app_id), secret
 
 
+def parse_callback_secret(text: str) -> tuple[int, str]:
+    """`APP_ID:CALLBACK_SECRET`."""
+    app_id, sep, secret = text.partition(":")
+    if not sep or not app_id.isdigit() or not secret:
+        raise argparse.ArgumentTypeError(
+            "--callback-secret takes APP_ID:CALLBACK_SECRET (APP_ID an integer)")
+    return int(app_id), secret
+
+
+def parse_probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in [0, 1]")
+    return value
+
+
 def _fault(text: str) -> dict[str, Any]:
     try:
         return parse_fault_option(text).to_json()
@@ -51,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zego-cloudrecord-simulator",
         description="A simulated ZEGO Cloud Recording server API (DescribeTasks, "
                     "DescribeRecordStatus, Start/Stop/Pause/ResumeRecord) with seeded recording "
-                    "activity, ZEGO's signature checks and rate limits, fault injection, and a "
-                    "test harness under /_sim/ (ledger, summary, stats, control, faults).")
+                    "activity, ZEGO's signature checks and rate limits, fault injection, "
+                    "recording status callbacks (signed, retried, sometimes lost or repeated, as "
+                    "ZEGO sends them), and a test harness under /_sim/ (ledger, summary, stats, "
+                    "control, faults, callbacks).")
     parser.add_argument("--listen-address", type=parse_listen_address, default=DEFAULT_LISTEN,
                         metavar="HOST:PORT", help=f"where to listen (default {DEFAULT_LISTEN})")
     parser.add_argument("--app", type=parse_app, action="append", default=[],
@@ -93,7 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DescribeTasks and DescribeRecordStatus requests per app per "
                              "sliding second (default 10; 0 = unlimited)")
     parser.add_argument("--callback-url", metavar="URL",
-                        help="where recording callbacks would go (accepted, not used yet)")
+                        help="POST recording status callbacks (event_type 1, 2, 4-7, 201, 202) "
+                             "here, for the apps given a --callback-secret; failed deliveries "
+                             "are retried twice, 5 s apart on the simulator's clock")
+    parser.add_argument("--callback-secret", type=parse_callback_secret, action="append",
+                        default=[], metavar="APP_ID:SECRET",
+                        help="an app's CallbackSecret, which signs its callbacks (repeatable)")
+    parser.add_argument("--callback-loss", type=parse_probability, metavar="P",
+                        help="probability that a callback is never sent (default 0)")
+    parser.add_argument("--callback-duplicate", type=parse_probability, metavar="P",
+                        help="probability that a callback is sent twice (default 0)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="debug logs one line per request (default info)")
@@ -111,6 +141,13 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
             setattr(scenario, key, getattr(args, key))
     if args.warmup is not None:
         scenario.warmup_s = args.warmup
+    if args.callback_url is not None:
+        scenario.callback_url = args.callback_url
+    scenario.callback_secrets.update(dict(args.callback_secret))
+    if args.callback_loss is not None:
+        scenario.callback_loss = args.callback_loss
+    if args.callback_duplicate is not None:
+        scenario.callback_duplicate = args.callback_duplicate
     faults = scenario.faults
     rules = [*faults.get("rules", ()), *args.fault]
     for key, value in (("latency_ms", args.latency), ("jitter_ms", args.jitter),
@@ -137,11 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine, options = scenario.build(ScaledClock(scenario.speed))
     except (ScenarioError, ValueError) as exc:
         parser.error(str(exc))
-    options.callback_url = args.callback_url
+    if options.callback_url and not options.callback_secrets:
+        log.warning("callbacks_off reason=%r", "a callback URL but no --callback-secret: "
+                    "callbacks go only to apps with a callback secret")
     host, port = args.listen_address
-    log.info("simulator_starting listen=%s:%s apps=%s rooms=%s seed=%s speed=%s", host, port,
-             sorted(engine.apps), sum(len(r) for r in engine.rooms.values()), scenario.seed,
-             scenario.speed)
+    log.info("simulator_starting listen=%s:%s apps=%s rooms=%s seed=%s speed=%s callbacks=%s",
+             host, port, sorted(engine.apps), sum(len(r) for r in engine.rooms.values()),
+             scenario.seed, scenario.speed,
+             sorted(options.callback_secrets) if options.callback_url else "off")
     web.run_app(create_app(engine, options), host=host, port=port, access_log=None,
                 print=lambda text: log.info("simulator_listening %s", text.strip()))
     return 0

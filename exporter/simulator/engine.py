@@ -233,6 +233,7 @@ class _Event:
     task_id: str = field(compare=False, default="")
     to_status: int = field(compare=False, default=0)
     op: str = field(compare=False, default="")
+    quit_reason: int | None = field(compare=False, default=None)
 
 
 class SimEngine:
@@ -262,6 +263,7 @@ class SimEngine:
         self.rates = rates or LifecycleRates()
         self.ledger: list[Transition] = []
         self.forgotten: set[str] = set()
+        self.quit_reasons: dict[str, int] = {}  # task id -> quit_reason a scripted abort gave
         self.start_time = clock.time()
         self._now = self.start_time - warmup_s
         self._heap: list[_Event] = []
@@ -349,7 +351,8 @@ class SimEngine:
                 self._add_room(event.app_id, event.room_id, arrivals=False)
                 self._create(event.app_id, event.room_id, event.task_id, event.at, natural=False)
             else:
-                self._control_now(event.op, event.app_id, event.room_id, event.task_id, event.at)
+                self._control_now(event.op, event.app_id, event.room_id, event.task_id, event.at,
+                                  event.quit_reason)
         except SimError as exc:
             log.info("scripted_op_skipped op=%s room_id=%s task_id=%s reason=%r",
                      event.op, event.room_id, event.task_id, exc.message)
@@ -453,6 +456,7 @@ class SimEngine:
                  if t.begin < cutoff and (t.end is not None or t.forgotten)]
         for task_id in stale:
             del self._tasks[task_id]
+            self.quit_reasons.pop(task_id, None)
         self._next_prune = self._now + _PRUNE_EVERY_SECONDS
 
     # -- queries -------------------------------------------------------------------------
@@ -482,6 +486,10 @@ class SimEngine:
         self.advance_to(self.clock.time())
         return [t for t in self._tasks.values() if t.status in LIVE_STATUSES and not t.forgotten]
 
+    def find(self, task_id: str) -> SimTask | None:
+        """The task with this id as the engine holds it (forgotten too), without advancing."""
+        return self._tasks.get(task_id)
+
     def ledger_since(self, since: float | None = None) -> list[Transition]:
         self.advance_to(self.clock.time())
         if since is None:
@@ -507,23 +515,27 @@ class SimEngine:
     def resume(self, task_id: str, at: float | None = None) -> str:
         return self.control("resume", task_id=task_id, at=at)
 
-    def abort(self, task_id: str, at: float | None = None) -> str:
-        """End a task abnormally (status 4)."""
-        return self.control("abort", task_id=task_id, at=at)
+    def abort(self, task_id: str, at: float | None = None, quit_reason: int | None = None) -> str:
+        """End a task abnormally (status 4); `quit_reason` is what its callback will report."""
+        return self.control("abort", task_id=task_id, at=at, quit_reason=quit_reason)
 
     def forget(self, task_id: str, at: float | None = None) -> str:
         """Make a task unreachable: no longer listed, DescribeRecordStatus answers 300001000."""
         return self.control("forget", task_id=task_id, at=at)
 
     def control(self, op: str, *, app_id: int | None = None, room_id: str | None = None,
-                task_id: str | None = None, at: float | None = None) -> str:
+                task_id: str | None = None, at: float | None = None,
+                quit_reason: int | None = None) -> str:
         """Apply a control op now, or schedule it if `at` is later; returns the task id.
 
         Ops other than start name a task, or a room (app_id + room_id): then the newest live task
-        there that the op applies to, chosen when the op fires.
+        there that the op applies to, chosen when the op fires. An abort may give the
+        `quit_reason` its recording callback reports.
         """
         if op not in OPS:
             raise SimError(Code.INVALID_PARAMETER, f"unknown op {op!r}")
+        if quit_reason is not None and (op != "abort" or quit_reason <= 0):
+            raise SimError(Code.INVALID_PARAMETER, "quit_reason is a positive integer, abort only")
         self.advance_to(self.clock.time())
         when = self._now if at is None else max(at, self._now)
         if op == "start":
@@ -547,11 +559,13 @@ class SimEngine:
         elif app_id is None or not room_id:
             raise SimError(Code.INVALID_PARAMETER, f"{op} needs a task_id or an app_id and room_id")
         if when > self._now:
-            self._push(when, "script", app_id or 0, room_id or "", task_id=task_id or "", op=op)
+            self._push(when, "script", app_id or 0, room_id or "", task_id=task_id or "", op=op,
+                       quit_reason=quit_reason)
             return task_id or ""
-        return self._control_now(op, app_id or 0, room_id or "", task_id or "", when)
+        return self._control_now(op, app_id or 0, room_id or "", task_id or "", when, quit_reason)
 
-    def _control_now(self, op: str, app_id: int, room_id: str, task_id: str, at: float) -> str:
+    def _control_now(self, op: str, app_id: int, room_id: str, task_id: str, at: float,
+                     quit_reason: int | None = None) -> str:
         task = self._tasks.get(task_id) if task_id else self._newest(app_id, room_id, op)
         if task is None or task.forgotten:
             raise SimError(Code.TASK_NOT_FOUND, f"task {task_id or 'in ' + room_id} does not exist")
@@ -568,6 +582,8 @@ class SimEngine:
         if op == "resume" and task.status != TaskStatus.PAUSED:
             raise SimError(Code.INVALID_PARAMETER, f"task {task.task_id} is not paused")
         task.scripted = True
+        if quit_reason is not None:
+            self.quit_reasons[task.task_id] = quit_reason
         self._apply(task, target, at)
         return task.task_id
 

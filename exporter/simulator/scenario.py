@@ -1,4 +1,5 @@
-"""Simulator scenarios from YAML: apps, rooms, lifecycle rates, API variants, faults, events.
+"""Simulator scenarios from YAML: apps, rooms, lifecycle rates, API variants, faults, events,
+recording callbacks.
 
 The format (every key optional except `apps`, unless apps come from the command line)::
 
@@ -10,6 +11,7 @@ The format (every key optional except `apps`, unless apps come from the command 
       - app_id: 1234567890
         server_secret: "0123456789abcdef0123456789abcdef"
         rooms: [lobby, stage]     # or a count
+        callback_secret: "cb-1"   # optional: this app's recording callbacks are sent, signed so
     lifecycle:                    # see LifecycleRates
       arrivals_per_hour: 6        # per room, Poisson
       mean_duration_seconds: 1800
@@ -40,6 +42,14 @@ The format (every key optional except `apps`, unless apps come from the command 
       - {at: 30, op: pause, task: show}
       - {at: 40, op: resume, task: show}
       - {at: 90, op: abort, room: lobby}              # newest live task in the room
+      - {at: 95, op: abort, task: other, quit_reason: 6}  # what its callback reports
+    callbacks:                    # recording callbacks as ZEGO sends them (see callbacks.py)
+      url: http://127.0.0.1:9464/zego/callback
+      secrets: {1234567890: "cb-1"}  # app id -> callback secret (or callback_secret on an app)
+      loss: 0.0                   # probability that a callback is never sent
+      duplicate: 0.0              # probability that it is sent twice
+      retry_delay_seconds: 5      # between attempts, on the simulator's clock
+      attempts: 3                 # 2 retries when the receiver fails, as ZEGO does
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ import yaml
 
 from exporter.clock import Clock
 from exporter.simulator.api import LIST_KEYS, STATUS_SEMANTICS, ListKey, StatusSemantics
+from exporter.simulator.callbacks import DEFAULT_ATTEMPTS, DEFAULT_RETRY_DELAY_S
 from exporter.simulator.engine import OPS, LifecycleRates, SimEngine, room_names
 from exporter.simulator.faults import FaultConfig
 from exporter.simulator.server import ServerOptions, rate_limits
@@ -78,6 +89,7 @@ class ScriptedEvent:
     room: str | None = None
     task: str | None = None  # the `name` of an earlier start
     name: str | None = None
+    quit_reason: int | None = None  # abort only
 
 
 @dataclass(slots=True)
@@ -96,6 +108,12 @@ class Scenario:
     rate_limit: int = 10
     faults: dict[str, Any] = field(default_factory=dict)  # FaultConfig JSON, offsets unresolved
     events: list[ScriptedEvent] = field(default_factory=list)
+    callback_url: str | None = None
+    callback_secrets: dict[int, str] = field(default_factory=dict, repr=False)
+    callback_loss: float = 0.0
+    callback_duplicate: float = 0.0
+    callback_retry_delay_s: float = DEFAULT_RETRY_DELAY_S
+    callback_attempts: int = DEFAULT_ATTEMPTS
 
     def rooms_of(self, app_id: int) -> list[str]:
         return self.rooms.get(app_id) or room_names(self.default_rooms)
@@ -116,13 +134,31 @@ class Scenario:
             if event.task and task_id is None:
                 raise ScenarioError(f"events: task {event.task!r} is not named by an earlier start")
             result = engine.control(event.op, app_id=app_id, room_id=event.room, task_id=task_id,
-                                    at=start + event.at)
+                                    at=start + event.at, quit_reason=event.quit_reason)
             if event.name:
                 named[event.name] = result
         faults = FaultConfig.from_json(self.faults, offset=start)
+        self._check_callbacks()
         options = ServerOptions(self.list_key, self.status_semantics,
-                                rate_limits(self.rate_limit), faults)
+                                rate_limits(self.rate_limit), faults, self.callback_url,
+                                dict(self.callback_secrets), self.callback_loss,
+                                self.callback_duplicate, self.callback_retry_delay_s,
+                                self.callback_attempts)
         return engine, options
+
+    def _check_callbacks(self) -> None:
+        unknown = sorted(set(self.callback_secrets) - set(self.apps))
+        if unknown:
+            raise ScenarioError(f"callbacks.secrets: apps {unknown} are not among the apps")
+        if self.callback_secrets and not self.callback_url:
+            raise ScenarioError("callbacks.url: needed when an app has a callback secret")
+        for name, value in (("loss", self.callback_loss), ("duplicate", self.callback_duplicate)):
+            if not 0.0 <= value <= 1.0:
+                raise ScenarioError(f"callbacks.{name}: must lie in [0, 1]")
+        if self.callback_attempts < 1:
+            raise ScenarioError("callbacks.attempts: must be >= 1")
+        if self.callback_retry_delay_s < 0:
+            raise ScenarioError("callbacks.retry_delay_seconds: must be >= 0")
 
 
 def _mapping(raw: Any, where: str) -> Mapping[str, Any]:
@@ -171,6 +207,8 @@ def parse_scenario(doc: Any) -> Scenario:
         scenario.apps[app_id] = secret
         if "rooms" in app:
             scenario.rooms[app_id] = _rooms(app["rooms"], f"apps[{i}].rooms")
+        if app.get("callback_secret") is not None:
+            scenario.callback_secrets[app_id] = str(app["callback_secret"])
     lifecycle = _mapping(top.get("lifecycle"), "lifecycle")
     unknown = set(lifecycle) - set(_RATE_KEYS)
     if unknown:
@@ -200,7 +238,33 @@ def parse_scenario(doc: Any) -> Scenario:
         raise ScenarioError(f"faults: {exc}") from None
     for i, raw_event in enumerate(top.get("events") or []):
         scenario.events.append(_event(_mapping(raw_event, f"events[{i}]"), f"events[{i}]"))
+    _callbacks(_mapping(top.get("callbacks"), "callbacks"), scenario)
     return scenario
+
+
+_CALLBACK_KEYS = {"url", "secrets", "loss", "duplicate", "retry_delay_seconds", "attempts"}
+
+
+def _callbacks(raw: Mapping[str, Any], scenario: Scenario) -> None:
+    unknown = set(raw) - _CALLBACK_KEYS
+    if unknown:
+        raise ScenarioError(f"callbacks: unknown keys {sorted(unknown)}")
+    if raw.get("url") is not None:
+        scenario.callback_url = str(raw["url"])
+    secrets = _mapping(raw.get("secrets"), "callbacks.secrets")
+    try:
+        scenario.callback_secrets.update({int(app): str(s) for app, s in secrets.items()})
+    except (TypeError, ValueError):
+        raise ScenarioError("callbacks.secrets: maps app ids (integers) to secrets") from None
+    for key, attr, kind in (("loss", "callback_loss", float),
+                            ("duplicate", "callback_duplicate", float),
+                            ("retry_delay_seconds", "callback_retry_delay_s", float),
+                            ("attempts", "callback_attempts", int)):
+        if key in raw:
+            try:
+                setattr(scenario, attr, kind(raw[key]))
+            except (TypeError, ValueError):
+                raise ScenarioError(f"callbacks.{key}: must be a number") from None
 
 
 def _event(raw: Mapping[str, Any], where: str) -> ScriptedEvent:
@@ -217,7 +281,11 @@ def _event(raw: Mapping[str, Any], where: str) -> ScriptedEvent:
     if op != "start" and room is None and task is None:
         raise ScenarioError(f"{where}: {op} needs a task (a start's name) or a room")
     name = None if raw.get("name") is None else str(raw["name"])
-    return ScriptedEvent(at, op, app_id, room, task, name)
+    quit_reason = raw.get("quit_reason")
+    if quit_reason is not None and (op != "abort" or not isinstance(quit_reason, int)
+                                    or isinstance(quit_reason, bool) or quit_reason <= 0):
+        raise ScenarioError(f"{where}.quit_reason: a positive integer, on an abort only")
+    return ScriptedEvent(at, op, app_id, room, task, name, quit_reason)
 
 
 def load_scenario(path: str | Path) -> Scenario:

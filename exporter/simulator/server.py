@@ -10,6 +10,7 @@ import json
 import logging
 import socket
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -17,6 +18,12 @@ from typing import Any
 from aiohttp import web
 
 from exporter.simulator.api import ACTIONS, ActionContext, ListKey, StatusSemantics
+from exporter.simulator.callbacks import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_RETRY_DELAY_S,
+    DEFAULT_TIMEOUT_S,
+    CallbackSender,
+)
 from exporter.simulator.engine import OPS, SimEngine, SimError
 from exporter.simulator.faults import (
     FAULT_CODES,
@@ -43,13 +50,31 @@ def rate_limits(describe_limit: int = 10) -> dict[str, int]:
 
 @dataclass(slots=True)
 class ServerOptions:
-    """How the simulated API behaves where ZEGO's docs leave a choice, plus limits and faults."""
+    """How the simulated API behaves where ZEGO's docs leave a choice, plus limits, faults and
+    recording callbacks (sent to `callback_url` for the apps in `callback_secrets`)."""
 
     list_key: ListKey = "TaskidList"
     status_semantics: StatusSemantics = "inclusive"
     rate_limits: dict[str, int] = field(default_factory=rate_limits)
     faults: FaultConfig = field(default_factory=FaultConfig)
-    callback_url: str | None = None  # reserved: recording callbacks are not simulated yet
+    callback_url: str | None = None
+    callback_secrets: dict[int, str] = field(default_factory=dict, repr=False)  # app id -> secret
+    callback_loss: float = 0.0  # probability that a callback is never sent
+    callback_duplicate: float = 0.0  # probability that it is sent twice
+    callback_retry_delay_s: float = DEFAULT_RETRY_DELAY_S  # on the engine's clock
+    callback_attempts: int = DEFAULT_ATTEMPTS
+    callback_timeout_s: float = DEFAULT_TIMEOUT_S  # real seconds per attempt
+    callback_interval_s: float = 0.1  # real seconds between background deliveries; 0: none
+
+    def callback_sender(self, engine: SimEngine) -> CallbackSender | None:
+        """The sender these options describe, or None without a URL and a secret."""
+        secrets = {app: s for app, s in self.callback_secrets.items() if app in engine.apps}
+        if not self.callback_url or not secrets:
+            return None
+        return CallbackSender(engine, self.callback_url, secrets, loss=self.callback_loss,
+                              duplicate=self.callback_duplicate,
+                              retry_delay_s=self.callback_retry_delay_s,
+                              attempts=self.callback_attempts, timeout_s=self.callback_timeout_s)
 
 
 class _Reject(Exception):
@@ -60,11 +85,13 @@ class _Reject(Exception):
 
 
 class SimulatorState:
-    """Everything the handlers share: engine, options, traffic counters, fault injector."""
+    """Everything the handlers share: engine, options, traffic counters, fault injector,
+    callback sender."""
 
     def __init__(self, engine: SimEngine, options: ServerOptions) -> None:
         self.engine = engine
         self.options = options
+        self.callbacks = options.callback_sender(engine)
         self.traffic = Traffic(dict(options.rate_limits))
         self.faults = FaultInjector(options.faults, engine.seed)
         self.closing = asyncio.Event()
@@ -245,13 +272,15 @@ async def handle_stats(request: web.Request) -> web.Response:
 
 
 async def handle_control(request: web.Request) -> web.Response:
-    """`POST /_sim/control` {"op", "app_id", "room_id", "task_id", "at"} -> {"task_id"}."""
+    """`POST /_sim/control` {"op", "app_id", "room_id", "task_id", "at", "quit_reason"} ->
+    {"task_id"}; quit_reason (abort only) is what the abort's callback reports."""
     state = request.app[STATE]
     try:
         body = await request.json()
         op = body["op"]
         app_id = None if body.get("app_id") is None else int(body["app_id"])
         at = None if body.get("at") is None else float(body["at"])
+        quit_reason = None if body.get("quit_reason") is None else int(body["quit_reason"])
         room_id, task_id = body.get("room_id"), body.get("task_id")
         if op not in OPS or not isinstance(room_id, str | None) or not isinstance(
                 task_id, str | None):
@@ -259,7 +288,8 @@ async def handle_control(request: web.Request) -> web.Response:
     except (ValueError, KeyError, TypeError) as exc:
         return _harness_error(400, f"bad control request: {exc}")
     try:
-        task_id = state.engine.control(op, app_id=app_id, room_id=room_id, task_id=task_id, at=at)
+        task_id = state.engine.control(op, app_id=app_id, room_id=room_id, task_id=task_id, at=at,
+                                       quit_reason=quit_reason)
     except SimError as exc:
         status = {Code.TASK_NOT_FOUND: 404, Code.TASK_ALREADY_ENDED: 409}.get(exc.code, 400)
         return _harness_error(status, exc.message, int(exc.code))
@@ -275,6 +305,16 @@ async def handle_faults(request: web.Request) -> web.Response:
         except (ValueError, TypeError, AttributeError) as exc:
             return _harness_error(400, f"bad fault config: {exc}")
     return web.json_response(state.faults.config.to_json())
+
+
+async def handle_callbacks(request: web.Request) -> web.Response:
+    """`GET /_sim/callbacks[?task_id=]`: settings and every delivery attempt; `DELETE` clears."""
+    sender = request.app[STATE].callbacks
+    if sender is None:
+        return web.json_response({"enabled": False, "deliveries": []})
+    if request.method == "DELETE":
+        sender.clear()
+    return web.json_response(sender.to_json(request.query.get("task_id")))
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -295,11 +335,28 @@ def create_app(engine: SimEngine, options: ServerOptions | None = None) -> web.A
     app.router.add_post("/_sim/control", handle_control)
     app.router.add_route("GET", "/_sim/faults", handle_faults)
     app.router.add_route("POST", "/_sim/faults", handle_faults)
+    app.router.add_route("GET", "/_sim/callbacks", handle_callbacks)
+    app.router.add_route("DELETE", "/_sim/callbacks", handle_callbacks)
 
     async def release_hangs(app: web.Application) -> None:
         app[STATE].closing.set()
 
+    async def deliver_callbacks(app: web.Application) -> AsyncIterator[None]:
+        state = app[STATE]
+        sender, interval = state.callbacks, state.options.callback_interval_s
+        delivery = None
+        if sender is not None and interval > 0:
+            delivery = asyncio.create_task(sender.run(interval))
+        yield
+        if delivery is not None:
+            delivery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await delivery
+        if sender is not None:
+            await sender.close()
+
     app.on_shutdown.append(release_hangs)
+    app.cleanup_ctx.append(deliver_callbacks)
     return app
 
 
