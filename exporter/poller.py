@@ -20,6 +20,7 @@ from exporter.diff import (
     horizon_start_ms,
     needs_lookup,
 )
+from exporter.planner import Planner
 from exporter.state import AppState
 from exporter.zego.client import ZegoApp, ZegoClient
 from exporter.zego.errors import Code, ZegoApiError, ZegoError, ZegoResponseError
@@ -35,9 +36,10 @@ log = structlog.get_logger("exporter.poller")
 
 @dataclass(frozen=True)
 class Listing:
-    rows: list[RecordingTask]
+    rows: list[RecordingTask]  # in the app's scope
     consistent: bool  # TotalCount stayed put and the pages added up to it
     requests: int
+    total: int  # TotalCount of the query (all rooms, for an app-wide one)
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,16 @@ class AppPoller:
         self._clock = clock
         self._margin_ms = int(margin_s * 1000)
         self._on_cycle_done = on_cycle_done
+        rooms = state.rooms
+        self.planner = Planner(rooms) if rooms is not None else None
+        self._in_scope = (lambda room: True) if rooms is None else frozenset(rooms).__contains__
 
     @property
     def scopes(self) -> list[str | None]:
-        return list(self._state.rooms) if self._state.rooms is not None else [None]
+        """What this cycle queries: each room, or the whole app (None)."""
+        if self.planner is None or self.planner.app_wide:
+            return [None]
+        return list(self.planner.rooms)
 
     async def run_cycle(self) -> CycleReport:
         state = self._state
@@ -128,17 +136,39 @@ class AppPoller:
             ended_from = now_ms - self._margin_ms  # baseline: what just ended is not ours to count
         else:
             ended_from = max(oldest, tracking.ended_since_ms)
-        live, ended = await asyncio.gather(
-            self._list_all(STATUS_LIVE, oldest, now_ms),
-            self._list_all(STATUS_ENDED, ended_from, now_ms),
+        windows = {STATUS_LIVE: oldest, STATUS_ENDED: ended_from}
+        planner = self.planner
+        probe = planner is not None and planner.needs_probe()
+        (live, ended), probes = await asyncio.gather(
+            asyncio.gather(self._list_all(STATUS_LIVE, oldest, now_ms),
+                           self._list_all(STATUS_ENDED, ended_from, now_ms)),
+            asyncio.gather(*(self._probe(status, start, now_ms)
+                             for status, start in windows.items() if probe)),
         )
+        if planner is not None:
+            for status, listing in ((STATUS_LIVE, live), (STATUS_ENDED, ended)):
+                planner.record_rows(status, listing.rows)
+                if planner.app_wide:
+                    planner.record_app_total(status, listing.total)
+            for status, total in zip(windows, probes, strict=False):
+                planner.record_app_total(status, total)
+            plan = planner.plan
+            planner.end_cycle()
+            if planner.plan != plan:
+                log.info("poll_plan_changed", app_id=self._app.app_id, plan=planner.plan,
+                         **{f"cost_{k}": v for k, v in planner.costs().items()})
         snapshot = Snapshot(
             taken_ms=now_ms,
             live={r.task_id: r for r in live.rows},
             ended={r.task_id: r for r in ended.rows},
             consistent=live.consistent and ended.consistent,
         )
-        return snapshot, live.requests + ended.requests
+        return snapshot, live.requests + ended.requests + len(probes)
+
+    async def _probe(self, status: int, start_ms: int, end_ms: int) -> int:
+        """The app-wide TotalCount for `status`, for one request of one row."""
+        page = await self._client.describe_tasks(self._app, status, None, start_ms, end_ms, 1, 1)
+        return page.total_count
 
     async def _list_all(self, status: int, start_ms: int, end_ms: int) -> Listing:
         listings = await asyncio.gather(
@@ -148,28 +178,32 @@ class AppPoller:
             rows=[row for listing in listings for row in listing.rows],
             consistent=all(listing.consistent for listing in listings),
             requests=sum(listing.requests for listing in listings),
+            total=sum(listing.total for listing in listings),
         )
 
     async def _list_scope(self, status: int, room: str | None, start_ms: int, end_ms: int
                           ) -> Listing:
-        """Every page of one scope; rows of other rooms (a broken upstream) are dropped."""
+        """Every page of one scope (a room, or the app), de-duplicated, kept to the app's rooms."""
         rows: dict[str, RecordingTask] = {}
-        totals: set[int] = set()
+        totals: list[int] = []
         page = 1
         while True:
             result = await self._client.describe_tasks(
                 self._app, status, room, start_ms, end_ms, page, PAGE_SIZE
             )
-            totals.add(result.total_count)
-            rows.update({t.task_id: t for t in result.tasks if room in (None, t.room_id)})
+            totals.append(result.total_count)
+            rows.update({t.task_id: t for t in result.tasks})
             pages_needed = math.ceil(result.total_count / PAGE_SIZE)
             if len(result.tasks) < PAGE_SIZE or page >= pages_needed:
                 break
             if page >= MAX_PAGES:
                 raise ZegoResponseError("DescribeTasks", f"more than {MAX_PAGES} pages")
             page += 1
-        consistent = len(totals) == 1 and len(rows) == totals.pop()
-        return Listing(list(rows.values()), consistent, page)
+        consistent = len(set(totals)) == 1 and len(rows) == totals[0]
+        # A room's query answering rows of another room is a broken upstream: drop them.
+        kept = [t for t in rows.values() if (room is None or t.room_id == room)
+                and self._in_scope(t.room_id)]
+        return Listing(kept, consistent, page, totals[0])
 
     async def _look_up(self, task_ids: list[str]) -> dict[str, Lookup]:
         async def one(task_id: str) -> Lookup:
