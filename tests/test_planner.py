@@ -89,6 +89,6 @@ async def test_busy_other_rooms_make_the_watched_ones_go_per_room(rig_factory: F
     rig.engine.start(APP_ID, "a")
     await rig.cycle()
     await rig.cycle()
-    # app-wide: 9 pages of 401 live tasks + 1 ended page; then per-room: 2 rooms × 2 statuses.
-    assert [r.requests for r in rig.reports] == [10, 4, 4]
+    # app-wide: 8 pages of 400 live tasks + 1 ended page; then per-room: 2 rooms × 2 statuses.
+    assert [r.requests for r in rig.reports] == [9, 4, 4]
     rig.assert_counters_match_ledger(["a", "b"])
