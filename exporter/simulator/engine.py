@@ -81,6 +81,10 @@ class LifecycleRates:
     no_stream_probability: float = 0.02  # ended without files (nobody published)
     upload_failure_probability: float = 0.05  # per file: backup storage (4) or failed (5)
     upload_s: tuple[float, float] = (2.0, 30.0)
+    # For soak runs: every status after recording starts lasts at least this long (0: no floor),
+    # and no recording lasts longer than max_duration_s (ZEGO's own cap is 24 h).
+    min_segment_s: float = 0.0
+    max_duration_s: float = 86_400.0
 
     def __post_init__(self) -> None:
         probabilities = (self.abnormal_probability, self.pause_probability,
@@ -263,6 +267,7 @@ class SimEngine:
         self.rates = rates or LifecycleRates()
         self.ledger: list[Transition] = []
         self.forgotten: set[str] = set()
+        self._arrivals_stopped = False
         self.quit_reasons: dict[str, int] = {}  # task id -> quit_reason a scripted abort gave
         self.start_time = clock.time()
         self._now = self.start_time - warmup_s
@@ -322,7 +327,13 @@ class SimEngine:
     def _gap(self, rng: random.Random) -> float:
         return rng.expovariate(self.rates.arrivals_per_hour / 3600.0)
 
+    def stop_arrivals(self) -> None:
+        """No new random tasks from now on (scripted starts still work): lets a soak drain."""
+        self._arrivals_stopped = True
+
     def _fire(self, event: _Event) -> None:
+        if event.kind == "arrival" and self._arrivals_stopped:
+            return
         if event.kind == "arrival":
             rng = self._room_rng[(event.app_id, event.room_id)]
             self._push(event.at + self._gap(rng), "arrival", event.app_id, event.room_id)
@@ -405,7 +416,8 @@ class SimEngine:
             return [(at + rng.uniform(0.0, init), end_status)]
         sigma = 1.0
         mu = math.log(rates.mean_duration_s) - sigma * sigma / 2
-        duration = max(rates.min_duration_s, rng.lognormvariate(mu, sigma))
+        duration = min(rates.max_duration_s,
+                       max(rates.min_duration_s, rng.lognormvariate(mu, sigma)))
         recording = at + init
         end = min(recording + duration, at + MAX_RECORD_SECONDS)
         if end == at + MAX_RECORD_SECONDS:
@@ -423,6 +435,10 @@ class SimEngine:
                 break  # still paused when it ends
             plan.append((resume, TaskStatus.RECORDING))
         plan.append((end, end_status))
+        if rates.min_segment_s > 0:  # push each change back until the one before it lasted long
+            for i in range(1, len(plan)):
+                earliest = plan[i - 1][0] + rates.min_segment_s
+                plan[i] = (min(max(plan[i][0], earliest), at + MAX_RECORD_SECONDS), plan[i][1])
         return plan
 
     def _apply(self, task: SimTask, to_status: TaskStatus, at: float) -> None:

@@ -23,6 +23,8 @@ The format (every key optional except `apps`, unless apps come from the command 
       no_stream_probability: 0.02
       upload_failure_probability: 0.05
       upload_seconds: [2, 30]
+      min_segment_seconds: 0     # soak runs: every status lasts at least this long
+      max_duration_seconds: 86400
     api:
       list_key: TaskidList        # or TaskList
       status_semantics: inclusive # or strict
@@ -74,6 +76,7 @@ _RATE_KEYS = {
     "abnormal_probability": "abnormal_probability", "pause_probability": "pause_probability",
     "mean_pause_seconds": "mean_pause_s", "no_stream_probability": "no_stream_probability",
     "upload_failure_probability": "upload_failure_probability", "upload_seconds": "upload_s",
+    "min_segment_seconds": "min_segment_s", "max_duration_seconds": "max_duration_s",
 }
 
 
