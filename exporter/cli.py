@@ -104,7 +104,8 @@ async def _run_demo(args: argparse.Namespace, listen: ListenAddress) -> int:
     from exporter.demo import demo_simulator  # the simulator is imported in demo mode only
 
     # The demo's simulated recordings are new every run: no state to keep unless asked.
-    async with demo_simulator() as config:
+    async with demo_simulator() as (config, callback_listen):
+        args.callback_listen = args.callback_listen or callback_listen
         return await _serve(config, args, args.storage_path or None, listen)
 
 

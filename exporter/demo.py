@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from importlib import resources
 
@@ -10,6 +11,7 @@ import structlog
 
 from exporter.clock import SystemClock
 from exporter.config import AppConfig, Config, Secret, ZegoConfig
+from exporter.daemon import ListenAddress
 from exporter.simulator.scenario import load_scenario
 from exporter.simulator.server import SimulatorServer
 
@@ -19,21 +21,33 @@ log = structlog.get_logger("exporter.demo")
 
 
 @contextlib.asynccontextmanager
-async def demo_simulator() -> AsyncIterator[Config]:
-    """Serve the demo scenario on 127.0.0.1 (a free port) and yield a config pointing at it."""
+async def demo_simulator() -> AsyncIterator[tuple[Config, ListenAddress]]:
+    """Serve the demo scenario on 127.0.0.1 (a free port); yield a config pointing at it and
+    the loopback address where the simulator sends its callbacks."""
     with resources.as_file(resources.files("exporter.simulator") / "scenarios/demo.yml") as path:
         scenario = load_scenario(path)
     engine, options = scenario.build(SystemClock())
+    callbacks = ListenAddress("127.0.0.1", _free_port())
+    callback_secrets = {app_id: f"demo-callback-secret-{app_id}" for app_id in scenario.apps}
+    options.callback_url = f"http://127.0.0.1:{callbacks.port}/callback"
+    options.callback_secrets = callback_secrets
     async with SimulatorServer(engine, options) as sim:
         config = Config(
             zego=ZegoConfig(endpoint=sim.url, timeout=5.0),
             poll_interval=DEMO_POLL_INTERVAL,
             apps=tuple(
                 AppConfig(app_id=app_id, server_secret=Secret(secret),
-                          rooms=tuple(scenario.rooms_of(app_id)))
+                          rooms=tuple(scenario.rooms_of(app_id)),
+                          callback_secret=Secret(callback_secrets[app_id]))
                 for app_id, secret in scenario.apps.items()
             ),
         )
         log.info("demo_simulator_started", endpoint=sim.url, apps=list(scenario.apps),
                  note="a simulated ZEGO: no account needed; events below are simulated")
-        yield config
+        yield config, callbacks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
