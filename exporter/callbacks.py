@@ -207,6 +207,7 @@ class CallbackReceiver:
                     task.task_id: TrackedTask(task.task_id, task.room_id, status, task.begin_ms)}
             app.apply(Tracking(live, tracking.finished, tracking.ended_since_ms),
                       [TaskEvent(kind, task.task_id, task.room_id)], flush_deferred=False)
+            app.flipped_at_ms[task.task_id] = now_ms
             log.info(f"task_{kind.value}", app_id=app.app_id, room_id=task.room_id,
                      task_id=task.task_id, source="callback")
             return "applied"

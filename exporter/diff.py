@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from exporter.zego.models import RecordingTask, RecordStatus, TaskStatus
@@ -141,8 +142,13 @@ def diff(
     snapshot: Snapshot,
     lookups: Mapping[str, Lookup],
     margin_ms: int,
+    fresher: AbstractSet[str] = frozenset(),
 ) -> DiffResult:
-    """Apply one cycle's observation to `tracking`; return the new tracking and the events."""
+    """Apply one cycle's observation to `tracking`; return the new tracking and the events.
+
+    `fresher`: tasks whose tracked status a callback changed after the snapshot was taken; the
+    snapshot's older status must not flip them back (it would be a false pause or resume).
+    """
     now = snapshot.taken_ms
     live_rows = _live_rows(snapshot)
     terminal_rows = _terminal_rows(snapshot)
@@ -171,6 +177,9 @@ def diff(
             finish(old)
         elif tid in live_rows:
             row = live_rows[tid]
+            if tid in fresher:
+                live[tid] = old
+                continue
             events += _status_events(old, row.status)
             live[tid] = TrackedTask(tid, old.room_id, row.status, old.begin_ms)
         elif old.begin_ms < horizon_start_ms(now, margin_ms):
@@ -179,7 +188,9 @@ def diff(
         else:
             outcome = lookups.get(tid, LookupFailed.FAILED)
             if isinstance(outcome, RecordStatus):
-                if outcome.status.live:  # page drift: still recording
+                if outcome.status.live and tid in fresher:
+                    live[tid] = old
+                elif outcome.status.live:  # page drift: still recording
                     events += _status_events(old, outcome.status)
                     live[tid] = TrackedTask(tid, old.room_id, outcome.status, old.begin_ms)
                 else:

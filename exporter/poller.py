@@ -93,7 +93,10 @@ class AppPoller:
         except ZegoError as exc:
             return self._finish(False, 0, 0, started, str(exc))
         lookups = await self._look_up(needs_lookup(state.tracking, snapshot, self._margin_ms))
-        result = diff(state.tracking, snapshot, lookups, self._margin_ms)
+        # Callbacks may have changed the tracking while this cycle awaited ZEGO: diff against
+        # the tracking as it is now, and let the snapshot not undo their newer flips.
+        result = diff(state.tracking, snapshot, lookups, self._margin_ms,
+                      state.fresher_than(now_ms))
         state.apply(result.tracking, result.events)
         state.last_observed_ms = now_ms
         for event in result.events:

@@ -73,12 +73,20 @@ class AppState:
     last_observed_ms: int | None = None  # when the last successful cycle's listings began
     ended_by_reason: dict[str, int] = field(default_factory=dict)  # callbacks' quit_reason
     upload_failures: dict[str, int] = field(default_factory=dict)  # room label -> files
+    # TaskId -> when (our clock, ms) a callback last flipped its status: a listing taken before
+    # that is older news for the task (see diff's `fresher`).
+    flipped_at_ms: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for room in self.rooms or ():
             self._room_counters(room)
         for outcome in ("normal", "abnormal"):
             self.durations.setdefault(outcome, Histogram(TASK_DURATION_BUCKETS))
+
+    def fresher_than(self, taken_ms: int) -> frozenset[str]:
+        """Tasks a callback flipped at or after `taken_ms`; forgets older flips."""
+        self.flipped_at_ms = {t: at for t, at in self.flipped_at_ms.items() if at >= taken_ms}
+        return frozenset(self.flipped_at_ms)
 
     def enable_callback_series(self) -> None:
         """Callback-only series at 0 from the start, so the first one shows in increase()."""

@@ -206,3 +206,19 @@ def test_one_lifecycle_counts_each_event_exactly_once() -> None:
         EventKind.ENDED,
         EventKind.ENDED_ABNORMALLY,
     ]
+
+
+def test_a_listing_older_than_a_callback_flip_does_not_flip_it_back() -> None:
+    # A callback paused "a" while this cycle's listing (taken earlier) still showed it recording.
+    state = tracking(row("a", S.PAUSED))
+    result = diff(state, snap([row("a", S.RECORDING)]), {}, MARGIN, fresher={"a"})
+    assert result.events == []
+    assert result.tracking.live["a"].status is S.PAUSED
+    looked_up = diff(state, snap(), {"a": status("a", S.RECORDING)}, MARGIN, fresher={"a"})
+    assert looked_up.events == []
+
+
+def test_a_fresher_task_still_ends_when_the_listing_says_so() -> None:
+    state = tracking(row("a", S.PAUSED))
+    result = diff(state, snap(ended=[row("a", S.ENDED)]), {}, MARGIN, fresher={"a"})
+    assert [e.kind for e in result.events] == [EventKind.ENDED]
