@@ -16,6 +16,7 @@ from exporter.config import Config, ConfigError, load_config
 from exporter.daemon import Exporter, ListenAddress
 from exporter.logs import LEVELS, configure_logging
 from exporter.store import StoreError
+from exporter.webconfig import WebConfig, WebConfigError
 
 DEFAULT_LISTEN = ":9867"
 DEFAULT_STORAGE = "data/zego-cloudrecord-exporter.db"
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"address for /metrics and the landing page ({DEFAULT_LISTEN})")
     parser.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
                         metavar="PATH", help="path of the metrics endpoint (default /metrics)")
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
+                        help="TLS, basic auth and response headers, in the Prometheus "
+                        "exporter-toolkit format; re-read when it changes (see README)")
     parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info",
                         help="only log at this level and above (default info)")
     parser.add_argument("--log.format", dest="log_format", choices=["logfmt", "json"],
@@ -65,6 +69,15 @@ def _load(args: argparse.Namespace) -> Config:
     return loaded.config
 
 
+def _load_web_config(path: str | None) -> WebConfig | None:
+    if not path:
+        return None
+    web_config = WebConfig(path)
+    for warning in web_config.settings.warnings:
+        log.warning("web_config_warning", problem=warning)
+    return web_config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
@@ -86,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("--callback.path: must start with /", file=sys.stderr)
         return 1
     args.callback_listen = callback_listen
+    try:
+        args.web_config = _load_web_config(args.web_config_file)
+    except WebConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     if args.demo:
         return asyncio.run(_run_demo(args, listen))
     try:
@@ -117,7 +135,8 @@ async def _serve(config: Config, args: argparse.Namespace, storage_path: str | N
         return 1
     try:
         exporter = Exporter(config, telemetry_path=args.telemetry_path,
-                            storage_path=storage_path, callback_path=args.callback_path)
+                            storage_path=storage_path, callback_path=args.callback_path,
+                            web_config=args.web_config)
     except StoreError as exc:
         print(f"--storage.path: {exc}", file=sys.stderr)
         return 1

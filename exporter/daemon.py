@@ -22,7 +22,8 @@ from exporter.poller import AppPoller, requests_per_cycle
 from exporter.ratelimit import RateLimiter
 from exporter.state import AppState, ExporterState
 from exporter.store import Store
-from exporter.web import make_app
+from exporter.web import ServerLimits, make_app
+from exporter.webconfig import WebConfig
 from exporter.zego.client import DESCRIBE_RECORD_STATUS, DESCRIBE_TASKS, ZegoApp, ZegoClient
 
 log = structlog.get_logger("exporter.daemon")
@@ -53,10 +54,14 @@ class Exporter:
         storage_path: str | None = None,
         callback_path: str = "/callback",
         on_cycle_done: Callable[[AppState], None] | None = None,
+        web_config: WebConfig | None = None,
+        web_limits: ServerLimits | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.telemetry_path = telemetry_path
+        self.web_config = web_config  # TLS, basic auth and headers for /metrics (--web.config.file)
+        self.web_limits = web_limits or ServerLimits()
         self.state = ExporterState.for_apps(
             [(app.app_id, app.rooms, app.max_rooms) for app in config.apps]
         )
@@ -148,14 +153,19 @@ class Exporter:
                      address=f"{callback_listen.host or ''}:{self.callback_port}",
                      path=self.callback_path, apps=sorted(self.callbacks.app_ids))
         if listen is not None:
-            app = make_app(self.registry, self.state, self.telemetry_path, self.ready)
+            web_config = self.web_config
+            app = make_app(self.registry, self.state, self.telemetry_path, self.ready,
+                           web_config.middlewares() if web_config else (), self.web_limits)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, listen.host, listen.port)
+            site = web.TCPSite(self._runner, listen.host, listen.port,
+                               ssl_context=web_config.ssl_context() if web_config else None)
             await site.start()
             self.bound_port = int(self._runner.addresses[0][1])
             log.info("listening", address=f"{listen.host or ''}:{self.bound_port}",
-                     telemetry_path=self.telemetry_path)
+                     telemetry_path=self.telemetry_path,
+                     tls=bool(web_config and web_config.tls_enabled),
+                     basic_auth=bool(web_config and web_config.settings.users))
         if schedule:
             self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
             now = dt.datetime.now(dt.UTC)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
@@ -14,12 +18,63 @@ from exporter import __version__
 from exporter.state import ExporterState
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one client may cost the server. No route takes a body; the header limits are far
+    above what Prometheus or a browser sends; `read_timeout` is aiohttp's keep-alive timeout,
+    which also runs from the moment a connection opens until its first request is complete
+    (aiohttp 3.14), so a client that sends its headers slowly (slowloris) is cut off; the same
+    bound applies to reading a request body."""
+
+    client_max_size: int = 64 * 1024
+    max_line_size: int = 4096  # request line: method, path, query, version
+    max_field_size: int = 8190  # one header line (aiohttp's default)
+    max_headers: int = 64
+    read_timeout: float = 20.0  # not a usual scrape interval, so no close races a scrape
+    lingering_time: float = 2.0  # reading (and dropping) an unread body after the response
+
+    def handler_args(self) -> dict[str, Any]:
+        return {
+            "keepalive_timeout": self.read_timeout,
+            "max_line_size": self.max_line_size,
+            "max_field_size": self.max_field_size,
+            "max_headers": self.max_headers,
+            "lingering_time": self.lingering_time,
+        }
+
+
+def body_limit(limits: ServerLimits) -> Middleware:
+    """413 for a body over `client_max_size` (before any handler), 408 for one read too slowly.
+    Reading small bodies here leaves the connection clean for the next request."""
+
+    @web.middleware
+    async def limit_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > limits.client_max_size:
+            raise web.HTTPRequestEntityTooLarge(max_size=limits.client_max_size,
+                                                actual_size=length)
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(limits.read_timeout):
+                    await request.read()  # raises 413 past client_max_size (chunked bodies)
+            except TimeoutError:
+                raise web.HTTPRequestTimeout() from None
+        return await handler(request)
+
+    return limit_body
+
+
 def make_app(
     registry: CollectorRegistry,
     state: ExporterState,
     telemetry_path: str = "/metrics",
     ready: Callable[[], bool] = lambda: True,
+    middlewares: Sequence[Middleware] = (),
+    limits: ServerLimits | None = None,
 ) -> web.Application:
+    """The app. `middlewares` (e.g. `WebConfig.middlewares()`) run outermost; every route
+    answers GET and HEAD only (405 with Allow otherwise)."""
+    limits = limits or ServerLimits()
     async def metrics(request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
@@ -35,7 +90,9 @@ def make_app(
     async def landing(request: web.Request) -> web.Response:
         return web.Response(text=landing_page(state, telemetry_path), content_type="text/html")
 
-    app = web.Application()
+    app = web.Application(middlewares=[*middlewares, body_limit(limits)],
+                          client_max_size=limits.client_max_size,
+                          handler_args=limits.handler_args())
     app.router.add_get(telemetry_path, metrics)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", readiness)
