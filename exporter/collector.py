@@ -124,6 +124,10 @@ class ExporterCollector(Collector):
             tracked.add_metric(label, len(app.tracking.finished))
         yield from (up, last, took, interval, tracked)
 
+    def request_families(self) -> Iterator[Metric]:
+        """The api_* and rate_limit_* families: they move with each request, not each cycle."""
+        return self._api()
+
     def _api(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(f"{PREFIX}_api_requests", "Requests sent to ZEGO, by result"
                                        " code (ZEGO's Code, or a transport failure).",

@@ -18,6 +18,7 @@ from exporter.callbacks import CallbackReceiver
 from exporter.clock import Clock, SystemClock
 from exporter.collector import ExporterCollector
 from exporter.config import Config
+from exporter.exposition import EXPOSITION, ExpositionCache, split_registry
 from exporter.poller import AppPoller, requests_per_cycle
 from exporter.ratelimit import RateLimiter
 from exporter.state import AppState, ExporterState
@@ -71,9 +72,12 @@ class Exporter:
             for action in (DESCRIBE_TASKS, DESCRIBE_RECORD_STATUS)
         }
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ExporterCollector(self.state, self.limiters, config.poll_interval))
+        collector = ExporterCollector(self.state, self.limiters, config.poll_interval)
+        self.registry.register(collector)
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(standard)
+        self.exposition = ExpositionCache(*split_registry(
+            collector, (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)))
         self._on_cycle_done = on_cycle_done
         self.store = Store(storage_path) if storage_path else None  # raises StoreError
         if self.store is not None:
@@ -112,7 +116,17 @@ class Exporter:
             )
             self._check_budget(app.app_id, app.rate_limit, len(self.pollers[app.app_id].scopes))
 
+    def state_changed(self) -> None:
+        """The state changed (a cycle ended, a callback arrived): /metrics renders afresh."""
+        self.exposition.invalidate()
+
+    async def _callback_answered(self, request: web.Request,
+                                 response: web.StreamResponse) -> None:
+        self.state_changed()  # callback counters moved, and maybe events
+
     def _cycle_done(self, app: AppState) -> None:
+        self.state_changed()
+        self.exposition.prerender()  # ready before the next scrape, off the event loop
         self._save(app)
         if self._on_cycle_done is not None:
             self._on_cycle_done(app)
@@ -144,7 +158,9 @@ class Exporter:
         self.build_pollers(self._session)
         if callback_listen is not None:
             # Its own listener: it faces ZEGO (the internet), /metrics does not.
-            runner = web.AppRunner(self.callbacks.make_app(self.callback_path), access_log=None)
+            callback_app = self.callbacks.make_app(self.callback_path)
+            callback_app.on_response_prepare.append(self._callback_answered)
+            runner = web.AppRunner(callback_app, access_log=None)
             await runner.setup()
             await web.TCPSite(runner, callback_listen.host, callback_listen.port).start()
             self._callback_runner = runner
@@ -156,6 +172,7 @@ class Exporter:
             web_config = self.web_config
             app = make_app(self.registry, self.state, self.telemetry_path, self.ready,
                            web_config.middlewares() if web_config else (), self.web_limits)
+            app[EXPOSITION] = self.exposition
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
             site = web.TCPSite(self._runner, listen.host, listen.port,
@@ -166,6 +183,7 @@ class Exporter:
                      telemetry_path=self.telemetry_path,
                      tls=bool(web_config and web_config.tls_enabled),
                      basic_auth=bool(web_config and web_config.settings.users))
+        self.exposition.prerender()  # the first scrape finds the starting state rendered
         if schedule:
             self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
             now = dt.datetime.now(dt.UTC)

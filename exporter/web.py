@@ -15,6 +15,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
+from exporter.exposition import EXPOSITION
 from exporter.state import ExporterState
 
 
@@ -76,6 +77,9 @@ def make_app(
     answers GET and HEAD only (405 with Allow otherwise)."""
     limits = limits or ServerLimits()
     async def metrics(request: web.Request) -> web.Response:
+        cache = request.app.get(EXPOSITION)  # the daemon's: rendered once per state change
+        if cache is not None:
+            return await cache.respond(request)
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
 

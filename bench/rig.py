@@ -1,0 +1,244 @@
+"""The benchmark's two child processes (simulator, exporter) on one accelerated, shared clock.
+
+Each side runs in its own process so that the exporter's CPU time and peak RSS are its own; the
+driver (bench/__main__.py) scrapes /metrics and asks the simulator for the ground truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import math
+import multiprocessing
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from exporter.zego.models import TaskStatus
+
+APP_ID = 1234567890
+SECRET = "0123456789abcdef0123456789abcdef"
+PAGE_SIZE = 50
+THREE_DAYS_MS = 3 * 86_400 * 1000
+LIVE = frozenset({TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED})
+ENDED = frozenset({TaskStatus.ENDED, TaskStatus.ENDED_ABNORMALLY})
+
+
+class SharedClock:
+    """ScaledClock with a given real origin, so processes started apart share one time line.
+
+    CLOCK_MONOTONIC is system-wide on Linux, so the same `origin_real` means the same instant in
+    every process.
+    """
+
+    def __init__(self, speed: float, origin_real: float, origin_wall: float) -> None:
+        self.speed = speed
+        self._origin_real = origin_real
+        self._origin_wall = origin_wall
+
+    def time(self) -> float:
+        return self._origin_wall + (time.monotonic() - self._origin_real) * self.speed
+
+    def monotonic(self) -> float:
+        return (time.monotonic() - self._origin_real) * self.speed
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds) / self.speed)
+
+
+@dataclass(frozen=True)
+class Workload:
+    rooms: int
+    tasks: int  # live tasks in steady state, all rooms together
+    seed: int
+    speed: float
+    rate_limit: int
+    pacing: float
+    poll_interval: float  # simulated seconds
+    cycles: int
+    all_rooms: bool  # rooms "*" in the config (app-wide); else the rooms are listed
+    mean_duration_s: float
+    abnormal_probability: float
+    origin_real: float
+    origin_wall: float
+
+    def clock(self) -> SharedClock:
+        return SharedClock(self.speed, self.origin_real, self.origin_wall)
+
+    @property
+    def arrivals_per_hour(self) -> float:
+        # Little's law: live = arrival rate × mean time alive (init ~3 s + recording).
+        per_room = self.tasks / self.rooms
+        return per_room * 3600.0 / (self.mean_duration_s + 3.0)
+
+
+def _pages(count: int) -> int:
+    return max(1, math.ceil(count / PAGE_SIZE))
+
+
+async def _wait(stop: Any) -> None:
+    """Wait for the driver's multiprocessing Event without blocking the loop."""
+    await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+
+
+# -- the simulator process ---------------------------------------------------------------------
+
+def simulator_main(workload: Workload, port_out: Any, stop: Any) -> None:
+    asyncio.run(_simulator(workload, port_out, stop))
+
+
+async def _simulator(workload: Workload, port_out: Any, stop: Any) -> None:
+    from exporter.simulator import LifecycleRates, ServerOptions, SimEngine, room_names
+    from exporter.simulator.server import create_app, rate_limits
+
+    clock = workload.clock()
+    rates = LifecycleRates(arrivals_per_hour=workload.arrivals_per_hour,
+                           mean_duration_s=workload.mean_duration_s,
+                           abnormal_probability=workload.abnormal_probability)
+    rooms = room_names(workload.rooms)
+    # Three mean lifetimes of warm-up: the live population is near its steady state at t0.
+    engine = SimEngine(clock, {APP_ID: SECRET}, seed=workload.seed, rooms=rooms, rates=rates,
+                       warmup_s=3 * workload.mean_duration_s)
+    app = create_app(engine, ServerOptions(rate_limits=rate_limits(workload.rate_limit)))
+
+    async def abnormal(request: web.Request) -> web.Response:
+        """Abnormal ends (task id, ledger time) since `since` (simulated Unix seconds)."""
+        since = float(request.query["since"])
+        ends = [(t.task_id, t.at) for t in engine.ledger_since(since)
+                if t.to_status == TaskStatus.ENDED_ABNORMALLY]
+        return web.json_response(ends)
+
+    async def minimum(request: web.Request) -> web.Response:
+        """DescribeTasks pages the current workload needs: per room, and app-wide."""
+        now_ms = int(clock.time() * 1000)
+        ended_from = int(request.query["ended_from_ms"])
+        oldest = now_ms - THREE_DAYS_MS + 600_000
+        live_total = ended_total = per_room = 0
+        for room in rooms:
+            live = len(engine.list_tasks(APP_ID, room, oldest, now_ms, LIVE))
+            ended = len(engine.list_tasks(APP_ID, room, ended_from, now_ms, ENDED))
+            per_room += _pages(live) + _pages(ended)
+            live_total += live
+            ended_total += ended
+        return web.json_response({"per_room": per_room,
+                                  "app_wide": _pages(live_total) + _pages(ended_total),
+                                  "live": live_total, "ended": ended_total})
+
+    app.router.add_get("/_bench/abnormal", abnormal)
+    app.router.add_get("/_bench/minimum", minimum)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port_out.put(int(runner.addresses[0][1]))
+    await _wait(stop)
+    await runner.cleanup()
+
+
+# -- the exporter process ----------------------------------------------------------------------
+
+def exporter_main(workload: Workload, sim_url: str, events: Any, stop: Any) -> None:
+    asyncio.run(_exporter(workload, sim_url, events, stop))
+
+
+async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) -> None:
+    from exporter.config import AppConfig, Config, Secret, ZegoConfig
+    from exporter.daemon import Exporter, ListenAddress
+    from exporter.logs import configure_logging
+    from exporter.simulator import room_names
+
+    configure_logging("error", "logfmt")
+    clock = workload.clock()
+    rooms = None if workload.all_rooms else tuple(room_names(workload.rooms))
+    app = AppConfig(app_id=APP_ID, server_secret=Secret(SECRET), rooms=rooms,
+                    rate_limit=workload.rate_limit, max_rooms=max(workload.rooms, 1))
+    config = Config(zego=ZegoConfig(endpoint=sim_url, timeout=30.0, pacing=workload.pacing),
+                    poll_interval=workload.poll_interval, apps=(app,))
+    exporter = Exporter(config, clock=clock)
+    await exporter.start(ListenAddress("127.0.0.1", 0), schedule=False)
+    poller = exporter.pollers[APP_ID]
+    abnormal = _record_abnormal_ends(exporter.state.apps[APP_ID])
+    events.put(("ready", {"port": exporter.bound_port, "pid": os.getpid()}))
+    # The scheduler's job, on the shared clock: every poll_interval, a late run not repeated.
+    next_at = clock.monotonic()
+    for _ in range(workload.cycles):
+        wait = next_at - clock.monotonic()
+        if wait > 0:
+            await clock.sleep(wait)
+        started_at = clock.time()
+        report = await poller.run_cycle()
+        events.put(("cycle", {"started": started_at, "ended": clock.time(), "ok": report.ok,
+                              "requests": report.requests, "cpu": time.process_time(),
+                              "abnormal": list(abnormal), "plan": _plan(poller)}))
+        abnormal.clear()
+        next_at = max(next_at + workload.poll_interval, clock.monotonic())
+    rusage = resource.getrusage(resource.RUSAGE_SELF)
+    events.put(("done", {"cpu": time.process_time(), "peak_rss_bytes": rusage.ru_maxrss * 1024}))
+    await _wait(stop)  # keep serving /metrics for the driver's last scrapes
+    await exporter.stop()
+
+
+def _plan(poller: Any) -> str:
+    """The plan the poller used: its planner's choice, else what its scopes say."""
+    planner = getattr(poller, "planner", None)
+    if planner is not None:
+        return str(planner.plan)
+    return "app-wide" if poller.scopes == [None] else "per-room"
+
+
+def _record_abnormal_ends(state: Any) -> list[str]:
+    """Wrap the app state's `apply` to note the TaskIds it counts as ended abnormally."""
+    from exporter.diff import EventKind, TaskEvent
+
+    seen: list[str] = []
+    apply = state.apply
+
+    def recording_apply(*args: Any, **kwargs: Any) -> Any:
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, list | tuple):
+                seen.extend(e.task_id for e in arg if isinstance(e, TaskEvent)
+                            and e.kind is EventKind.ENDED_ABNORMALLY)
+        return apply(*args, **kwargs)
+
+    state.apply = recording_apply
+    return seen
+
+
+def spawn(target: Any, *args: Any) -> multiprocessing.process.BaseProcess:
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
+    process.start()
+    return process
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) by nearest rank; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def detection_latencies(ends: list[tuple[str, float]], counted_at: dict[str, float],
+                        scrapes: list[float], window: tuple[float, float]
+                        ) -> tuple[list[float], int]:
+    """Seconds from each abnormal end to the first scrape begun after the cycle that counted it.
+
+    `ends`: (task id, ledger time); `counted_at`: task id -> when the cycle that counted it
+    ended; `scrapes`: when each scrape began. Only ends inside `window` (after the baseline cycle,
+    before the last cycle began) are judged; returns the latencies and how many were never shown.
+    """
+    latencies: list[float] = []
+    missed = 0
+    for task_id, at in ends:
+        if not window[0] <= at < window[1]:
+            continue
+        done = counted_at.get(task_id)
+        index = len(scrapes) if done is None else bisect.bisect_left(scrapes, done)
+        if index == len(scrapes):
+            missed += 1
+        else:
+            latencies.append(scrapes[index] - at)
+    return latencies, missed

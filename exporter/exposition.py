@@ -1,0 +1,199 @@
+"""The /metrics exposition, rendered once per state change and kept ready (text, OpenMetrics, gzip).
+
+The state changes only when a poll cycle ends or a callback arrives, so a scrape need not rebuild
+thousands of series. The exposition has two parts: the cached one (every exporter family but the
+per-request ones) and a small live one rendered on each scrape (api_*, rate_limit_*, process_*,
+python_*), appended to it (gzip members concatenate). `invalidate()` marks the cached part
+stale; the next scrape, or the eager render after a cycle (`prerender()`), renders it once, in a
+worker thread, so that the event loop, which paces ZEGO requests, is never blocked for long.
+Concurrent scrapes of one version share one render. The thread reads the live state while the
+loop may change it (a cycle's apply), so a render that trips over a dict changing size is
+retried. A scrape always gets the current state: while its render is under way it waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+log = structlog.get_logger("exporter.exposition")
+
+GZIP_LEVEL = 6
+RETRIES = 3
+Encoder = Callable[[CollectorRegistry], bytes]
+# Rendered eagerly from the start: what Prometheus asks for, and plain text (curl).
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                     "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    version: int
+    body: bytes
+    gzipped: bytes
+
+
+class SplitCollector(Collector, Protocol):
+    def request_families(self) -> Iterator[Metric]: ...
+
+
+class _Without(Collector):
+    def __init__(self, collector: Collector, names: set[str]) -> None:
+        self._collector, self._names = collector, names
+
+    def collect(self) -> Iterator[Metric]:
+        return (m for m in self._collector.collect() if m.name not in self._names)
+
+
+class _RequestFamilies(Collector):
+    def __init__(self, collector: SplitCollector) -> None:
+        self._collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        return self._collector.request_families()
+
+
+def split_registry(collector: SplitCollector, standard: Iterable[Collector]
+                   ) -> tuple[CollectorRegistry, CollectorRegistry]:
+    """(cached, live) registries: the exporter's families, and the per-request and process ones."""
+    live = CollectorRegistry(auto_describe=False)
+    live.register(_RequestFamilies(collector))
+    for each in standard:
+        live.register(each)
+    cached = CollectorRegistry(auto_describe=False)
+    cached.register(_Without(collector, {m.name for m in collector.request_families()}))
+    return cached, live
+
+
+def accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (and does not give it q=0)."""
+    for part in header.split(","):
+        coding, _, params = part.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "*"):
+            q = params.strip().lower()
+            if q.startswith("q="):
+                try:
+                    return float(q[2:]) > 0
+                except ValueError:
+                    return False
+            return True
+    return False
+
+
+class ExpositionCache:
+    """One registry's exposition per content type, re-rendered only after `invalidate()`."""
+
+    def __init__(self, registry: CollectorRegistry, live: CollectorRegistry | None = None, *,
+                 in_thread: bool = True) -> None:
+        self._registry = registry
+        self._live = live
+        self._in_thread = in_thread
+        self._version = 0
+        self._ready: dict[str, Rendered] = {}  # content type -> last render
+        self._rendering: dict[str, tuple[int, asyncio.Future[Rendered]]] = {}
+        self._encoders: dict[str, Encoder] = {}
+        self._background: set[asyncio.Task[Rendered]] = set()
+        self.renders = 0
+        for accept in (PROMETHEUS_ACCEPT, ""):
+            self._remember(accept)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def invalidate(self) -> None:
+        """The state changed: the next scrape (or `prerender`) renders afresh."""
+        self._version += 1
+
+    def prerender(self) -> None:
+        """Render, in the background, every format seen so far (call on the event loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        for content_type in list(self._encoders):
+            task = loop.create_task(self.get(content_type))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _remember(self, accept: str) -> str:
+        encoder, content_type = choose_encoder(accept)
+        self._encoders.setdefault(content_type, encoder)
+        return content_type
+
+    async def get(self, content_type: str, stale_ok: bool = False) -> Rendered:
+        """The exposition in `content_type` for the current state, rendering it if need be.
+
+        With `stale_ok`, while the current version is being rendered the last one is served
+        (stale by at most one render time) rather than waiting for it.
+        """
+        version = self._version
+        ready = self._ready.get(content_type)
+        if ready is not None and ready.version == version:
+            return ready
+        rendering = self._rendering.get(content_type)
+        if rendering is not None and rendering[0] == version:
+            if stale_ok and ready is not None:
+                return ready
+            return await asyncio.shield(rendering[1])
+        future: asyncio.Future[Rendered] = asyncio.get_running_loop().create_future()
+        self._rendering[content_type] = (version, future)
+        try:
+            encoder = self._encoders[content_type]
+            if self._in_thread:
+                body, gzipped = await asyncio.to_thread(self._render, encoder)
+            else:
+                body, gzipped = self._render(encoder)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody else must
+            raise
+        finally:
+            if self._rendering.get(content_type, (None,))[0] == version:
+                del self._rendering[content_type]
+        self.renders += 1
+        rendered = Rendered(version, body, gzipped)
+        current = self._ready.get(content_type)
+        if current is None or current.version < version:
+            # Kept even if a change overlapped the render: served stale only until the next one.
+            self._ready[content_type] = rendered
+        future.set_result(rendered)
+        return rendered
+
+    def _render(self, encoder: Encoder) -> tuple[bytes, bytes]:
+        for attempt in range(RETRIES):
+            try:
+                body = encoder(self._registry)
+                break
+            except RuntimeError as exc:  # the loop changed a dict while the thread walked it
+                if attempt == RETRIES - 1:
+                    raise
+                log.debug("exposition_render_retried", error=str(exc))
+        if self._live is not None:
+            body = body.removesuffix(b"# EOF\n")  # OpenMetrics: the live part ends it
+        return body, gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
+
+    async def respond(self, request: web.Request) -> web.Response:
+        """The /metrics answer: the format the Accept header asks for, gzipped if allowed."""
+        content_type = self._remember(request.headers.get("Accept", ""))
+        rendered = await self.get(content_type)
+        headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+        live = b"" if self._live is None else self._encoders[content_type](self._live)
+        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
+            headers["Content-Encoding"] = "gzip"
+            body = rendered.gzipped + gzip.compress(live, compresslevel=GZIP_LEVEL, mtime=0)
+        else:
+            body = rendered.body + live
+        return web.Response(body=body, headers=headers)
+
+
+EXPOSITION = web.AppKey("exposition", ExpositionCache)

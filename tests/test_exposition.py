@@ -1,0 +1,135 @@
+"""/metrics served from the exposition cache: fresh after each cycle, gzip and OpenMetrics ready."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.clock import ManualClock
+from exporter.daemon import Exporter, ListenAddress
+from exporter.exposition import accepts_gzip
+from exporter.simulator.engine import SimEngine
+from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
+from tests.conftest import APP_ID, QUIET, SECRET, make_config
+
+OPENMETRICS = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3"
+
+
+@dataclass
+class Served:
+    clock: ManualClock
+    engine: SimEngine
+    exporter: Exporter
+    http: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.exporter.bound_port}/metrics"
+
+    async def cycle(self, settle: bool = True) -> None:
+        """One poll cycle; with `settle`, also the render it starts in the background."""
+        await self.exporter.pollers[APP_ID].run_cycle()
+        self.clock.advance(15.0)
+        if settle:
+            for background in list(self.exporter.exposition._background):
+                await background
+
+    async def started(self, room: str) -> float:
+        async with self.http.get(self.url, headers={"Accept-Encoding": "identity"}) as response:
+            text = await response.text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (sample.name == "zego_cloudrecord_tasks_started_total"
+                        and sample.labels["room_id"] == room):
+                    return sample.value
+        raise AssertionError(f"no started counter for {room}")
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    clock = ManualClock(start=1_750_000_000.0)
+    engine = SimEngine(clock, {APP_ID: SECRET}, seed=3, rooms=["r1", "r2"], rates=QUIET)
+    sim = SimulatorServer(engine, ServerOptions(rate_limits=rate_limits(1_000_000)))
+    await sim.start()
+    exporter = Exporter(make_config(sim.url, ("r1", "r2")), clock=clock)
+    await exporter.start(ListenAddress("127.0.0.1", 0), schedule=False)
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        yield Served(clock, engine, exporter, http)
+    await exporter.stop()
+    await sim.stop()
+
+
+async def test_a_scrape_after_a_cycle_shows_the_cycles_events(served: Served) -> None:
+    await served.cycle()  # baseline
+    assert await served.started("r1") == 0
+    served.engine.start(APP_ID, "r1")
+    assert await served.started("r1") == 0  # no cycle yet: the cached exposition still holds
+    await served.cycle()
+    assert await served.started("r1") == 1
+    served.engine.start(APP_ID, "r1")
+    await served.cycle()
+    assert await served.started("r1") == 2
+
+
+async def test_a_scrape_renders_a_changed_state_itself_when_no_render_is_under_way(
+        served: Served) -> None:
+    await served.cycle()
+    served.engine.start(APP_ID, "r2")
+    served.exporter.exposition.prerender = lambda: None  # type: ignore[method-assign]
+    await served.cycle(settle=False)
+    assert await served.started("r2") == 1
+
+
+async def test_unchanged_state_is_rendered_once_for_many_scrapes(served: Served) -> None:
+    await served.cycle()
+    renders = served.exporter.exposition.renders
+    for _ in range(5):
+        await served.started("r2")
+    assert served.exporter.exposition.renders == renders
+
+
+async def test_gzip_is_sent_to_clients_that_accept_it(served: Served) -> None:
+    await served.cycle()
+    async with served.http.get(served.url, headers={"Accept-Encoding": "gzip"}) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert "Accept-Encoding" in response.headers["Vary"]
+        text = gzip.decompress(await response.read()).decode()
+    assert "zego_cloudrecord_tasks_started_total{" in text
+    async with served.http.get(served.url, headers={"Accept-Encoding": "identity"}) as response:
+        assert "Content-Encoding" not in response.headers
+        plain = (await response.read()).decode()
+
+    def ours(text: str) -> list[str]:  # process_* figures move between two scrapes
+        return [line for line in text.splitlines() if "zego_cloudrecord_tasks" in line]
+
+    assert ours(plain) == ours(text)
+
+
+async def test_openmetrics_is_served_when_asked_for(served: Served) -> None:
+    served.engine.start(APP_ID, "r2")
+    await served.cycle()
+    async with served.http.get(served.url, headers={"Accept": OPENMETRICS,
+                                                    "Accept-Encoding": "gzip"}) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        text = gzip.decompress(await response.read()).decode()
+    assert text.endswith("# EOF\n")
+    families = {f.name: f for f in parse_openmetrics(text)}
+    live = families["zego_cloudrecord_tasks"]
+    assert any(s.labels["room_id"] == "r2" and s.value == 1 for s in live.samples)
+    assert await served.started("r2") == 0  # plain text, cached separately, baseline counted 0
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("gzip", True), ("deflate, gzip;q=0.5", True), ("gzip;q=0", False), ("identity", False),
+    ("", False), ("*", True), ("br, deflate", False),
+])
+def test_accept_encoding_is_read_with_its_q_values(header: str, expected: bool) -> None:
+    assert accepts_gzip(header) is expected
