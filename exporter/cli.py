@@ -15,6 +15,7 @@ from exporter import __version__
 from exporter.config import Config, ConfigError, load_config
 from exporter.daemon import Exporter, ListenAddress
 from exporter.logs import LEVELS, configure_logging
+from exporter.sharding import Shard, shard_config
 from exporter.store import StoreError
 from exporter.webconfig import WebConfig, WebConfigError
 
@@ -56,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true",
                         help="start the built-in ZEGO simulator on loopback and export its "
                         "recordings: live metrics with no ZEGO account")
+    parser.add_argument("--shard.count", dest="shard_count", type=int, default=1, metavar="N",
+                        help="replicas sharing the config: each polls its share of the apps and "
+                        "rooms by a stable hash (default 1)")
+    parser.add_argument("--shard.index", dest="shard_index", type=int, default=0, metavar="I",
+                        help="this replica's shard, 0..N-1 (e.g. the StatefulSet pod ordinal)")
+    parser.add_argument("--ratelimit.redis-url", dest="redis_url", metavar="URL",
+                        help="share each app's ZEGO budget among replicas through this Redis "
+                        "(redis://host:6379/0); needs the `redis` extra")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -114,6 +123,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config_check:
         print(f"{args.config_file}: OK ({len(config.apps)} apps)")
         return 0
+    try:
+        shard = Shard(args.shard_count, args.shard_index)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    args.shared_limits = {app.app_id: app.rate_limit for app in config.apps}
+    config = shard_config(config, shard)
+    if shard.count > 1:
+        log.info("sharded", shard_index=shard.index, shard_count=shard.count,
+                 apps=[a.app_id for a in config.apps],
+                 rooms=sum(len(a.rooms or ()) for a in config.apps))
     storage = DEFAULT_STORAGE if args.storage_path is None else args.storage_path
     return asyncio.run(_serve(config, args, storage or None, listen))
 
@@ -133,10 +153,16 @@ async def _serve(config: Config, args: argparse.Namespace, storage_path: str | N
         print("--callback.listen-address: no app has a callback_secret; callbacks from ZEGO "
               "could not be verified", file=sys.stderr)
         return 1
+    redis_client, limiter_factory = None, None
+    if getattr(args, "redis_url", None):
+        from exporter.ratelimit_redis import redis_limiter_factory
+
+        redis_client, limiter_factory = redis_limiter_factory(
+            args.redis_url, getattr(args, "shared_limits", {}), config.zego.pacing)
     try:
         exporter = Exporter(config, telemetry_path=args.telemetry_path,
                             storage_path=storage_path, callback_path=args.callback_path,
-                            web_config=args.web_config)
+                            web_config=args.web_config, limiter_factory=limiter_factory)
     except StoreError as exc:
         print(f"--storage.path: {exc}", file=sys.stderr)
         return 1
@@ -156,6 +182,8 @@ async def _serve(config: Config, args: argparse.Namespace, storage_path: str | N
     log.info("stopping")
     with contextlib.suppress(Exception):
         await exporter.stop()
+        if redis_client is not None:
+            await redis_client.aclose()
     return 0
 
 

@@ -17,7 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter.callbacks import CallbackReceiver
 from exporter.clock import Clock, SystemClock
 from exporter.collector import ExporterCollector
-from exporter.config import Config
+from exporter.config import AppConfig, Config
 from exporter.exposition import EXPOSITION, ExpositionCache, split_registry
 from exporter.poller import AppPoller, requests_per_cycle
 from exporter.ratelimit import RateLimiter
@@ -56,6 +56,7 @@ class Exporter:
         callback_path: str = "/callback",
         on_cycle_done: Callable[[AppState], None] | None = None,
         web_config: WebConfig | None = None,
+        limiter_factory: Callable[[AppConfig, str], RateLimiter] | None = None,
         web_limits: ServerLimits | None = None,
     ) -> None:
         self.config = config
@@ -66,8 +67,10 @@ class Exporter:
         self.state = ExporterState.for_apps(
             [(app.app_id, app.rooms, app.max_rooms) for app in config.apps]
         )
+        make_limiter = limiter_factory or (  # e.g. Redis-shared (--ratelimit.redis-url)
+            lambda app, action: RateLimiter(app.rate_limit, self.clock, config.zego.pacing))
         self.limiters = {
-            (app.app_id, action): RateLimiter(app.rate_limit, self.clock, config.zego.pacing)
+            (app.app_id, action): make_limiter(app, action)
             for app in config.apps
             for action in (DESCRIBE_TASKS, DESCRIBE_RECORD_STATUS)
         }
