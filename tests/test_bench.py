@@ -1,0 +1,27 @@
+"""`python -m bench` runs end to end with tiny numbers and reports every documented figure."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_tiny_benchmark_reports_every_figure_and_no_rate_limited_answer() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--rooms", "5", "--tasks", "20", "--cycles", "3",
+         "--mean-duration", "120", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(done.stdout)
+    readme = (ROOT / "bench" / "README.md").read_text()
+    documented = {key for cell in re.findall(r"^\| (`[^|]+) \|", readme, re.MULTILINE)
+                  for key in re.findall(r"`([a-z0-9_]+)`", cell)}
+    assert set(result) == documented
+    assert result["rate_limited_answers"] == 0
+    assert result["cycles"] == 3 and result["rooms"] == 5
+    assert result["scrapes"] > 0 and result["series"] > 0
+    assert result["requests_per_cycle"] >= 1
