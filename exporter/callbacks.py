@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from exporter.clock import Clock
 from exporter.config import Secret
 from exporter.diff import HORIZON_MS, EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.state import AppState, ExporterState
+from exporter.web import ServerLimits, body_limit
 from exporter.zego.callback_signing import verify_callback_signature
 from exporter.zego.models import TaskStatus
 
@@ -58,7 +60,7 @@ class Callback:
 
 
 # Results that are refused, with their HTTP status; every other result is answered 200.
-REJECTED = {"too_large": 413, "malformed": 400, "unknown_app": 401, "bad_signature": 401,
+REJECTED = {"malformed": 400, "unknown_app": 401, "bad_signature": 401,
             "stale": 401, "replayed": 401}
 
 
@@ -222,17 +224,14 @@ class CallbackReceiver:
                 return "applied"
         return "counted"
 
-    def make_app(self, path: str = "/callback") -> web.Application:
+    def make_app(self, path: str = "/callback", middlewares: Sequence[Middleware] = ()
+                 ) -> web.Application:
+        """POST `path` only (405 otherwise), bodies up to 256 KiB, read within the limits'
+        timeout; `middlewares` from the listener's web config (TLS is the site's)."""
+        limits = ServerLimits(client_max_size=MAX_BODY_BYTES)
         async def receive(request: web.Request) -> web.Response:
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                body = b""  # counted as malformed below, answered 413
-                app_id, event_type, result = "unknown", "unknown", "too_large"
-            else:
-                app_id, event_type, result = self.handle(body)
-            key = (app_id, event_type, result)
-            self._state.callbacks[key] = self._state.callbacks.get(key, 0) + 1
+            app_id, event_type, result = self.handle(await request.read())
+            self._count(app_id, event_type, result)
             status = REJECTED.get(result, 200)
             if status != 200:
                 log.warning("callback_rejected", app_id=app_id, event_type=event_type,
@@ -240,9 +239,24 @@ class CallbackReceiver:
             return web.json_response({"code": 0 if status == 200 else 1, "message": result},
                                      status=status)
 
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        @web.middleware
+        async def count_too_large(request: web.Request, handler: Handler) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except web.HTTPRequestEntityTooLarge:
+                self._count("unknown", "unknown", "too_large")
+                log.warning("callback_rejected", result="too_large")
+                raise
+
+        app = web.Application(client_max_size=MAX_BODY_BYTES,
+                              middlewares=[*middlewares, count_too_large, body_limit(limits)],
+                              handler_args=limits.handler_args())
         app.router.add_post(path, receive)
         return app
+
+    def _count(self, app_id: str, event_type: str, result: str) -> None:
+        key = (app_id, event_type, result)
+        self._state.callbacks[key] = self._state.callbacks.get(key, 0) + 1
 
 
 def _remember(seen: OrderedDict[Any, None], key: Any) -> None:

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--callback.listen-address", dest="callback_listen", metavar="HOST:PORT",
                         help="serve ZEGO recording callbacks here (off by default); apps need a "
                         "callback_secret")
+    parser.add_argument("--callback.web-config.file", dest="callback_web_config_file",
+                        metavar="PATH", help="TLS (and headers) for the callback listener, in "
+                        "the --web.config.file format")
     parser.add_argument("--callback.path", dest="callback_path", default="/callback",
                         metavar="PATH", help="path of the callback endpoint (default /callback)")
     parser.add_argument("--storage.path", dest="storage_path", metavar="PATH",
@@ -110,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.callback_listen = callback_listen
     try:
         args.web_config = _load_web_config(args.web_config_file)
+        args.callback_web_config = _load_web_config(args.callback_web_config_file)
     except WebConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -162,7 +166,8 @@ async def _serve(config: Config, args: argparse.Namespace, storage_path: str | N
     try:
         exporter = Exporter(config, telemetry_path=args.telemetry_path,
                             storage_path=storage_path, callback_path=args.callback_path,
-                            web_config=args.web_config, limiter_factory=limiter_factory)
+                            web_config=args.web_config, limiter_factory=limiter_factory,
+                            callback_web_config=args.callback_web_config)
     except StoreError as exc:
         print(f"--storage.path: {exc}", file=sys.stderr)
         return 1

@@ -56,6 +56,7 @@ class Exporter:
         callback_path: str = "/callback",
         on_cycle_done: Callable[[AppState], None] | None = None,
         web_config: WebConfig | None = None,
+        callback_web_config: WebConfig | None = None,
         limiter_factory: Callable[[AppConfig, str], RateLimiter] | None = None,
         web_limits: ServerLimits | None = None,
     ) -> None:
@@ -63,6 +64,7 @@ class Exporter:
         self.clock = clock or SystemClock()
         self.telemetry_path = telemetry_path
         self.web_config = web_config  # TLS, basic auth and headers for /metrics (--web.config.file)
+        self.callback_web_config = callback_web_config  # the same for the callback listener
         self.web_limits = web_limits or ServerLimits()
         self.state = ExporterState.for_apps(
             [(app.app_id, app.rooms, app.max_rooms) for app in config.apps]
@@ -161,11 +163,14 @@ class Exporter:
         self.build_pollers(self._session)
         if callback_listen is not None:
             # Its own listener: it faces ZEGO (the internet), /metrics does not.
-            callback_app = self.callbacks.make_app(self.callback_path)
+            tls = self.callback_web_config
+            callback_app = self.callbacks.make_app(
+                self.callback_path, tls.middlewares(open_paths=()) if tls else ())
             callback_app.on_response_prepare.append(self._callback_answered)
             runner = web.AppRunner(callback_app, access_log=None)
             await runner.setup()
-            await web.TCPSite(runner, callback_listen.host, callback_listen.port).start()
+            await web.TCPSite(runner, callback_listen.host, callback_listen.port,
+                              ssl_context=tls.ssl_context() if tls else None).start()
             self._callback_runner = runner
             self.callback_port = int(runner.addresses[0][1])
             log.info("callbacks_listening",

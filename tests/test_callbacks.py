@@ -53,7 +53,8 @@ async def post(rig: Rig, body: dict[str, Any] | bytes) -> tuple[int, dict[str, A
     url = f"http://127.0.0.1:{rig.exporter.callback_port}/callback"
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with aiohttp.ClientSession() as http, http.post(url, data=data) as response:
-        return response.status, await response.json(content_type=None)
+        text = await response.text()
+        return response.status, json.loads(text) if text.startswith("{") else {}
 
 
 def results(rig: Rig) -> dict[str, int]:

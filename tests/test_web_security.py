@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -24,6 +24,7 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.cli import main
+from exporter.config import Secret
 from exporter.daemon import Exporter, ListenAddress
 from exporter.web import ServerLimits
 from exporter.webconfig import WebConfig, _PasswordCheck, parse_web_config
@@ -500,3 +501,24 @@ def test_the_example_web_config_is_valid() -> None:
     assert settings.tls is not None and settings.tls.min_version == "TLS12"
     assert set(settings.users) == {"prometheus"}
     assert settings.headers["X-Frame-Options"] == "deny"
+
+
+async def test_the_callback_listener_serves_tls_and_only_post(pki: Pki, tmp_path: Path) -> None:
+    config = make_config("http://127.0.0.1:9/", ("a",))
+    app = replace(config.apps[0], callback_secret=Secret("cb-secret"))
+    exporter = Exporter(replace(config, apps=(app,)),
+                        callback_web_config=WebConfig(web_config_file(tmp_path, TLS_ONLY)))
+    await exporter.start(None, schedule=False, callback_listen=ListenAddress("127.0.0.1", 0))
+    url = f"https://127.0.0.1:{exporter.callback_port}/callback"
+    try:
+        async with aiohttp.ClientSession() as http:
+            context = pki.client_context()
+            async with http.post(url, data=b"{}", ssl=context) as response:
+                assert response.status == 400  # reached the receiver: a malformed callback
+            async with http.get(url, ssl=context) as response:
+                assert response.status == 405
+            with pytest.raises(aiohttp.ClientError):
+                async with http.post(url.replace("https", "http"), data=b"{}") as response:
+                    await response.read()
+    finally:
+        await exporter.stop()
