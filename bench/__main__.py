@@ -242,6 +242,8 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         if polled_s > 0 else None,
         "max_requests_in_a_second": describe.get("max_per_second", 0),
         "rate_limited_answers": stats["rate_limited"],
+        "rate_limited_by_action": {action: figures["rate_limited"]
+                                   for action, figures in by_action.items()},
         "series": samples,
         "metrics_bytes": len(last_text),
         "scrapes": len(scrape_times),
@@ -284,7 +286,8 @@ def table(r: dict[str, Any]) -> str:
          f"{_fmt(r['detection_latency_p99_s'], ' s')} (simulated; {r['abnormal_ends']} ends, "
          f"{r['abnormal_ends_missed']} not shown)"),
         ("budget use", f"{_fmt(r['budget_use'])} of {r['rate_limit']}/s; busiest second "
-         f"{r['max_requests_in_a_second']}; 300000003 answers {r['rate_limited_answers']}"),
+         f"{r['max_requests_in_a_second']}; 300000003 answers {r['rate_limited_answers']} "
+         f"{r['rate_limited_by_action']}"),
         ("/metrics scrape", f"p50 {_fmt(r['scrape_p50_s'] * 1000, ' ms')}, p99 "
          f"{_fmt(r['scrape_p99_s'] * 1000, ' ms')} ({r['scrapes']} scrapes, {r['scrapes_gzip']} "
          f"gzip; {r['series']} series, {r['metrics_bytes'] / 2**20:.2f} MB)"),

@@ -102,6 +102,8 @@ class ExpositionCache:
         self._rendering: dict[str, tuple[int, asyncio.Future[Rendered]]] = {}
         self._encoders: dict[str, Encoder] = {}
         self._background: set[asyncio.Task[Rendered]] = set()
+        # One render at a time: two formats rendered at once would double the peak memory.
+        self._one_at_a_time = asyncio.Lock()
         self.renders = 0
         for accept in (PROMETHEUS_ACCEPT, ""):
             self._remember(accept)
@@ -149,10 +151,11 @@ class ExpositionCache:
         self._rendering[content_type] = (version, future)
         try:
             encoder = self._encoders[content_type]
-            if self._in_thread:
-                body, gzipped = await asyncio.to_thread(self._render, encoder)
-            else:
-                body, gzipped = self._render(encoder)
+            async with self._one_at_a_time:
+                if self._in_thread:
+                    body, gzipped = await asyncio.to_thread(self._render, encoder)
+                else:
+                    body, gzipped = self._render(encoder)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else must
