@@ -22,6 +22,7 @@ from exporter.zego.errors import (
     ZegoTransportError,
 )
 from exporter.zego.models import (
+    MAX_SAFE_INT,
     RecordStatus,
     ShapeError,
     TaskPage,
@@ -34,6 +35,18 @@ DESCRIBE_TASKS = "DescribeTasks"
 DESCRIBE_RECORD_STATUS = "DescribeRecordStatus"
 T = TypeVar("T")
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a page of 50 tasks is ~5 KB; anything near this is broken
+MAX_MESSAGE_CHARS = 300  # of ZEGO's Message and RequestId kept in errors (logs, landing page)
+
+
+def _printable(value: Any) -> str:
+    """Upstream text fit for errors, logs and the landing page: a bounded, encodable string.
+
+    A lone surrogate ("\\ud800" in the JSON) would make the landing page fail to encode.
+    """
+    if not isinstance(value, str):
+        return ""
+    text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "..."
 
 
 class Revealable(Protocol):
@@ -194,20 +207,17 @@ class ZegoClient:
             envelope = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise ZegoResponseError(action, f"HTTP {status}, body is not JSON") from None
+        except RecursionError:  # json's own depth guard: `[[[[...` a few thousand deep
+            raise ZegoResponseError(action, f"HTTP {status}, JSON nested too deeply") from None
         if not isinstance(envelope, dict):
             raise ZegoResponseError(action, "body is not a JSON object")
         code = envelope.get("Code")
-        if isinstance(code, bool) or not isinstance(code, int):
+        if isinstance(code, bool) or not isinstance(code, int) or abs(code) > MAX_SAFE_INT:
             raise ZegoResponseError(action, "missing or non-integer Code")
         if code != 0:
             message = envelope.get("Message")
             request_id = envelope.get("RequestId")
-            raise ZegoApiError(
-                action,
-                code,
-                message if isinstance(message, str) else "",
-                request_id if isinstance(request_id, str) else "",
-            )
+            raise ZegoApiError(action, code, _printable(message), _printable(request_id))
         if status >= 400:
             raise ZegoResponseError(action, f"HTTP {status} with Code 0")
         return envelope.get("Data")

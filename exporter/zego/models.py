@@ -77,6 +77,11 @@ class ShapeError(ValueError):
     """A JSON value that is not the shape ZEGO documents."""
 
 
+# JSON's exact integer range. ZEGO's integers (codes, counts, ms timestamps) sit far inside it;
+# a bigger one is garbage, and one past ~1e308 would overflow the float arithmetic downstream.
+MAX_SAFE_INT = 2**53 - 1
+
+
 def _int(obj: dict[str, Any], key: str, *, required: bool = True, default: int = 0) -> int:
     value = obj.get(key)
     if value is None:
@@ -85,6 +90,15 @@ def _int(obj: dict[str, Any], key: str, *, required: bool = True, default: int =
         return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise ShapeError(f"{key} is {type(value).__name__}, not an integer")
+    if abs(value) > MAX_SAFE_INT:
+        raise ShapeError(f"{key} is out of range")
+    return value
+
+
+def _timestamp(obj: dict[str, Any], key: str, *, required: bool = True) -> int:
+    value = _int(obj, key, required=required)
+    if value < 0:
+        raise ShapeError(f"negative {key}")
     return value
 
 
@@ -96,6 +110,10 @@ def _str(obj: dict[str, Any], key: str, *, required: bool = True) -> str:
         return ""
     if not isinstance(value, str):
         raise ShapeError(f"{key} is {type(value).__name__}, not a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: it would break /metrics and the logs
+        raise ShapeError(f"{key} is not valid Unicode text") from None
     return value
 
 
@@ -122,7 +140,7 @@ def parse_task(item: Any) -> RecordingTask:
         task_id=task_id,
         room_id=_str(obj, "RoomId"),
         status=_status(obj),
-        begin_ms=_int(obj, "RecordBeginTimestamp"),
+        begin_ms=_timestamp(obj, "RecordBeginTimestamp"),
     )
 
 
@@ -138,17 +156,25 @@ def parse_task_page(data: Any) -> TaskPage:
     total = _int(obj, "TotalCount", required=False, default=len(items))
     if total < 0:
         raise ShapeError(f"negative TotalCount {total}")
+    tasks = tuple(parse_task(item) for item in items)
+    by_id: dict[str, RecordingTask] = {}
+    for task in tasks:
+        # Drift repeats a row across pages, never within one: two different rows for one TaskId
+        # in a page (say recording and ended abnormally) are a contradiction, not an answer.
+        if by_id.setdefault(task.task_id, task) != task:
+            raise ShapeError(f"TaskId {task.task_id!r} twice in one page, differently")
     return TaskPage(
         page=_int(obj, "PageOffset", required=False, default=1),
         page_size=_int(obj, "PageSize", required=False, default=50),
         total_count=total,
-        tasks=tuple(parse_task(item) for item in items),
+        tasks=tasks,
     )
 
 
 def parse_record_status(task_id: str, data: Any) -> RecordStatus:
     obj = _object(data, "Data")
-    files_raw = obj.get("RecordFiles") or []
+    files_raw = obj.get("RecordFiles")
+    files_raw = [] if files_raw is None else files_raw
     if not isinstance(files_raw, list):
         raise ShapeError("RecordFiles is not a list")
     files = []
@@ -157,12 +183,12 @@ def parse_record_status(task_id: str, data: Any) -> RecordStatus:
         files.append(RecordFile(file_id=_str(f, "FileId", required=False),
                                 stream_id=_str(f, "StreamId", required=False),
                                 status=_int(f, "Status", required=False)))
-    end = _int(obj, "RecordEndTimestamp", required=False, default=0)
+    end = _timestamp(obj, "RecordEndTimestamp", required=False)
     return RecordStatus(
         task_id=task_id,
         room_id=_str(obj, "RoomId", required=False),
         status=_status(obj),
-        begin_ms=_int(obj, "RecordBeginTimestamp", required=False),
+        begin_ms=_timestamp(obj, "RecordBeginTimestamp", required=False),
         end_ms=end or None,
         files=tuple(files),
     )
