@@ -8,7 +8,9 @@ when a request may leave:
 * the hard rule: a request leaves no sooner than 1 s after the request `limit` places before it,
   so whatever the pacing, no sliding 1-second window ever holds more than `limit` departures.
 
-Slots are reserved synchronously, in call order, so concurrency cannot break either rule.
+Slots are reserved synchronously, in call order, so concurrency cannot break either rule. A
+caller woken late (a busy event loop) is checked once more against the hard rule on the times
+requests really left, and waits again if it would make `limit + 1` in one second.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class RateLimiter:
         self._interval = 1.0 / (limit * pacing)
         self._window = max(1, math.floor(limit))
         self._recent: collections.deque[float] = collections.deque(maxlen=self._window)
+        self._left: collections.deque[float] = collections.deque(maxlen=self._window)
         self._next_free = -math.inf
         self.waited_seconds = 0.0
         self.granted = 0
@@ -48,9 +51,15 @@ class RateLimiter:
 
     async def acquire(self) -> float:
         """Wait for a slot; return the seconds waited."""
-        now = self._clock.monotonic()
-        wait = self.reserve(now) - now
-        if wait > 0:
-            self.waited_seconds += wait
-            await self._clock.sleep(wait)
-        return max(0.0, wait)
+        asked = self._clock.monotonic()
+        wait = self.reserve(asked) - asked
+        while True:
+            if wait > 0:
+                await self._clock.sleep(wait)
+            now = self._clock.monotonic()
+            if len(self._left) < self._window or now >= self._left[0] + 1.0:
+                break
+            wait = self._left[0] + 1.0 - now
+        self._left.append(now)
+        self.waited_seconds += now - asked
+        return now - asked

@@ -6,6 +6,7 @@ import asyncio
 import bisect
 import heapq
 import itertools
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -103,6 +104,33 @@ async def test_concurrent_callers_are_paced_and_waiting_is_measured() -> None:
     # 60 requests at ~9.5/s need about 6.2 s; most callers waited for their slot.
     assert sent[-1] == pytest.approx(59 / 9.5, rel=0.01)
     assert limiter.waited_seconds > 60 * 2.5
+
+
+class LateClock(VirtualClock):
+    """A busy event loop: every sleeper wakes up to 300 ms late, so wake order can change."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self._rng = random.Random(seed)
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds + self._rng.uniform(0, 0.3))
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_callers_woken_late_still_leave_at_most_limit_a_second(seed: int) -> None:
+    clock = LateClock(seed)
+    limiter = RateLimiter(10, clock=clock, pacing=1.0)
+    sent: list[float] = []
+
+    async def call() -> None:
+        await limiter.acquire()
+        sent.append(clock.now)
+
+    tasks = [asyncio.create_task(call()) for _ in range(80)]
+    await clock.run(tasks)
+    assert len(sent) == 80
+    assert max_in_any_window(sent) <= 10
 
 
 def test_rejects_a_non_positive_limit() -> None:
