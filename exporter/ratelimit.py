@@ -51,12 +51,12 @@ class RateLimiter:
 
     async def acquire(self) -> float:
         """Wait for a slot; return the seconds waited."""
-        asked = self._clock.monotonic()
+        asked = now = self._clock.monotonic()
         wait = self.reserve(asked) - asked
         while True:
             if wait > 0:
                 await self._clock.sleep(wait)
-            now = self._clock.monotonic()
+                now = self._clock.monotonic()
             if len(self._left) < self._window or now >= self._left[0] + 1.0:
                 break
             wait = self._left[0] + 1.0 - now
