@@ -112,12 +112,20 @@ def horizon_start_ms(now_ms: int, margin_ms: int) -> int:
     return now_ms - HORIZON_MS + margin_ms
 
 
+def _row_of(task: TrackedTask, rows: Mapping[str, RecordingTask]) -> RecordingTask | None:
+    """The task's row, if there is one in the task's own room (another room's is not news)."""
+    row = rows.get(task.task_id)
+    return row if row is not None and row.room_id == task.room_id else None
+
+
 def needs_lookup(tracking: Tracking, snapshot: Snapshot, margin_ms: int) -> list[str]:
     """Tracked tasks that vanished from the listings and that ZEGO can still describe."""
-    seen = _live_rows(snapshot).keys() | _terminal_rows(snapshot).keys()
+    live_rows, terminal_rows = _live_rows(snapshot), _terminal_rows(snapshot)
     oldest = horizon_start_ms(snapshot.taken_ms, margin_ms)
     return [
-        tid for tid, task in tracking.live.items() if tid not in seen and task.begin_ms >= oldest
+        tid for tid, task in tracking.live.items()
+        if _row_of(task, live_rows) is None and _row_of(task, terminal_rows) is None
+        and task.begin_ms >= oldest
     ]
 
 
@@ -171,22 +179,23 @@ def diff(
         finished[task.task_id] = task.begin_ms + forget_after
 
     for tid, old in tracking.live.items():
-        if tid in terminal_rows:
-            row = terminal_rows[tid]
-            events += _ended_events(old, row.status, (now - old.begin_ms) / 1000)
+        ended_row, live_row = _row_of(old, terminal_rows), _row_of(old, live_rows)
+        if ended_row is not None:
+            events += _ended_events(old, ended_row.status, (now - old.begin_ms) / 1000)
             finish(old)
-        elif tid in live_rows:
-            row = live_rows[tid]
+        elif live_row is not None:
             if tid in fresher:
                 live[tid] = old
                 continue
-            events += _status_events(old, row.status)
-            live[tid] = TrackedTask(tid, old.room_id, row.status, old.begin_ms)
+            events += _status_events(old, live_row.status)
+            live[tid] = TrackedTask(tid, old.room_id, live_row.status, old.begin_ms)
         elif old.begin_ms < horizon_start_ms(now, margin_ms):
             events.append(TaskEvent(EventKind.LOST, tid, old.room_id))
             finish(old)
         else:
             outcome = lookups.get(tid, LookupFailed.FAILED)
+            if isinstance(outcome, RecordStatus) and outcome.room_id not in ("", old.room_id):
+                outcome = LookupFailed.FAILED  # an answer about another room: not this task's
             if isinstance(outcome, RecordStatus):
                 if outcome.status.live and tid in fresher:
                     live[tid] = old

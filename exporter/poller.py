@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
@@ -30,6 +31,7 @@ PAGE_SIZE = 50
 MAX_PAGES = 1000  # 50,000 tasks in one scope: past this, TotalCount is lying
 STATUS_LIVE = 2
 STATUS_ENDED = 3
+T = TypeVar("T")
 
 log = structlog.get_logger("exporter.poller")
 
@@ -53,6 +55,21 @@ class CycleReport:
 def requests_per_cycle(scopes: int) -> int:
     """The fewest DescribeTasks requests one cycle needs: a live and an ended read per scope."""
     return 2 * scopes
+
+
+async def all_or_nothing(*steps: Awaitable[T]) -> list[T]:
+    """Run `steps` concurrently; if one fails, cancel the others and raise its error, so no
+    request of a failed cycle goes on after it."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_run(step)) for step in steps]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+async def _run(step: Awaitable[T]) -> T:
+    return await step
 
 
 class AppPoller:
@@ -142,12 +159,10 @@ class AppPoller:
         windows = {STATUS_LIVE: oldest, STATUS_ENDED: ended_from}
         planner = self.planner
         probe = planner is not None and planner.needs_probe()
-        (live, ended), probes = await asyncio.gather(
-            asyncio.gather(self._list_all(STATUS_LIVE, oldest, now_ms),
-                           self._list_all(STATUS_ENDED, ended_from, now_ms)),
-            asyncio.gather(*(self._probe(status, start, now_ms)
-                             for status, start in windows.items() if probe)),
-        )
+        live, ended = await all_or_nothing(self._list_all(STATUS_LIVE, oldest, now_ms),
+                                           self._list_all(STATUS_ENDED, ended_from, now_ms))
+        probes = await all_or_nothing(
+            *(self._probe(status, start, now_ms) for status, start in windows.items() if probe))
         if planner is not None:
             for status, listing in ((STATUS_LIVE, live), (STATUS_ENDED, ended)):
                 planner.record_rows(status, listing.rows)
@@ -174,7 +189,7 @@ class AppPoller:
         return page.total_count
 
     async def _list_all(self, status: int, start_ms: int, end_ms: int) -> Listing:
-        listings = await asyncio.gather(
+        listings = await all_or_nothing(
             *(self._list_scope(status, room, start_ms, end_ms) for room in self.scopes)
         )
         return Listing(
@@ -203,9 +218,10 @@ class AppPoller:
                 raise ZegoResponseError("DescribeTasks", f"more than {MAX_PAGES} pages")
             page += 1
         consistent = len(set(totals)) == 1 and len(rows) == totals[0]
-        # A room's query answering rows of another room is a broken upstream: drop them.
+        # Rows of another room than asked, or begun outside the window asked for, are a broken
+        # upstream: dropped, never taken as news about a task.
         kept = [t for t in rows.values() if (room is None or t.room_id == room)
-                and self._in_scope(t.room_id)]
+                and self._in_scope(t.room_id) and start_ms <= t.begin_ms <= end_ms]
         return Listing(kept, consistent, page, totals[0])
 
     async def _look_up(self, task_ids: list[str]) -> dict[str, Lookup]:

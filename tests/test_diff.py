@@ -222,3 +222,12 @@ def test_a_fresher_task_still_ends_when_the_listing_says_so() -> None:
     state = tracking(row("a", S.PAUSED))
     result = diff(state, snap(ended=[row("a", S.ENDED)]), {}, MARGIN, fresher={"a"})
     assert [e.kind for e in result.events] == [EventKind.ENDED]
+
+
+def test_a_row_naming_a_tracked_task_under_another_room_is_not_news_about_it() -> None:
+    state = tracking(row("a", room="r1"))
+    observed = snap(ended=[row("a", S.ENDED_ABNORMALLY, room="r2")])
+    assert needs_lookup(state, observed, MARGIN) == ["a"]
+    assert kinds(state, observed, {"a": LookupFailed.FAILED}) == []
+    wrong_room = RecordStatus("a", "r2", S.ENDED_ABNORMALLY, NOW - 60_000, NOW, ())
+    assert kinds(state, snap(), {"a": wrong_room}) == []

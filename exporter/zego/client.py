@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -160,6 +161,10 @@ class ZegoClient:
                     result = parse(data)
                 except ShapeError as exc:
                     raise ZegoResponseError(action, str(exc)) from None
+            except asyncio.CancelledError:
+                # The cycle gave up on this request (a sibling failed); it may have reached ZEGO.
+                self._observe(app.app_id, action, "cancelled", time.perf_counter() - started)
+                raise
             except ZegoError as exc:
                 self._observe(app.app_id, action, exc.label, time.perf_counter() - started)
                 expired = isinstance(exc, ZegoApiError) and exc.code == Code.SIGNATURE_EXPIRED
