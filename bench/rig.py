@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from exporter.clock import ScaledClock
 from exporter.zego.models import TaskStatus
 
 APP_ID = 1234567890
@@ -26,28 +27,6 @@ PAGE_SIZE = 50
 THREE_DAYS_MS = 3 * 86_400 * 1000
 LIVE = frozenset({TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED})
 ENDED = frozenset({TaskStatus.ENDED, TaskStatus.ENDED_ABNORMALLY})
-
-
-class SharedClock:
-    """ScaledClock with a given real origin, so processes started apart share one time line.
-
-    CLOCK_MONOTONIC is system-wide on Linux, so the same `origin_real` means the same instant in
-    every process.
-    """
-
-    def __init__(self, speed: float, origin_real: float, origin_wall: float) -> None:
-        self.speed = speed
-        self._origin_real = origin_real
-        self._origin_wall = origin_wall
-
-    def time(self) -> float:
-        return self._origin_wall + (time.monotonic() - self._origin_real) * self.speed
-
-    def monotonic(self) -> float:
-        return (time.monotonic() - self._origin_real) * self.speed
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(max(0.0, seconds) / self.speed)
 
 
 @dataclass(frozen=True)
@@ -66,8 +45,8 @@ class Workload:
     origin_real: float
     origin_wall: float
 
-    def clock(self) -> SharedClock:
-        return SharedClock(self.speed, self.origin_real, self.origin_wall)
+    def clock(self) -> ScaledClock:
+        return ScaledClock(self.speed, start=self.origin_wall, origin_real=self.origin_real)
 
     @property
     def arrivals_per_hour(self) -> float:

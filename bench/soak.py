@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 from exporter.clock import ManualClock
 from exporter.config import AppConfig, Config, Secret, ZegoConfig
 from exporter.daemon import Exporter, ListenAddress
+from exporter.demo import free_port
 from exporter.diff import EventKind
 from exporter.simulator.engine import LifecycleRates, RoomCounts, SimEngine, room_names
 from exporter.simulator.faults import FaultConfig, FaultKind, FaultRule
@@ -115,11 +115,6 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _faults(settings: SoakSettings, skew: float = 0.0) -> FaultConfig:
     kinds = [k for k in FaultKind if k is not FaultKind.LATENCY]
@@ -139,7 +134,7 @@ async def run_soak(settings: SoakSettings, workdir: Path) -> SoakReport:
     )
     rooms = room_names(settings.rooms)
     engine = SimEngine(clock, {APP_ID: SECRET}, seed=settings.seed, rooms=rooms, rates=rates)
-    callback_port = _free_port()
+    callback_port = free_port()
     options = ServerOptions(
         list_key=settings.list_key,  # type: ignore[arg-type]
         # The manual clock jumps while concurrent requests wait for their slots, so the

@@ -32,13 +32,18 @@ class SystemClock:
 
 
 class ScaledClock:
-    """A clock that runs `speed` times faster than the real one, from `start` (Unix seconds)."""
+    """A clock that runs `speed` times faster than the real one, from `start` (Unix seconds).
 
-    def __init__(self, speed: float = 1.0, start: float | None = None) -> None:
+    Processes given the same `origin_real` (a time.monotonic() reading: CLOCK_MONOTONIC is
+    system-wide on Linux) and `start` share one time line.
+    """
+
+    def __init__(self, speed: float = 1.0, start: float | None = None,
+                 origin_real: float | None = None) -> None:
         if speed <= 0:
             raise ValueError("speed must be > 0")
         self.speed = speed
-        self._origin_real = time.monotonic()
+        self._origin_real = time.monotonic() if origin_real is None else origin_real
         self._origin_wall = time.time() if start is None else start
 
     def time(self) -> float:

@@ -27,7 +27,7 @@ async def demo_simulator() -> AsyncIterator[tuple[Config, ListenAddress]]:
     with resources.as_file(resources.files("exporter.simulator") / "scenarios/demo.yml") as path:
         scenario = load_scenario(path)
     engine, options = scenario.build(SystemClock())
-    callbacks = ListenAddress("127.0.0.1", _free_port())
+    callbacks = ListenAddress("127.0.0.1", free_port())
     callback_secrets = {app_id: f"demo-callback-secret-{app_id}" for app_id in scenario.apps}
     options.callback_url = f"http://127.0.0.1:{callbacks.port}/callback"
     options.callback_secrets = callback_secrets
@@ -47,7 +47,8 @@ async def demo_simulator() -> AsyncIterator[tuple[Config, ListenAddress]]:
         yield config, callbacks
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback, for listeners started right after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,22 @@ from exporter.simulator.engine import LifecycleRates, RoomCounts, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of a real binary a test needs; fails (never skips) naming its Debian package."""
+    path = shutil.which(name)
+    assert path, (
+        f"`{name}` is not on PATH: install the Debian package `{package}` "
+        f"(listed in .ci/apt-packages.txt)"
+    )
+    return path
 APP_ID = 1234567890
 SECRET = "0123456789abcdef0123456789abcdef"
 QUIET = LifecycleRates(arrivals_per_hour=0.0)  # only scripted tasks

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,10 @@ from exporter.clock import SystemClock
 from exporter.daemon import Exporter, ListenAddress
 from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer
-from tests.conftest import APP_ID, SECRET, make_config
+from tests.conftest import APP_ID, SECRET, free_port, make_config
 
 CONFIGS = Path(__file__).parent / "configs"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_config_check_accepts_a_good_file(capsys: pytest.CaptureFixture[str],

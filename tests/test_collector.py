@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 from prometheus_client import generate_latest
@@ -16,6 +15,7 @@ from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.ratelimit import RateLimiter
 from exporter.state import OTHER_ROOMS, ExporterState
 from exporter.zego.models import TaskStatus
+from tests.conftest import require_binary
 
 
 def render(state: ExporterState) -> str:
@@ -111,8 +111,7 @@ def test_no_task_id_label_anywhere() -> None:
 
 
 def test_exposition_passes_promtool_check_metrics() -> None:
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is required (Debian package 'prometheus'; .ci/run installs it)"
+    promtool = require_binary("promtool", "prometheus")
     state = ExporterState.for_apps([(7, ("a",), 1000)])
     state.apps[7].apply(Tracking(), [TaskEvent(EventKind.STARTED, "t", "a"),
                                      TaskEvent(EventKind.ENDED, "t", "a", 5.0)])

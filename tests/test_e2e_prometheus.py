@@ -17,7 +17,6 @@ import math
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,8 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+
+from tests.conftest import free_port, require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_FILE = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -77,20 +78,6 @@ T = TypeVar("T")
 # --- helpers -------------------------------------------------------------------------------
 
 
-def require_binary(path: str, package: str) -> str:
-    found = shutil.which(path)
-    assert found, (
-        f"`{path}` is missing: install the Debian package `{package}` "
-        f"(listed in .ci/apt-packages.txt); this test never skips"
-    )
-    return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:

@@ -16,19 +16,13 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from tests.conftest import require_binary
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 
-
-def require_binary(name: str, package: str) -> str:
-    path = shutil.which(name)
-    assert path, (
-        f"`{name}` is not on PATH: install the Debian package `{package}` "
-        f"(listed in .ci/apt-packages.txt)"
-    )
-    return path
 
 
 def compose() -> dict[str, Any]:

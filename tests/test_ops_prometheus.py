@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -45,14 +46,6 @@ def promql_metric_names(expr: str) -> set[str]:
     names = set(re.findall(r"(?<![\w$.])[A-Za-z_:][\w:]*", text))
     return {n for n in names if n.lower() not in PROMQL_WORDS}
 
-
-def require_binary(name: str, package: str) -> str:
-    path = shutil.which(name)
-    assert path, (
-        f"`{name}` is not on PATH: install the Debian package `{package}` "
-        f"(listed in .ci/apt-packages.txt)"
-    )
-    return path
 
 
 def load_rules() -> list[dict[str, Any]]:

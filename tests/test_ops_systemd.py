@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import configparser
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import yaml
 
+from tests.conftest import require_binary
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "systemd" / "zego-cloudrecord-exporter.service"
 EXAMPLE_CONFIG = ROOT / "deploy" / "systemd" / "config.example.yml"
 
-
-def require_binary(name: str, package: str) -> str:
-    path = shutil.which(name)
-    assert path, (
-        f"`{name}` is not on PATH: install the Debian package `{package}` "
-        f"(listed in .ci/apt-packages.txt)"
-    )
-    return path
 
 
 def service_section() -> dict[str, list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 import time
@@ -15,22 +14,17 @@ import redis.asyncio as aioredis
 
 from exporter.clock import SystemClock
 from exporter.ratelimit_redis import RedisRateLimiter
+from tests.conftest import free_port, require_binary
 
 LIMIT = 20
 REPLICAS = 4
 SECONDS = 3.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is required (Debian package redis-server, .ci/apt-packages.txt)"
+    binary = require_binary("redis-server", "redis-server")
     port = free_port()
     directory: Path = tmp_path_factory.mktemp("redis")
     server = subprocess.Popen(

@@ -43,6 +43,7 @@ from exporter.zego.client import (
     ZegoClient,
 )
 from exporter.zego.errors import ZegoError
+from tests.conftest import free_port
 
 SERVER = "s3cr3tSERVERdo-not-leak"
 CALLBACK = "s3cr3tCALLBACKdo-not-leak"
@@ -63,11 +64,6 @@ def leaks(data: bytes) -> list[str]:
     return [f"{secret!r} as {form!r}" for secret in SECRETS for form in forbidden(secret)
             if form in data]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(url: str, data: bytes | None = None) -> tuple[int, bytes]:

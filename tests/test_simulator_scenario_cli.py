@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import socket
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from exporter.simulator.cli import build_parser, parse_listen_address, scenario_
 from exporter.simulator.faults import FaultKind
 from exporter.simulator.scenario import DEMO_SCENARIO, ScenarioError, parse_scenario
 from exporter.zego.errors import Code
+from tests.conftest import free_port
 
 START = 1_700_000_000.0
 APP = 1234567890
@@ -185,12 +185,6 @@ def test_options_override_the_scenario_file() -> None:
     assert 5 in scenario.apps and 1000001 in scenario.apps
     assert scenario.rates.arrivals_per_hour == 120
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def test_the_command_serves_the_api() -> None:

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from exporter.config import Secret
 from exporter.daemon import Exporter, ListenAddress
 from exporter.web import ServerLimits
 from exporter.webconfig import WebConfig, _PasswordCheck, parse_web_config
-from tests.conftest import make_config
+from tests.conftest import free_port, make_config
 
 METRIC = "zego_cloudrecord_exporter_build_info"
 
@@ -459,11 +458,6 @@ async def test_a_client_sending_a_body_slowly_gets_408(serve: StartExporter) -> 
 
 # The command line, end to end
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_the_cli_serves_tls_and_basic_auth_from_web_config_file(pki: Pki) -> None:
