@@ -50,11 +50,10 @@ class Rig:
     rooms: tuple[str, ...] | None
     reports: list[object] = field(default_factory=list)
 
-    async def restart(self, storage_path: str | None, graceful: bool = True) -> None:
-        """A new exporter process: same config and clock, state only from `storage_path`."""
-        if graceful:
-            await self.exporter.stop()
-        # else: like kill -9, nothing is flushed beyond what the last cycle committed
+    async def restart(self, storage_path: str | None) -> None:
+        """A new exporter: same config and clock, state only from `storage_path` (stopping
+        writes nothing: only what the last cycle committed survives, as after a kill -9)."""
+        await self.exporter.stop()
         self.exporter = Exporter(self.exporter.config, clock=self.clock,
                                  storage_path=storage_path)
         await self.exporter.start(listen=None, schedule=False)

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.cli import main
 from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.state import AppState
 from exporter.store import SCHEMA_VERSION, Store, StoreError
 from exporter.zego.models import TaskStatus
-from tests.conftest import APP_ID, Rig
+from tests.conftest import APP_ID, SECRET, Rig, free_port
 
 Factory = Callable[..., Any]
 
@@ -110,9 +117,8 @@ def test_cli_exits_1_naming_the_corrupt_file(tmp_path: Path, capsys: pytest.Capt
     assert str(state) in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("graceful", [True, False], ids=["restart", "kill-9"])
 async def test_a_restart_keeps_counters_and_counts_what_happened_while_down(
-    rig_factory: Factory, tmp_path: Path, graceful: bool
+    rig_factory: Factory, tmp_path: Path
 ) -> None:
     path = str(tmp_path / "state.db")
     rig: Rig = await rig_factory(storage_path=path)
@@ -132,7 +138,7 @@ async def test_a_restart_keeps_counters_and_counts_what_happened_while_down(
     rig.engine.stop(short)
     rig.engine.start(APP_ID, "r3")
     rig.clock.advance(840)
-    await rig.restart(path, graceful=graceful)
+    await rig.restart(path)
     assert rig.counters("r1") == before  # continued, not reset
     await rig.cycle()
     await rig.cycle()
@@ -151,3 +157,66 @@ async def test_without_storage_a_restart_starts_from_a_baseline(rig_factory: Fac
     assert rig.counters("r1")[EventKind.STARTED] == 0
     await rig.cycle()
     assert rig.counters("r1")[EventKind.STARTED] == 0  # the baseline counts nothing
+
+
+def test_kill_9_loses_nothing(tmp_path: Path) -> None:
+    """Real processes: the exporter is SIGKILLed while a task lives, the task dies meanwhile."""
+    sim_port, exporter_port = free_port(), free_port()
+    scenario = tmp_path / "scenario.yml"
+    scenario.write_text(yaml.safe_dump({
+        "seed": 1, "lifecycle": {"arrivals_per_hour": 0, "init_seconds": [0, 0]},
+        "apps": [{"app_id": APP_ID, "server_secret": SECRET, "rooms": ["r1"]}]}))
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({
+        "zego": {"endpoint": f"http://127.0.0.1:{sim_port}/"}, "poll_interval": "1s",
+        "apps": [{"app_id": APP_ID, "server_secret": SECRET, "rooms": ["r1"]}]}))
+    simulator = subprocess.Popen(
+        [sys.executable, "-m", "exporter.simulator", "--scenario", str(scenario),
+         "--listen-address", f"127.0.0.1:{sim_port}"], stderr=subprocess.DEVNULL)
+    exporter_cmd = [sys.executable, "-m", "exporter", f"--config.file={config}",
+                    f"--storage.path={tmp_path / 'state.db'}",
+                    f"--web.listen-address=127.0.0.1:{exporter_port}"]
+    exporter = subprocess.Popen(exporter_cmd, stderr=subprocess.DEVNULL)
+
+    def counter(name: str) -> float | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{exporter_port}/metrics",
+                                        timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == f"zego_cloudrecord_tasks_{name}_total":
+                    return sample.value
+        return None
+
+    def wait_for(name: str, value: float) -> None:
+        deadline = time.monotonic() + 30
+        while counter(name) != value:
+            assert time.monotonic() < deadline, f"{name} never reached {value}"
+            time.sleep(0.2)
+
+    def control(op: str, **body: Any) -> str:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{sim_port}/_sim/control", method="POST",
+            data=json.dumps({"op": op, "app_id": APP_ID, **body}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return str(json.loads(response.read())["task_id"])
+
+    try:
+        wait_for("started", 0)  # the baseline cycle ran
+        task = control("start", room_id="r1")
+        wait_for("started", 1)
+        exporter.kill()  # SIGKILL: no shutdown code runs
+        exporter.wait(10)
+        control("abort", task_id=task)
+        exporter = subprocess.Popen(exporter_cmd, stderr=subprocess.DEVNULL)
+        wait_for("ended_abnormally", 1)
+        assert counter("started") == 1  # continued, not reset to 0 nor counted again
+        assert counter("ended") == 1
+    finally:
+        for process in (exporter, simulator):
+            process.kill()
+            process.wait(10)
