@@ -19,7 +19,7 @@ from exporter.clock import Clock, SystemClock
 from exporter.collector import ExporterCollector
 from exporter.config import AppConfig, Config
 from exporter.exposition import EXPOSITION, ExpositionCache, split_registry
-from exporter.poller import AppPoller, requests_per_cycle
+from exporter.poller import AppPoller
 from exporter.ratelimit import RateLimiter
 from exporter.state import AppState, ExporterState
 from exporter.store import Store
@@ -115,11 +115,11 @@ class Exporter:
             limiters = {a: self.limiters[(app.app_id, a)]
                         for a in (DESCRIBE_TASKS, DESCRIBE_RECORD_STATUS)}
             zego_app = ZegoApp(app.app_id, app.server_secret, limiters)
+            budget = limiters[DESCRIBE_TASKS].limit * zego.pacing * self.config.poll_interval
             self.pollers[app.app_id] = AppPoller(
                 client, zego_app, self.state.apps[app.app_id], self.clock,
-                zego.clock_skew_margin, self._cycle_done,
+                zego.clock_skew_margin, self._cycle_done, budget_per_cycle=budget,
             )
-            self._check_budget(app.app_id, app.rate_limit, len(self.pollers[app.app_id].scopes))
 
     def state_changed(self) -> None:
         """The state changed (a cycle ended, a callback arrived): /metrics renders afresh."""
@@ -145,17 +145,6 @@ class Exporter:
                 self.state.storage_errors += 1
                 log.error("state_save_failed", app_id=app.app_id, path=str(self.store.path),
                           error=str(exc))
-
-    def _check_budget(self, app_id: int, rate_limit: float, scopes: int) -> None:
-        budget = rate_limit * self.config.zego.pacing * self.config.poll_interval
-        needed = requests_per_cycle(scopes)
-        if needed > budget:
-            log.warning(
-                "poll_budget_exceeded", app_id=app_id, requests_per_cycle=needed,
-                budget_per_interval=round(budget, 1), poll_interval_s=self.config.poll_interval,
-                expected_cycle_s=round(needed / (rate_limit * self.config.zego.pacing), 1),
-                hint="cycles will take longer than poll_interval; the rate limit is kept",
-            )
 
     async def start(self, listen: ListenAddress | None, schedule: bool = True,
                     callback_listen: ListenAddress | None = None) -> None:

@@ -52,11 +52,6 @@ class CycleReport:
     seconds: float
 
 
-def requests_per_cycle(scopes: int) -> int:
-    """The fewest DescribeTasks requests one cycle needs: a live and an ended read per scope."""
-    return 2 * scopes
-
-
 async def all_or_nothing(*steps: Awaitable[T]) -> list[T]:
     """Run `steps` concurrently; if one fails, cancel the others and raise its error, so no
     request of a failed cycle goes on after it."""
@@ -83,6 +78,7 @@ class AppPoller:
         clock: Clock,
         margin_s: float,
         on_cycle_done: Callable[[AppState], None] | None = None,
+        budget_per_cycle: float = math.inf,
     ) -> None:
         self._client = client
         self._app = app
@@ -90,6 +86,8 @@ class AppPoller:
         self._clock = clock
         self._margin_ms = int(margin_s * 1000)
         self._on_cycle_done = on_cycle_done
+        self._budget = budget_per_cycle  # DescribeTasks requests the limit allows per interval
+        self._over_budget = False
         rooms = state.rooms
         self.planner = Planner(rooms) if rooms is not None else None
         self._in_scope = (lambda room: True) if rooms is None else frozenset(rooms).__contains__
@@ -109,6 +107,7 @@ class AppPoller:
             snapshot, requests = await self._observe(now_ms)
         except ZegoError as exc:
             return self._finish(False, 0, 0, started, str(exc))
+        self._check_budget(requests)
         lookups = await self._look_up(needs_lookup(state.tracking, snapshot, self._margin_ms))
         # Callbacks may have changed the tracking while this cycle awaited ZEGO: diff against
         # the tracking as it is now, and let the snapshot not undo their newer flips.
@@ -128,6 +127,19 @@ class AppPoller:
         # The events above stand; the pending tasks are asked about again next cycle.
         error = f"DescribeRecordStatus failed for {failed} tasks" if failed else None
         return self._finish(not failed, requests + len(lookups), len(result.events), started, error)
+
+    def _check_budget(self, requests: int) -> None:
+        """Say so when the rooms need more listing requests than one interval's budget: cycles
+        then take longer than poll_interval (the limit is kept, never exceeded to catch up)."""
+        over = requests > self._budget
+        if over and not self._over_budget:
+            log.warning("poll_budget_exceeded", app_id=self._app.app_id,
+                        requests_per_cycle=requests, budget_per_interval=round(self._budget, 1),
+                        plan=self.planner.plan if self.planner else "app-wide",
+                        hint="cycles take longer than poll_interval; the rate limit is kept")
+        elif self._over_budget and not over:
+            log.info("poll_budget_ok", app_id=self._app.app_id, requests_per_cycle=requests)
+        self._over_budget = over
 
     def _finish(self, ok: bool, requests: int, events: int, started: float,
                 error: str | None) -> CycleReport:

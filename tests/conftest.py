@@ -88,11 +88,12 @@ class Rig:
 
 
 def make_config(endpoint: str, rooms: tuple[str, ...] | None, timeout: float = 2.0,
-                poll_interval: float = 15.0) -> Config:
+                poll_interval: float = 15.0, rate_limit: float = 10.0) -> Config:
     return Config(
         zego=ZegoConfig(endpoint=endpoint, timeout=timeout),
         poll_interval=poll_interval,
-        apps=(AppConfig(app_id=APP_ID, server_secret=Secret(SECRET), rooms=rooms),),
+        apps=(AppConfig(app_id=APP_ID, server_secret=Secret(SECRET), rooms=rooms,
+                        rate_limit=rate_limit),),
     )
 
 
@@ -108,6 +109,7 @@ async def rig_factory() -> AsyncIterator[Callable[..., object]]:
         seed: int = 7,
         request_timeout: float = 2.0,
         storage_path: str | None = None,
+        rate_limit: float = 10.0,
     ) -> Rig:
         clock = ManualClock(start=1_750_000_000.0)
         engine = SimEngine(clock, {APP_ID: SECRET}, seed=seed,
@@ -119,7 +121,8 @@ async def rig_factory() -> AsyncIterator[Callable[..., object]]:
         options.rate_limits = rate_limits(1_000_000)
         sim = SimulatorServer(engine, options)
         await sim.start()
-        exporter = Exporter(make_config(sim.url, rooms, request_timeout), clock=clock,
+        exporter = Exporter(make_config(sim.url, rooms, request_timeout, rate_limit=rate_limit),
+                            clock=clock,
                             storage_path=storage_path)
         await exporter.start(listen=None, schedule=False)
         rig = Rig(clock, engine, sim, exporter, rooms)

@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import structlog
 
 from exporter.clock import SystemClock
 from exporter.daemon import Exporter
@@ -210,3 +211,17 @@ async def test_concurrent_cycles_on_a_real_clock_stay_under_the_simulators_limit
     assert stats["total_requests"] >= 90  # 2 live pages and 1 ended page per room
     assert stats["rate_limited"] == 0, stats
     assert stats["by_action"]["DescribeTasks"]["max_per_second"] <= 40
+
+
+async def test_rooms_needing_more_than_the_budget_are_reported_with_the_numbers(
+    rig_factory: Factory,
+) -> None:
+    # 0.1 requests/s × 0.95 pacing × 15 s: 1.425 requests per interval, fewer than 2 needed.
+    rig: Rig = await rig_factory(rooms=("a", "b"), rate_limit=0.1)
+    with structlog.testing.capture_logs() as logs:
+        await rig.cycle()
+        await rig.cycle()
+    warnings = [e for e in logs if e["event"] == "poll_budget_exceeded"]
+    assert len(warnings) == 1  # said once, not every cycle
+    assert warnings[0]["requests_per_cycle"] == 2
+    assert warnings[0]["budget_per_interval"] == 1.4
