@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -21,7 +21,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from exporter.clock import Clock
 from exporter.config import Secret
-from exporter.diff import HORIZON_MS, EventKind, TaskEvent, TrackedTask, Tracking
+from exporter.diff import HORIZON_MS, EventKind, TaskEvent, TrackedTask
 from exporter.state import AppState, ExporterState
 from exporter.web import ServerLimits, body_limit
 from exporter.zego.callback_signing import verify_callback_signature
@@ -184,7 +184,7 @@ class CallbackReceiver:
             begin = task.begin_ms if task is not None else now_ms
             live = {t: v for t, v in tracking.live.items() if t != callback.task_id}
             finished = {**tracking.finished, callback.task_id: begin + HORIZON_MS + 3_600_000}
-            app.apply(Tracking(live, finished, tracking.ended_since_ms), events,
+            app.apply(replace(tracking, live=live, finished=finished), events,
                       flush_deferred=False)
             log.info(f"task_{'ended_abnormally' if abnormal else 'ended'}", app_id=app.app_id,
                      room_id=callback.room_id, task_id=callback.task_id, source="callback",
@@ -207,7 +207,7 @@ class CallbackReceiver:
             status = TaskStatus.PAUSED if paused else TaskStatus.RECORDING
             live = {**tracking.live,
                     task.task_id: TrackedTask(task.task_id, task.room_id, status, task.begin_ms)}
-            app.apply(Tracking(live, tracking.finished, tracking.ended_since_ms),
+            app.apply(replace(tracking, live=live),
                       [TaskEvent(kind, task.task_id, task.room_id)], flush_deferred=False)
             app.flipped_at_ms[task.task_id] = now_ms
             log.info(f"task_{kind.value}", app_id=app.app_id, room_id=task.room_id,

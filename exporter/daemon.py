@@ -119,6 +119,7 @@ class Exporter:
             self.pollers[app.app_id] = AppPoller(
                 client, zego_app, self.state.apps[app.app_id], self.clock,
                 zego.clock_skew_margin, self._cycle_done, budget_per_cycle=budget,
+                poll_interval=self.config.poll_interval,
             )
 
     def state_changed(self) -> None:

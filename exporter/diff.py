@@ -62,6 +62,7 @@ class Tracking:
     live: dict[str, TrackedTask] = field(default_factory=dict)
     finished: dict[str, int] = field(default_factory=dict)  # TaskId -> forget after (ms)
     ended_since_ms: int | None = None  # next Status=3 read starts here; None: no baseline yet
+    rooms: frozenset[str] | None = None  # rooms the baseline covers; None: every room
 
     @property
     def has_baseline(self) -> bool:
@@ -151,11 +152,17 @@ def diff(
     lookups: Mapping[str, Lookup],
     margin_ms: int,
     fresher: AbstractSet[str] = frozenset(),
+    scope: frozenset[str] | None = None,
+    max_lag_ms: int | None = None,
 ) -> DiffResult:
     """Apply one cycle's observation to `tracking`; return the new tracking and the events.
 
     `fresher`: tasks whose tracked status a callback changed after the snapshot was taken; the
     snapshot's older status must not flip them back (it would be a false pause or resume).
+    `scope`: the rooms this cycle watched (None: every room). A room the baseline does not
+    cover yet (added to the config) gets a baseline of its own: its tasks are tracked, not
+    counted. `max_lag_ms`: how far an inconsistent cycle may leave the ended-listing watermark
+    behind (see docs/design.md).
     """
     now = snapshot.taken_ms
     live_rows = _live_rows(snapshot)
@@ -163,10 +170,14 @@ def diff(
     forget_after = HORIZON_MS + margin_ms
 
     if not tracking.has_baseline:
+        # Callbacks may have finished tasks already (their ends counted): keep them finished.
         baseline = Tracking(
-            live={t: TrackedTask(t, r.room_id, r.status, r.begin_ms) for t, r in live_rows.items()},
-            finished={t: r.begin_ms + forget_after for t, r in terminal_rows.items()},
+            live={t: TrackedTask(t, r.room_id, r.status, r.begin_ms) for t, r in live_rows.items()
+                  if t not in tracking.finished},
+            finished={**tracking.finished,
+                      **{t: r.begin_ms + forget_after for t, r in terminal_rows.items()}},
             ended_since_ms=now - margin_ms,
+            rooms=scope,
         )
         return DiffResult(baseline, [], [])
 
@@ -214,19 +225,26 @@ def diff(
                 pending.append(tid)
 
     known = tracking.live.keys() | finished.keys()
+    covered = tracking.rooms.__contains__ if tracking.rooms is not None else (lambda room: True)
     for tid, row in live_rows.items():
         if tid not in known:
-            events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
+            if covered(row.room_id):
+                events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
             live[tid] = TrackedTask(tid, row.room_id, row.status, row.begin_ms)
     for tid, row in terminal_rows.items():
         if tid not in known:
-            events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
-            events += _ended_events(row, row.status, (now - row.begin_ms) / 1000)
+            if covered(row.room_id):
+                events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
+                events += _ended_events(row, row.status, (now - row.begin_ms) / 1000)
             finish(row)
 
     # Only a consistent listing proves nothing began unseen before this cycle (see docs/design.md).
-    ended_since = now - margin_ms if snapshot.consistent else tracking.ended_since_ms
-    return DiffResult(Tracking(live, finished, ended_since), events, pending)
+    ended_since = now - margin_ms
+    if not snapshot.consistent and tracking.ended_since_ms is not None:
+        ended_since = tracking.ended_since_ms
+    if max_lag_ms is not None:
+        ended_since = max(ended_since, now - max_lag_ms)
+    return DiffResult(Tracking(live, finished, ended_since, scope), events, pending)
 
 
 def dedupe(rows: Iterable[RecordingTask]) -> dict[str, RecordingTask]:

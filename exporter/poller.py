@@ -79,12 +79,16 @@ class AppPoller:
         margin_s: float,
         on_cycle_done: Callable[[AppState], None] | None = None,
         budget_per_cycle: float = math.inf,
+        poll_interval: float = 15.0,
     ) -> None:
         self._client = client
         self._app = app
         self._state = state
         self._clock = clock
         self._margin_ms = int(margin_s * 1000)
+        # A busy app's live listing is often inconsistent; the ended-listing watermark may then
+        # lag, but at most this far: a task live for 10 cycles was surely listed in one of them.
+        self._max_lag_ms = int((10 * poll_interval + margin_s) * 1000)
         self._on_cycle_done = on_cycle_done
         self._budget = budget_per_cycle  # DescribeTasks requests the limit allows per interval
         self._over_budget = False
@@ -100,6 +104,13 @@ class AppPoller:
         return list(self.planner.rooms)
 
     async def run_cycle(self) -> CycleReport:
+        try:
+            return await self._cycle()
+        except Exception as exc:  # a bug must not leave `up` stale or kill the scheduler's job
+            log.exception("poll_cycle_crashed", app_id=self._app.app_id)
+            return self._finish(False, 0, 0, time.perf_counter(), f"internal error: {exc!r}")
+
+    async def _cycle(self) -> CycleReport:
         state = self._state
         started = time.perf_counter()
         now_ms = int(self._clock.time() * 1000)
@@ -111,8 +122,9 @@ class AppPoller:
         lookups = await self._look_up(needs_lookup(state.tracking, snapshot, self._margin_ms))
         # Callbacks may have changed the tracking while this cycle awaited ZEGO: diff against
         # the tracking as it is now, and let the snapshot not undo their newer flips.
+        scope = None if state.rooms is None else frozenset(state.rooms)
         result = diff(state.tracking, snapshot, lookups, self._margin_ms,
-                      state.fresher_than(now_ms))
+                      state.fresher_than(now_ms), scope, self._max_lag_ms)
         state.apply(result.tracking, result.events)
         state.last_observed_ms = now_ms
         for event in result.events:
@@ -229,7 +241,12 @@ class AppPoller:
             if page >= MAX_PAGES:
                 raise ZegoResponseError("DescribeTasks", f"more than {MAX_PAGES} pages")
             page += 1
-        consistent = len(set(totals)) == 1 and len(rows) == totals[0]
+        if status == STATUS_ENDED:
+            # Ended tasks never leave a window of begin times; they only join it (rows shift
+            # down: duplicates, not gaps). Complete unless the total shrank or rows are missing.
+            consistent = totals == sorted(totals) and len(rows) >= totals[0]
+        else:
+            consistent = len(set(totals)) == 1 and len(rows) == totals[0]
         # Rows of another room than asked, or begun outside the window asked for, are a broken
         # upstream: dropped, never taken as news about a task.
         kept = [t for t in rows.values() if (room is None or t.room_id == room)

@@ -23,6 +23,7 @@ MIGRATIONS: dict[int, str] = {
     CREATE TABLE apps (
         app_id INTEGER PRIMARY KEY,
         ended_since_ms INTEGER,
+        baseline_rooms TEXT,
         last_success_time REAL,
         last_observed_ms INTEGER,
         durations TEXT NOT NULL,
@@ -91,10 +92,11 @@ class Store:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # a failed COMMIT too: never leave it open
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
@@ -102,12 +104,13 @@ class Store:
     def load(self, app: AppState) -> bool:
         """Fill `app` from the file; False if the file holds nothing for this app."""
         row = self._db.execute(
-            "SELECT ended_since_ms, last_success_time, last_observed_ms, durations, deferred, "
-            "ended_by_reason, upload_failures FROM apps WHERE app_id = ?",
+            "SELECT ended_since_ms, baseline_rooms, last_success_time, last_observed_ms, "
+            "durations, deferred, ended_by_reason, upload_failures FROM apps WHERE app_id = ?",
             (app.app_id,)).fetchone()
         if row is None:
             return False
-        ended_since, last_success, last_observed, durations, deferred, by_reason, uploads = row
+        (ended_since, baseline_rooms, last_success, last_observed, durations, deferred,
+         by_reason, uploads) = row
         in_scope = (lambda room: True) if app.rooms is None else set(app.rooms).__contains__
         live = {
             task_id: TrackedTask(task_id, room, TaskStatus(status), begin)
@@ -120,7 +123,8 @@ class Store:
             "SELECT task_id, forget_after_ms FROM finished_tasks WHERE app_id = ?",
             (app.app_id,)).fetchall())
         self._finished_saved[app.app_id] = set(finished)
-        app.tracking = Tracking(live, finished, ended_since)
+        rooms = None if baseline_rooms is None else frozenset(json.loads(baseline_rooms))
+        app.tracking = Tracking(live, finished, ended_since, rooms)
         app.last_success_time = last_success
         app.last_observed_ms = last_observed
         app.ended_by_reason = json.loads(by_reason)
@@ -145,8 +149,10 @@ class Store:
         finished = set(tracking.finished)
         with self._transaction():
             self._db.execute(
-                "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (app.app_id, tracking.ended_since_ms, app.last_success_time, app.last_observed_ms,
+                "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (app.app_id, tracking.ended_since_ms,
+                 None if tracking.rooms is None else json.dumps(sorted(tracking.rooms)),
+                 app.last_success_time, app.last_observed_ms,
                  json.dumps({o: {"counts": h.counts, "total": h.total}
                              for o, h in app.durations.items()}),
                  json.dumps([{"kind": e.kind.value, "task_id": e.task_id, "room_id": e.room_id,

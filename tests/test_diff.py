@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from exporter.diff import (
     HORIZON_MS,
@@ -231,3 +232,28 @@ def test_a_row_naming_a_tracked_task_under_another_room_is_not_news_about_it() -
     assert kinds(state, observed, {"a": LookupFailed.FAILED}) == []
     wrong_room = RecordStatus("a", "r2", S.ENDED_ABNORMALLY, NOW - 60_000, NOW, ())
     assert kinds(state, snap(), {"a": wrong_room}) == []
+
+
+def test_a_task_a_callback_finished_before_the_baseline_stays_finished() -> None:
+    # The baseline listing was read before the task died; its callback was counted meanwhile.
+    state = Tracking(finished={"a": NOW + HORIZON_MS})
+    result = diff(state, snap([row("a")]), {}, MARGIN)
+    assert "a" not in result.tracking.live
+    assert "a" in result.tracking.finished
+
+
+def test_a_room_the_baseline_does_not_cover_gets_a_baseline_of_its_own() -> None:
+    state = replace(tracking(), rooms=frozenset({"r1"}))
+    result = diff(state, snap([row("old", room="r2"), row("new", room="r1")],
+                              ended=[row("done", S.ENDED_ABNORMALLY, room="r2")]),
+                  {}, MARGIN, scope=frozenset({"r1", "r2"}))
+    assert [(e.kind, e.task_id) for e in result.events] == [(EventKind.STARTED, "new")]
+    assert {"old", "new"} <= set(result.tracking.live)
+    assert "done" in result.tracking.finished
+    assert result.tracking.rooms == {"r1", "r2"}
+
+
+def test_an_inconsistent_cycle_leaves_the_watermark_behind_at_most_max_lag() -> None:
+    state = replace(tracking(), ended_since_ms=NOW - 3_600_000)
+    result = diff(state, snap(consistent=False), {}, MARGIN, max_lag_ms=750_000)
+    assert result.tracking.ended_since_ms == NOW - 750_000

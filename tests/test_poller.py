@@ -14,7 +14,7 @@ from exporter.clock import SystemClock
 from exporter.daemon import Exporter
 from exporter.diff import EventKind
 from exporter.poller import CycleReport
-from exporter.simulator.engine import SimEngine
+from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.faults import FaultConfig, FaultKind, FaultRule
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
 from tests.conftest import APP_ID, QUIET, SECRET, Rig, make_config
@@ -225,3 +225,18 @@ async def test_rooms_needing_more_than_the_budget_are_reported_with_the_numbers(
     assert len(warnings) == 1  # said once, not every cycle
     assert warnings[0]["requests_per_cycle"] == 2
     assert warnings[0]["budget_per_interval"] == 1.4
+
+
+async def test_a_busy_app_keeps_its_ended_listing_window_bounded(rig_factory: Factory) -> None:
+    """Tasks end during every multi-page read; the ended-listing window must not grow."""
+    rooms = [f"room{i}" for i in range(200)]
+    rates = LifecycleRates(arrivals_per_hour=40.0, mean_duration_s=90.0, min_duration_s=10.0)
+    rig: Rig = await rig_factory(rooms=None, sim_rooms=rooms, rates=rates)
+    app = rig.exporter.state.apps[APP_ID]
+    for _ in range(80):
+        await rig.cycle()
+    assert app.tracking.ended_since_ms is not None
+    lag_s = rig.clock.time() - app.tracking.ended_since_ms / 1000
+    assert lag_s <= 10 * 15 + 600 + 30  # max lag + margin + a cycle
+    assert all(isinstance(r, CycleReport) and r.ok for r in rig.reports)
+    assert max(r.requests for r in rig.reports[-20:]) < 40

@@ -17,11 +17,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.cli import main
+from exporter.daemon import Exporter
 from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.state import AppState
 from exporter.store import SCHEMA_VERSION, Store, StoreError
 from exporter.zego.models import TaskStatus
-from tests.conftest import APP_ID, SECRET, Rig, free_port
+from tests.conftest import APP_ID, SECRET, Rig, free_port, make_config
 
 Factory = Callable[..., Any]
 
@@ -220,3 +221,22 @@ def test_kill_9_loses_nothing(tmp_path: Path) -> None:
         for process in (exporter, simulator):
             process.kill()
             process.wait(10)
+
+
+async def test_a_room_added_to_the_config_is_a_baseline_not_starts(
+    rig_factory: Factory, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "state.db")
+    rig: Rig = await rig_factory(rooms=("r1",), sim_rooms=("r1", "r2"), storage_path=path)
+    rig.engine.start(APP_ID, "r2")  # recording long before r2 is watched
+    await rig.cycle()
+    await rig.cycle()
+    await rig.exporter.stop()
+    rig.exporter = Exporter(make_config(rig.sim.url, ("r1", "r2")), clock=rig.clock,
+                            storage_path=path)
+    await rig.exporter.start(listen=None, schedule=False)
+    await rig.cycle()
+    assert rig.counters("r2")[EventKind.STARTED] == 0
+    rig.engine.start(APP_ID, "r2")
+    await rig.cycle()
+    assert rig.counters("r2")[EventKind.STARTED] == 1
