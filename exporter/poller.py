@@ -29,6 +29,7 @@ from exporter.zego.models import RecordingTask
 
 PAGE_SIZE = 50
 MAX_PAGES = 1000  # 50,000 tasks in one scope: past this, TotalCount is lying
+MAX_LOOKUPS_IN_FLIGHT = 16
 STATUS_LIVE = 2
 STATUS_ENDED = 3
 T = TypeVar("T")
@@ -254,18 +255,23 @@ class AppPoller:
         return Listing(kept, consistent, page, totals[0])
 
     async def _look_up(self, task_ids: list[str]) -> dict[str, Lookup]:
+        # A few in flight are enough to use the budget; thousands at once would only crowd
+        # the event loop (and its late wake-ups would bunch requests on the wire).
+        in_flight = asyncio.Semaphore(MAX_LOOKUPS_IN_FLIGHT)
+
         async def one(task_id: str) -> Lookup:
-            try:
-                return await self._client.describe_record_status(self._app, task_id)
-            except ZegoApiError as exc:
-                if exc.code == Code.TASK_NOT_FOUND:
-                    return NOT_FOUND
-                log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
-                            error=str(exc))
-            except ZegoError as exc:
-                log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
-                            error=str(exc))
-            return LookupFailed.FAILED
+            async with in_flight:
+                try:
+                    return await self._client.describe_record_status(self._app, task_id)
+                except ZegoApiError as exc:
+                    if exc.code == Code.TASK_NOT_FOUND:
+                        return NOT_FOUND
+                    log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
+                                error=str(exc))
+                except ZegoError as exc:
+                    log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
+                                error=str(exc))
+                return LookupFailed.FAILED
 
         outcomes = await asyncio.gather(*(one(t) for t in task_ids))
         return dict(zip(task_ids, outcomes, strict=True))
