@@ -37,6 +37,7 @@ def require_binary(name: str, package: str) -> str:
 APP_ID = 1234567890
 SECRET = "0123456789abcdef0123456789abcdef"
 QUIET = LifecycleRates(arrivals_per_hour=0.0)  # only scripted tasks
+START = 1_700_000_000.0  # the simulator tests' clock starts here
 
 
 @dataclass
@@ -95,6 +96,11 @@ def make_config(endpoint: str, rooms: tuple[str, ...] | None, timeout: float = 2
         apps=(AppConfig(app_id=APP_ID, server_secret=Secret(SECRET), rooms=rooms,
                         rate_limit=rate_limit),),
     )
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(START)
 
 
 @pytest.fixture

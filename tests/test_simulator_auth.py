@@ -14,16 +14,11 @@ from exporter.simulator.faults import FaultConfig
 from exporter.simulator.server import ServerOptions, SimulatorServer
 from exporter.zego.errors import Code
 from exporter.zego.signing import signature
+from tests.conftest import APP_ID as APP
+from tests.conftest import SECRET, START
 
-APP = 1234567890
-SECRET = "0123456789abcdef0123456789abcdef"
-START = 1_700_000_000.0
 BODY = {"TaskId": "AAAAAAAAAAAAAAAA"}
 
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(START)
 
 
 @pytest.fixture

@@ -26,11 +26,10 @@ from exporter.simulator.engine import MAX_RECORD_SECONDS, LifecycleRates, SimEng
 from exporter.simulator.scenario import ScenarioError, parse_scenario
 from exporter.simulator.server import ServerOptions, SimulatorServer
 from exporter.zego.callback_signing import callback_signature, verify_callback_signature
+from tests.conftest import APP_ID as APP
+from tests.conftest import SECRET, START
 
-APP = 1234567890
-SECRET = "0123456789abcdef0123456789abcdef"
 CALLBACK_SECRET = "callback-secret-1"
-START = 1_700_000_000.0
 QUIET = LifecycleRates(arrivals_per_hour=0.0, no_stream_probability=0.0)
 FIELDS = {"app_id", "task_id", "room_id", "event_type", "message", "nonce", "timestamp",
           "signature", "sequence", "detail"}
@@ -69,10 +68,6 @@ async def receiver() -> AsyncIterator[Receiver]:
     yield received
     await runner.cleanup()
 
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(START)
 
 
 SimFactory = Callable[..., Awaitable[SimulatorServer]]

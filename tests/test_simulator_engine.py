@@ -22,10 +22,9 @@ from exporter.simulator.engine import (
 )
 from exporter.zego.errors import Code
 from exporter.zego.models import FileStatus, TaskStatus
+from tests.conftest import APP_ID as APP
+from tests.conftest import SECRET, START
 
-APP = 1234567890
-SECRET = "0123456789abcdef0123456789abcdef"
-START = 1_700_000_000.0
 BUSY = LifecycleRates(arrivals_per_hour=30, mean_duration_s=900, abnormal_probability=0.2,
                       pause_probability=0.4, mean_pause_s=60)
 QUIET = LifecycleRates(arrivals_per_hour=0)

@@ -19,12 +19,11 @@ from exporter.simulator.caller import SimCaller
 from exporter.simulator.engine import LifecycleRates, SimEngine, room_names
 from exporter.simulator.server import ServerOptions, SimulatorServer
 from exporter.zego.models import TaskStatus
+from tests.conftest import APP_ID as APP
+from tests.conftest import SECRET
 
 SPECS = Path(__file__).resolve().parent.parent.parent / "shared" / "zego-openapi"
 HOST = "https://cloudrecord-api.zego.im"
-APP = 1234567890
-SECRET = "0123456789abcdef0123456789abcdef"
-START = 1_700_000_000.0
 # ZEGO's own files use the deprecated allowEmptyValue; that is theirs to fix, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:Use of allowEmptyValue:DeprecationWarning")
 RATES = LifecycleRates(arrivals_per_hour=40, mean_duration_s=600, pause_probability=0.4,
@@ -51,10 +50,6 @@ def describe_tasks_spec() -> OpenAPI:
 def record_status_spec() -> OpenAPI:
     return load_spec("describe-record-status.yaml")
 
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(START)
 
 
 @pytest.fixture

@@ -13,17 +13,12 @@ from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
 from exporter.simulator.traffic import Traffic
 from exporter.zego.errors import Code
+from tests.conftest import APP_ID as APP
+from tests.conftest import SECRET
 
-APP = 1234567890
-SECRET = "0123456789abcdef0123456789abcdef"
 OTHER_APP, OTHER_SECRET = 42, "other-secret"
-START = 1_700_000_000.0
 STATUS_BODY = {"TaskId": "AAAAAAAAAAAAAAAA"}
 
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(START)
 
 
 @pytest.fixture

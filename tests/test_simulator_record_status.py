@@ -12,15 +12,8 @@ from exporter.simulator.caller import SimCaller
 from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer
 from exporter.zego.errors import Code
-
-APP = 1234567890
-SECRET = "0123456789abcdef0123456789abcdef"
-START = 1_700_000_000.0
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(START)
+from tests.conftest import APP_ID as APP
+from tests.conftest import SECRET, START
 
 
 @pytest.fixture

@@ -20,11 +20,9 @@ from exporter.simulator.cli import build_parser, parse_listen_address, scenario_
 from exporter.simulator.faults import FaultKind
 from exporter.simulator.scenario import DEMO_SCENARIO, ScenarioError, parse_scenario
 from exporter.zego.errors import Code
-from tests.conftest import free_port
+from tests.conftest import APP_ID as APP
+from tests.conftest import SECRET, START, free_port
 
-START = 1_700_000_000.0
-APP = 1234567890
-SECRET = "0123456789abcdef0123456789abcdef"
 REPO = Path(__file__).resolve().parent.parent
 
 
