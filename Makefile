@@ -3,7 +3,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test lint typecheck unit
+.PHONY: venv demo test lint typecheck unit system-deps
+
+# Real binaries the tests require (promtool, prometheus, alertmanager, redis-server, ...):
+# installed from Debian's packages when one is missing (sudo unless root).
+APT_PACKAGES := $(shell grep -v '^\s*\#' .ci/apt-packages.txt)
+NEEDED_BINARIES := promtool prometheus prometheus-alertmanager amtool redis-server systemd-analyze
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -24,4 +29,12 @@ typecheck:
 unit:
 	$(PY) -m pytest -q
 
-test: venv lint typecheck unit
+system-deps:
+	@for b in $(NEEDED_BINARIES); do command -v $$b >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	    $$sudo apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+test: system-deps venv lint typecheck unit
