@@ -55,29 +55,30 @@ class ExporterCollector(Collector):
         yield info
 
     def _tasks(self) -> Iterator[Metric]:
+        # One family at a time: the renderer consumes each before the next is built, so at
+        # 10,000 rooms only one family's samples are in memory at once.
+        apps = self._state.apps
         live = GaugeMetricFamily(f"{PREFIX}_tasks", "Recording tasks live now, by status.",
                                  labels=["app_id", "room_id", "status"])
-        counters = {
-            kind: CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["app_id", "room_id"])
-            for kind, (name, doc) in EVENT_COUNTERS.items()
-        }
+        for app_id, app in apps.items():
+            for (room, status), count in app.live_by_room().items():
+                live.add_metric([str(app_id), room, status.label], count)
+        yield live
+        for kind, (name, doc) in EVENT_COUNTERS.items():
+            counter = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["app_id", "room_id"])
+            for app_id, app in apps.items():
+                for room, by_kind in app.counters.items():
+                    counter.add_metric([str(app_id), room], by_kind[kind])
+            yield counter
         durations = HistogramMetricFamily(
             f"{PREFIX}_task_duration_seconds",
             "Length of recordings that ended, by outcome.",
             labels=["app_id", "outcome"],
         )
-        for app_id, app in self._state.apps.items():
-            app_label = str(app_id)
-            for (room, status), count in app.live_by_room().items():
-                live.add_metric([app_label, room, status.label], count)
-            for room, by_kind in app.counters.items():
-                for kind, family in counters.items():
-                    family.add_metric([app_label, room], by_kind[kind])
+        for app_id, app in apps.items():
             for outcome, histogram in app.durations.items():
-                durations.add_metric([app_label, outcome], histogram.cumulative(),
+                durations.add_metric([str(app_id), outcome], histogram.cumulative(),
                                      histogram.total)
-        yield live
-        yield from counters.values()
         yield durations
 
     def _callbacks(self) -> Iterator[Metric]:
