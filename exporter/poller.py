@@ -255,24 +255,29 @@ class AppPoller:
         return Listing(kept, consistent, page, totals[0])
 
     async def _look_up(self, task_ids: list[str]) -> dict[str, Lookup]:
-        # A few in flight are enough to use the budget; thousands at once would only crowd
-        # the event loop (and its late wake-ups would bunch requests on the wire).
-        in_flight = asyncio.Semaphore(MAX_LOOKUPS_IN_FLIGHT)
-
         async def one(task_id: str) -> Lookup:
-            async with in_flight:
-                try:
-                    return await self._client.describe_record_status(self._app, task_id)
-                except ZegoApiError as exc:
-                    if exc.code == Code.TASK_NOT_FOUND:
-                        return NOT_FOUND
-                    log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
-                                error=str(exc))
-                except ZegoError as exc:
-                    log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
-                                error=str(exc))
-                return LookupFailed.FAILED
+            try:
+                return await self._client.describe_record_status(self._app, task_id)
+            except ZegoApiError as exc:
+                if exc.code == Code.TASK_NOT_FOUND:
+                    return NOT_FOUND
+                log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
+                            error=str(exc))
+            except ZegoError as exc:
+                log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
+                            error=str(exc))
+            return LookupFailed.FAILED
 
-        outcomes = await asyncio.gather(*(one(t) for t in task_ids))
-        return dict(zip(task_ids, outcomes, strict=True))
+        # A few workers are enough to use the budget; thousands of waiting tasks would only
+        # crowd memory and the event loop (whose late wake-ups would bunch requests).
+        outcomes: dict[str, Lookup] = {}
+        queue = iter(task_ids)
+
+        async def worker() -> None:
+            for task_id in queue:  # shared: each worker takes the next task id
+                outcomes[task_id] = await one(task_id)
+
+        await all_or_nothing(*(worker() for _ in range(min(MAX_LOOKUPS_IN_FLIGHT,
+                                                            len(task_ids)))))
+        return outcomes
 
