@@ -113,8 +113,10 @@ class ExpositionCache:
         return self._version
 
     def invalidate(self) -> None:
-        """The state changed: the next scrape (or `prerender`) renders afresh."""
+        """The state changed: the next scrape (or `prerender`) renders afresh. The old renders
+        are dropped now (no scrape may get them any more): at 10,000 rooms they are megabytes."""
         self._version += 1
+        self._ready.clear()
 
     def prerender(self) -> None:
         """Render, in the background, every format seen so far (call on the event loop)."""
@@ -132,20 +134,14 @@ class ExpositionCache:
         self._encoders.setdefault(content_type, encoder)
         return content_type
 
-    async def get(self, content_type: str, stale_ok: bool = False) -> Rendered:
-        """The exposition in `content_type` for the current state, rendering it if need be.
-
-        With `stale_ok`, while the current version is being rendered the last one is served
-        (stale by at most one render time) rather than waiting for it.
-        """
+    async def get(self, content_type: str) -> Rendered:
+        """The exposition in `content_type` for the current state, rendering it if need be."""
         version = self._version
         ready = self._ready.get(content_type)
         if ready is not None and ready.version == version:
             return ready
         rendering = self._rendering.get(content_type)
         if rendering is not None and rendering[0] == version:
-            if stale_ok and ready is not None:
-                return ready
             return await asyncio.shield(rendering[1])
         future: asyncio.Future[Rendered] = asyncio.get_running_loop().create_future()
         self._rendering[content_type] = (version, future)
@@ -165,9 +161,7 @@ class ExpositionCache:
                 del self._rendering[content_type]
         self.renders += 1
         rendered = Rendered(version, body, gzipped)
-        current = self._ready.get(content_type)
-        if current is None or current.version < version:
-            # Kept even if a change overlapped the render: served stale only until the next one.
+        if version == self._version:  # a change during the render made it stale: not kept
             self._ready[content_type] = rendered
         future.set_result(rendered)
         return rendered
