@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from exporter.clock import ManualClock
 from exporter.config import AppConfig, Config, Secret, ZegoConfig
 from exporter.daemon import Exporter
 from exporter.diff import EventKind
+from exporter.simulator.caller import SimCaller
 from exporter.simulator.engine import LifecycleRates, RoomCounts, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
 
@@ -101,6 +103,21 @@ def make_config(endpoint: str, rooms: tuple[str, ...] | None, timeout: float = 2
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(START)
+
+
+@pytest.fixture
+async def sim(clock: ManualClock) -> AsyncIterator[SimulatorServer]:
+    """A one-room simulator with no random recordings and no rate limit."""
+    engine = SimEngine(clock, {APP_ID: SECRET}, seed=1, rooms=["room-1"], rates=QUIET)
+    async with SimulatorServer(engine, ServerOptions(rate_limits={})) as server:
+        yield server
+
+
+@pytest.fixture
+async def caller(sim: SimulatorServer, clock: ManualClock) -> AsyncIterator[SimCaller]:
+    """Signed requests to `sim`, without retries."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        yield SimCaller(session, sim.url, APP_ID, SECRET, clock)
 
 
 @pytest.fixture

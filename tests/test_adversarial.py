@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.clock import ManualClock
+from exporter.config import Secret
 from exporter.daemon import Exporter, ListenAddress
 from exporter.diff import EventKind, TaskEvent
 from exporter.ratelimit import RateLimiter
@@ -39,7 +40,6 @@ from exporter.zego.client import (
     DESCRIBE_RECORD_STATUS,
     DESCRIBE_TASKS,
     MAX_BODY_BYTES,
-    PlainSecret,
     RetryPolicy,
     ZegoApp,
     ZegoClient,
@@ -424,7 +424,7 @@ async def run_client(action: str, script: list[Reply]) -> tuple[object, list[str
     clock = ManualClock(NOW_S)
     seen: list[str] = []
     limiters = {a: RateLimiter(10, clock) for a in (DESCRIBE_TASKS, DESCRIBE_RECORD_STATUS)}
-    app = ZegoApp(APP_ID, PlainSecret(SECRET), limiters)
+    app = ZegoApp(APP_ID, Secret(SECRET), limiters)
     try:
         async with aiohttp.ClientSession() as session:
             client = ZegoClient(session, url, clock, timeout=5.0,

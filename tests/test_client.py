@@ -13,6 +13,7 @@ from aiohttp import web
 from openapi_core.testing import MockRequest
 
 from exporter.clock import ManualClock
+from exporter.config import Secret
 from exporter.ratelimit import RateLimiter
 from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.faults import FaultConfig, FaultKind, FaultRule
@@ -20,7 +21,6 @@ from exporter.simulator.server import ServerOptions, SimulatorServer
 from exporter.zego.client import (
     DESCRIBE_RECORD_STATUS,
     DESCRIBE_TASKS,
-    PlainSecret,
     RetryPolicy,
     ZegoApp,
     ZegoClient,
@@ -51,7 +51,7 @@ class Harness:
     def app(self, app_id: int = APP_ID, secret: str = SECRET) -> ZegoApp:
         actions = (DESCRIBE_TASKS, DESCRIBE_RECORD_STATUS)
         limiters = {a: RateLimiter(10, self.clock) for a in actions}
-        return ZegoApp(app_id, PlainSecret(secret), limiters)
+        return ZegoApp(app_id, Secret(secret), limiters)
 
     def faults(self, *rules: FaultRule, **settings: Any) -> None:
         self.sim.state.set_faults(FaultConfig(rules=rules, **settings))
@@ -194,7 +194,7 @@ async def test_rate_limited_answers_wait_at_least_a_second_before_retrying(
 
 
 def test_errors_and_apps_never_show_the_secret() -> None:
-    app = ZegoApp(APP_ID, PlainSecret("s3cr3t-DO-NOT-LEAK"), {})
+    app = ZegoApp(APP_ID, Secret("s3cr3t-DO-NOT-LEAK"), {})
     error = ZegoApiError(DESCRIBE_TASKS, 100000005, "signature error")
     for text in (repr(app), str(app), repr(error), str(error), repr(app.secret)):
         assert "s3cr3t" not in text
@@ -239,7 +239,7 @@ async def capture_client() -> AsyncIterator[tuple[Capture, ZegoClient, ZegoApp]]
     limiters = {a: RateLimiter(10, clock) for a in (DESCRIBE_TASKS, DESCRIBE_RECORD_STATUS)}
     async with aiohttp.ClientSession() as session:
         yield (capture, ZegoClient(session, f"http://127.0.0.1:{port}/", clock),
-               ZegoApp(APP_ID, PlainSecret(SECRET), limiters))
+               ZegoApp(APP_ID, Secret(SECRET), limiters))
     await runner.cleanup()
 
 

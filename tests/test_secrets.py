@@ -29,7 +29,7 @@ import pytest
 
 from exporter.cli import main
 from exporter.clock import ManualClock
-from exporter.config import ConfigError, load_config
+from exporter.config import ConfigError, Secret, load_config
 from exporter.ratelimit import RateLimiter
 from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer
@@ -37,7 +37,6 @@ from exporter.zego.callback_signing import callback_signature
 from exporter.zego.client import (
     DESCRIBE_RECORD_STATUS,
     DESCRIBE_TASKS,
-    PlainSecret,
     RetryPolicy,
     ZegoApp,
     ZegoClient,
@@ -346,7 +345,7 @@ def test_config_objects_never_show_their_secrets(tmp_path: Path) -> None:
         shown = [repr(config), str(config), repr(app), str(app), repr(config.apps),
                  repr(secret), str(secret), f"{secret}", f"{secret!r:>40}",
                  "%s" % (secret,),  # noqa: UP031 - how stdlib logging formats arguments
-                 repr(ZegoApp(APP_ID, secret, {})), repr(ZegoApp(APP_ID, PlainSecret(SERVER), {}))]
+                 repr(ZegoApp(APP_ID, secret, {})), repr(ZegoApp(APP_ID, Secret(SERVER), {}))]
         assert leaks("\n".join(shown).encode()) == [], form
         with pytest.raises(TypeError):
             pickle.dumps(config)
@@ -363,7 +362,7 @@ async def test_client_errors_never_show_the_secret() -> None:
                                  ("http://127.0.0.1:1/", HEX_SERVER)):  # nothing listening
             client = ZegoClient(http, endpoint, clock, timeout=1.0,
                                 retry=RetryPolicy(attempts=1))
-            app = ZegoApp(APP_ID, PlainSecret(secret), limiters)
+            app = ZegoApp(APP_ID, Secret(secret), limiters)
             for call in (client.describe_tasks(app, 2, "room-1", 1_749_990_000_000,
                                                1_750_000_000_000),
                          client.describe_record_status(app, "some-task")):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
 import pytest
 
 from exporter.clock import ManualClock
 from exporter.simulator.caller import SimCaller
-from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.faults import FaultConfig
-from exporter.simulator.server import ServerOptions, SimulatorServer
+from exporter.simulator.server import SimulatorServer
 from exporter.zego.errors import Code
 from exporter.zego.signing import signature
 from tests.conftest import APP_ID as APP
@@ -19,20 +16,6 @@ from tests.conftest import SECRET, START
 
 BODY = {"TaskId": "AAAAAAAAAAAAAAAA"}
 
-
-
-@pytest.fixture
-async def sim(clock: ManualClock) -> AsyncIterator[SimulatorServer]:
-    engine = SimEngine(clock, {APP: SECRET}, seed=1, rooms=["room-1"],
-                       rates=LifecycleRates(arrivals_per_hour=0))
-    async with SimulatorServer(engine, ServerOptions(rate_limits={})) as server:
-        yield server
-
-
-@pytest.fixture
-async def caller(sim: SimulatorServer, clock: ManualClock) -> AsyncIterator[SimCaller]:
-    async with aiohttp.ClientSession() as session:
-        yield SimCaller(session, sim.url, APP, SECRET, clock)
 
 
 async def test_a_correctly_signed_request_is_answered(caller: SimCaller) -> None:

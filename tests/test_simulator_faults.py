@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -28,20 +27,6 @@ from tests.conftest import SECRET, START
 BODY = {"TaskId": "AAAAAAAAAAAAAAAA"}
 ACTION = "DescribeRecordStatus"
 
-
-
-@pytest.fixture
-async def sim(clock: ManualClock) -> AsyncIterator[SimulatorServer]:
-    engine = SimEngine(clock, {APP: SECRET}, seed=1, rooms=["room-1"],
-                       rates=LifecycleRates(arrivals_per_hour=0))
-    async with SimulatorServer(engine, ServerOptions(rate_limits={})) as server:
-        yield server
-
-
-@pytest.fixture
-async def caller(sim: SimulatorServer, clock: ManualClock) -> AsyncIterator[SimCaller]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        yield SimCaller(session, sim.url, APP, SECRET, clock)
 
 
 def always(kind: FaultKind, **config: float) -> FaultConfig:

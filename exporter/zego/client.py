@@ -54,21 +54,6 @@ class Revealable(Protocol):
     def reveal(self) -> str: ...
 
 
-class PlainSecret:
-    """A secret given as a string (tests, demo); hides itself from reprs like config's Secret."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "PlainSecret('********')"
-
-
 @dataclass
 class ZegoApp:
     """One AppId's credentials and its rate limiters, one per Action, shared by all its rooms."""
