@@ -6,7 +6,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import structlog
@@ -17,6 +17,7 @@ from exporter.diff import (
     Lookup,
     LookupFailed,
     Snapshot,
+    TrackedTask,
     diff,
     horizon_start_ms,
     needs_lookup,
@@ -30,6 +31,9 @@ from exporter.zego.models import RecordingTask
 PAGE_SIZE = 50
 MAX_PAGES = 1000  # 50,000 tasks in one scope: past this, TotalCount is lying
 MAX_LOOKUPS_IN_FLIGHT = 16
+# Vanished tasks begun before the ended-listing window: from this many on, a Status=3 read over
+# their begin times runs beside the look-ups (fewer are looked up within seconds).
+EXTENDED_READ_MIN = 64
 STATUS_LIVE = 2
 STATUS_ENDED = 3
 T = TypeVar("T")
@@ -43,6 +47,15 @@ class Listing:
     consistent: bool  # TotalCount stayed put and the pages added up to it
     requests: int
     total: int  # TotalCount of the query (all rooms, for an app-wide one)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What became of the tasks that vanished from the live listing."""
+
+    lookups: dict[str, Lookup]  # DescribeRecordStatus answers
+    ended: dict[str, RecordingTask]  # Status=3 rows of the extended read, for vanished tasks only
+    requests: int  # of both kinds
 
 
 @dataclass(frozen=True)
@@ -120,11 +133,15 @@ class AppPoller:
         except ZegoError as exc:
             return self._finish(False, 0, 0, started, str(exc))
         self._check_budget(requests)
-        lookups = await self._look_up(needs_lookup(state.tracking, snapshot, self._margin_ms))
+        vanished = needs_lookup(state.tracking, snapshot, self._margin_ms)
+        resolution = await self._resolve([state.tracking.live[t] for t in vanished],
+                                         self._ended_from(now_ms), now_ms)
+        if resolution.ended:
+            snapshot = replace(snapshot, ended={**snapshot.ended, **resolution.ended})
         # Callbacks may have changed the tracking while this cycle awaited ZEGO: diff against
         # the tracking as it is now, and let the snapshot not undo their newer flips.
         scope = None if state.rooms is None else frozenset(state.rooms)
-        result = diff(state.tracking, snapshot, lookups, self._margin_ms,
+        result = diff(state.tracking, snapshot, resolution.lookups, self._margin_ms,
                       state.fresher_than(now_ms), scope, self._max_lag_ms)
         state.apply(result.tracking, result.events)
         state.last_observed_ms = now_ms
@@ -139,7 +156,8 @@ class AppPoller:
         failed = len(result.pending)
         # The events above stand; the pending tasks are asked about again next cycle.
         error = f"DescribeRecordStatus failed for {failed} tasks" if failed else None
-        return self._finish(not failed, requests + len(lookups), len(result.events), started, error)
+        return self._finish(not failed, requests + resolution.requests, len(result.events),
+                            started, error)
 
     def _check_budget(self, requests: int) -> None:
         """Say so when the rooms need more listing requests than one interval's budget: cycles
@@ -174,13 +192,16 @@ class AppPoller:
             self._on_cycle_done(state)
         return CycleReport(ok, requests, events, seconds)
 
+    def _ended_from(self, now_ms: int) -> int:
+        """Where this cycle's Status=3 read begins (a window of begin times up to now)."""
+        since = self._state.tracking.ended_since_ms
+        if since is None:
+            return now_ms - self._margin_ms  # baseline: what just ended is not ours to count
+        return max(horizon_start_ms(now_ms, self._margin_ms), since)
+
     async def _observe(self, now_ms: int) -> tuple[Snapshot, int]:
-        tracking = self._state.tracking
         oldest = horizon_start_ms(now_ms, self._margin_ms)
-        if tracking.ended_since_ms is None:
-            ended_from = now_ms - self._margin_ms  # baseline: what just ended is not ours to count
-        else:
-            ended_from = max(oldest, tracking.ended_since_ms)
+        ended_from = self._ended_from(now_ms)
         windows = {STATUS_LIVE: oldest, STATUS_ENDED: ended_from}
         planner = self.planner
         probe = planner is not None and planner.needs_probe()
@@ -254,30 +275,85 @@ class AppPoller:
                 and self._in_scope(t.room_id) and start_ms <= t.begin_ms <= end_ms]
         return Listing(kept, consistent, page, totals[0])
 
-    async def _look_up(self, task_ids: list[str]) -> dict[str, Lookup]:
-        async def one(task_id: str) -> Lookup:
-            try:
-                return await self._client.describe_record_status(self._app, task_id)
-            except ZegoApiError as exc:
-                if exc.code == Code.TASK_NOT_FOUND:
-                    return NOT_FOUND
-                log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
-                            error=str(exc))
-            except ZegoError as exc:
-                log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
-                            error=str(exc))
-            return LookupFailed.FAILED
+    async def _resolve(self, vanished: list[TrackedTask], ended_from_ms: int, now_ms: int
+                       ) -> Resolution:
+        """Learn what became of tasks missing from the live listing.
 
-        # A few workers are enough to use the budget; thousands of waiting tasks would only
-        # crowd memory and the event loop (whose late wake-ups would bunch requests).
-        outcomes: dict[str, Lookup] = {}
-        queue = iter(task_ids)
+        Each gets a DescribeRecordStatus look-up, oldest first. When many began before this
+        cycle's Status=3 window, a Status=3 read over their begin times runs beside the
+        look-ups (each has its own rate limit): an ended row is as good as a look-up and one
+        page holds 50. Rows only ever settle tasks in `vanished`; a task the read does not
+        show is still looked up, so nothing is concluded from a missing row.
+        """
+        order = sorted(vanished, key=lambda t: t.begin_ms, reverse=True)  # newest first
+        waiting = {t.task_id: t for t in order}
+        lookups: dict[str, Lookup] = {}
+        found: dict[str, RecordingTask] = {}
+
+        def oldest_waiting() -> TrackedTask | None:
+            while order and order[-1].task_id not in waiting:
+                order.pop()
+            return order[-1] if order else None
 
         async def worker() -> None:
-            for task_id in queue:  # shared: each worker takes the next task id
-                outcomes[task_id] = await one(task_id)
+            while (task := oldest_waiting()) is not None:
+                del waiting[task.task_id]
+                lookups[task.task_id] = await self._look_up(task.task_id)
 
-        await all_or_nothing(*(worker() for _ in range(min(MAX_LOOKUPS_IN_FLIGHT,
-                                                            len(task_ids)))))
-        return outcomes
+        async def reader() -> int:
+            before = [t for t in vanished if t.begin_ms < ended_from_ms]
+            start_ms = max(horizon_start_ms(now_ms, self._margin_ms),
+                           min((t.begin_ms for t in before), default=ended_from_ms))
+            if len(before) < EXTENDED_READ_MIN or self.scopes != [None] \
+                    or start_ms >= ended_from_ms:
+                return 0
+            page = 0
+            while oldest_waiting() is not None:
+                page += 1
+                try:
+                    result = await self._client.describe_tasks(
+                        self._app, STATUS_ENDED, None, start_ms, ended_from_ms, page, PAGE_SIZE)
+                except ZegoError as exc:  # the look-ups answer for the rest
+                    log.warning("extended_read_failed", app_id=self._app.app_id, error=str(exc))
+                    return page
+                settled = 0
+                for row in result.tasks:
+                    task = waiting.get(row.task_id)
+                    if task is not None and row.room_id == task.room_id and not row.status.live \
+                            and start_ms <= row.begin_ms <= ended_from_ms:
+                        found[row.task_id] = row
+                        del waiting[row.task_id]
+                        settled += 1
+                # A page that settled nothing saved no look-up: stop. And ZEGO lists newest
+                # first: once the rows are older than every waiting task, no later page helps.
+                lowest = min((row.begin_ms for row in result.tasks), default=start_ms)
+                oldest = oldest_waiting()
+                last = math.ceil(result.total_count / PAGE_SIZE)
+                if not settled or oldest is None or oldest.begin_ms > lowest \
+                        or page >= min(last, MAX_PAGES):
+                    break
+            return page
 
+        async def look_up_all() -> int:
+            # A few workers use the budget; thousands of waiting tasks would only crowd memory
+            # and the event loop (whose late wake-ups would bunch requests).
+            await all_or_nothing(*(worker() for _ in range(min(MAX_LOOKUPS_IN_FLIGHT,
+                                                                len(order)))))
+            return len(lookups)
+
+        pages, looked_up = await all_or_nothing(reader(), look_up_all())
+        return Resolution(lookups, found, pages + looked_up)
+
+    async def _look_up(self, task_id: str) -> Lookup:
+        """DescribeRecordStatus of one task: its status, NOT_FOUND, or FAILED."""
+        try:
+            return await self._client.describe_record_status(self._app, task_id)
+        except ZegoApiError as exc:
+            if exc.code == Code.TASK_NOT_FOUND:
+                return NOT_FOUND
+            log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
+                        error=str(exc))
+        except ZegoError as exc:
+            log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
+                        error=str(exc))
+        return LookupFailed.FAILED

@@ -240,3 +240,60 @@ async def test_a_busy_app_keeps_its_ended_listing_window_bounded(rig_factory: Fa
     assert lag_s <= 10 * 15 + 600 + 30  # max lag + margin + a cycle
     assert all(isinstance(r, CycleReport) and r.ok for r in rig.reports)
     assert max(r.requests for r in rig.reports[-20:]) < 40
+
+
+@pytest.mark.parametrize("semantics", ["inclusive", "strict"])
+async def test_many_ends_are_settled_by_one_ended_read_not_a_lookup_each(
+    rig_factory: Factory, semantics: str
+) -> None:
+    rooms = [f"r{i}" for i in range(20)]
+    rig: Rig = await rig_factory(rooms=None, sim_rooms=rooms,
+                                 options=ServerOptions(status_semantics=semantics))  # type: ignore[arg-type]
+    tasks = [rig.engine.start(APP_ID, room) for room in rooms for _ in range(5)]
+    rig.clock.advance(100)
+    # Begun after the tracked tasks and over before the baseline: the extended read lists it,
+    # and it must not count (it is nobody's vanished task).
+    unseen = rig.engine.start(APP_ID, "r0")
+    rig.clock.advance(100)
+    rig.engine.stop(unseen)
+    rig.clock.advance(800)  # past the baseline's Status=3 window (clock-skew margin)
+    await rig.cycle()
+    await rig.cycle(advance=700)  # every task begun before the next Status=3 window
+    await rig.cycle()
+    for task in tasks[:80]:
+        rig.engine.stop(task)
+    for task in tasks[80:90]:
+        rig.engine.abort(task)
+    rig.sim.state.traffic.reset()
+    await rig.cycle()
+    looked_up = rig.sim.state.traffic.to_json()["by_action"]["DescribeRecordStatus"]["requests"]
+
+    counters = [rig.counters(room) for room in rooms]
+    assert sum(c[EventKind.STARTED] for c in counters) == 0
+    assert sum(c[EventKind.ENDED] for c in counters) == 90
+    assert sum(c[EventKind.ENDED_ABNORMALLY] for c in counters) == 10
+    assert len(rig.exporter.state.apps[APP_ID].tracking.live) == 10
+    # Without the read: 90 look-ups. Strict semantics list no status 4: those 10 are looked up.
+    assert looked_up <= (40 if semantics == "inclusive" else 50), looked_up
+    assert all(isinstance(r, CycleReport) and r.ok for r in rig.reports)
+
+
+async def test_a_failing_ended_read_leaves_the_lookups_to_answer(rig_factory: Factory) -> None:
+    rooms = [f"r{i}" for i in range(20)]
+    rig: Rig = await rig_factory(rooms=None, sim_rooms=rooms)
+    tasks = [rig.engine.start(APP_ID, room) for room in rooms for _ in range(5)]
+    await rig.cycle(advance=700)
+    await rig.cycle()
+    for task in tasks[:70]:
+        rig.engine.abort(task)
+    # The listing's three requests leave within 0.25 s (paced 0.105 s apart); the extended read
+    # comes after them and fails, retries included.
+    now = rig.clock.time()
+    rig.sim.state.set_faults(FaultConfig(rules=(
+        FaultRule(FaultKind.SYSTEM_ERROR, 1.0, windows=((now + 0.25, now + 100),),
+                  actions=frozenset({"DescribeTasks"})),)))
+    with structlog.testing.capture_logs() as logs:
+        await rig.cycle()
+    assert [e for e in logs if e["event"] == "extended_read_failed"]
+    counters = [rig.counters(room) for room in rooms]
+    assert sum(c[EventKind.ENDED_ABNORMALLY] for c in counters) == 70
