@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import gc
 import math
 import multiprocessing
 import os
@@ -73,6 +74,12 @@ def simulator_main(workload: Workload, port_out: Any, stop: Any) -> None:
 async def _simulator(workload: Workload, port_out: Any, stop: Any) -> None:
     from exporter.simulator import LifecycleRates, ServerOptions, SimEngine, room_names
     from exporter.simulator.server import create_app, rate_limits
+
+    # ZEGO's side must not stall: at 10,000 rooms the simulator holds over a million objects,
+    # and one full collection of them stops it for half a second (×10 on the shared clock),
+    # bunching the requests that queued meanwhile into one "second" of false 300000003. Its
+    # garbage is freed by reference counting; the exporter keeps Python's defaults.
+    gc.disable()
 
     clock = workload.clock()
     rates = LifecycleRates(arrivals_per_hour=workload.arrivals_per_hour,

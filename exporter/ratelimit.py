@@ -5,12 +5,14 @@ when a request may leave:
 
 * pacing: requests leave at least 1 / (limit × pacing) seconds apart (a token bucket holding one
   token), so a burst does not land in one server-side window and network jitter has room;
-* the hard rule: a request leaves no sooner than 1 s after the request `limit` places before it,
-  so whatever the pacing, no sliding 1-second window ever holds more than `limit` departures.
+* the hard rule: a request leaves no sooner than 1 s after the request `n` places before it,
+  where `n` is `limit × pacing` rounded up (never above `limit`), so no sliding 1-second window
+  ever holds more than `n` departures: requests that wake late (a busy event loop, a GC pause)
+  leave no faster than the pacing allows, and keep its margin for the network's jitter.
 
 Slots are reserved synchronously, in call order, so concurrency cannot break either rule. A
 caller woken late (a busy event loop) is checked once more against the hard rule on the times
-requests really left, and waits again if it would make `limit + 1` in one second.
+requests really left, and waits again if it would make `n + 1` in one second.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from exporter.clock import Clock
 DEFAULT_PACING = 0.95
 
 
+def window_size(limit: float, pacing: float) -> int:
+    """Departures allowed in one sliding second: `limit × pacing` rounded up, at most `limit`."""
+    return max(1, min(math.floor(limit), math.ceil(limit * pacing - 1e-9)))
+
+
 class RateLimiter:
     def __init__(self, limit: float, clock: Clock, pacing: float = DEFAULT_PACING) -> None:
         if limit <= 0:
@@ -32,7 +39,7 @@ class RateLimiter:
         self.limit = limit
         self._clock = clock
         self._interval = 1.0 / (limit * pacing)
-        self._window = max(1, math.floor(limit))
+        self._window = window_size(limit, pacing)
         self._recent: collections.deque[float] = collections.deque(maxlen=self._window)
         self._left: collections.deque[float] = collections.deque(maxlen=self._window)
         self._next_free = -math.inf

@@ -2,17 +2,17 @@
 
 Same rules as exporter/ratelimit.py, but the slots are booked in Redis by one Lua script per
 (AppId, Action), atomically, on Redis' own clock: requests leave at least
-1 / (limit × pacing) apart, and no sooner than 1 s after the request `limit` places before them,
-whichever replica sends them. So replicas polling one app together never exceed its limit in any
-sliding second. If Redis cannot be reached, the limiter falls back to a local one at this
-replica's share of the budget (`fallback_limit`, e.g. rate_limit / replicas), which keeps the
-total within the limit too, and logs it; it tries Redis again on the next request.
+1 / (limit × pacing) apart, and no sooner than 1 s after the request `limit × pacing` (rounded
+up) places before them, whichever replica sends them. So replicas polling one app together
+never exceed its limit in any sliding second. If Redis cannot be reached, the limiter falls back
+to a local one at this replica's share of the budget (`fallback_limit`, e.g. rate_limit /
+replicas), which keeps the total within the limit too, and logs it; it tries Redis again on the
+next request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +20,7 @@ import structlog
 
 from exporter.clock import Clock, SystemClock
 from exporter.config import AppConfig
-from exporter.ratelimit import DEFAULT_PACING, RateLimiter
+from exporter.ratelimit import DEFAULT_PACING, RateLimiter, window_size
 
 log = structlog.get_logger("exporter.ratelimit_redis")
 
@@ -64,7 +64,7 @@ class RedisRateLimiter(RateLimiter):
         self._redis = redis
         self._keys = [f"{KEY_PREFIX}:{app_id}:{action}:slots",
                       f"{KEY_PREFIX}:{app_id}:{action}:next"]
-        self._args = [max(1, math.floor(limit)), max(1, round(1e6 / (limit * pacing)))]
+        self._args = [window_size(limit, pacing), max(1, round(1e6 / (limit * pacing)))]
         self._script = redis.register_script(BOOK_SLOT)
         self._degraded = False
         self.booked: list[float] | None = None  # set to a list to record slots (Redis time, s)

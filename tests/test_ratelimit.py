@@ -133,6 +133,23 @@ async def test_callers_woken_late_still_leave_at_most_limit_a_second(seed: int) 
     assert max_in_any_window(sent) <= 10
 
 
+@pytest.mark.parametrize("seed", range(5))
+async def test_late_callers_do_not_eat_the_pacing_margin(seed: int) -> None:
+    """After a stall, the backlog leaves at the paced count per second (8 of 10), not at 10."""
+    clock = LateClock(seed)
+    limiter = RateLimiter(10, clock=clock, pacing=0.8)
+    sent: list[float] = []
+
+    async def call() -> None:
+        await limiter.acquire()
+        sent.append(clock.now)
+
+    tasks = [asyncio.create_task(call()) for _ in range(80)]
+    await clock.run(tasks)
+    assert len(sent) == 80
+    assert max_in_any_window(sent) <= 8
+
+
 def test_rejects_a_non_positive_limit() -> None:
     with pytest.raises(ValueError, match="limit"):
         RateLimiter(0, clock=VirtualClock())
