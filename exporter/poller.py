@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -308,6 +309,7 @@ class AppPoller:
                     or start_ms >= ended_from_ms:
                 return 0
             page = 0
+            recent: collections.deque[int] = collections.deque(maxlen=4)  # settled per page
             while oldest_waiting() is not None:
                 page += 1
                 try:
@@ -324,12 +326,15 @@ class AppPoller:
                         found[row.task_id] = row
                         del waiting[row.task_id]
                         settled += 1
-                # A page that settled nothing saved no look-up: stop. And ZEGO lists newest
-                # first: once the rows are older than every waiting task, no later page helps.
+                # A page pays while it settles at least the one look-up it costs: stop when the
+                # last pages (the first alone, at first) settled fewer than one each. And ZEGO
+                # lists newest first: once the rows are older than every waiting task, no later
+                # page helps.
+                recent.append(settled)
                 lowest = min((row.begin_ms for row in result.tasks), default=start_ms)
                 oldest = oldest_waiting()
                 last = math.ceil(result.total_count / PAGE_SIZE)
-                if not settled or oldest is None or oldest.begin_ms > lowest \
+                if sum(recent) < len(recent) or oldest is None or oldest.begin_ms > lowest \
                         or page >= min(last, MAX_PAGES):
                     break
             return page

@@ -5,14 +5,16 @@ when a request may leave:
 
 * pacing: requests leave at least 1 / (limit × pacing) seconds apart (a token bucket holding one
   token), so a burst does not land in one server-side window and network jitter has room;
-* the hard rule: a request leaves no sooner than 1 s after the request `n` places before it,
-  where `n` is `limit × pacing` rounded up (never above `limit`), so no sliding 1-second window
-  ever holds more than `n` departures: requests that wake late (a busy event loop, a GC pause)
-  leave no faster than the pacing allows, and keep its margin for the network's jitter.
+* the hard rule: a request leaves no sooner than 1 / pacing seconds after the request `limit`
+  places before it, so no sliding window of 1 / pacing seconds ever holds more than `limit`
+  departures, however late callers wake (a busy event loop, a GC pause) and bunch up. The
+  server counts arrivals in its own sliding second; an arrival lags its departure by the
+  network's latency, and as long as that varies by less than 1 / pacing − 1 seconds (53 ms at
+  the default 0.95), no server second can hold `limit + 1`. In steady state the two rules agree.
 
 Slots are reserved synchronously, in call order, so concurrency cannot break either rule. A
-caller woken late (a busy event loop) is checked once more against the hard rule on the times
-requests really left, and waits again if it would make `n + 1` in one second.
+caller woken late is checked once more against the hard rule on the times requests really
+left, and waits again if it would make `limit + 1` in one window.
 """
 
 from __future__ import annotations
@@ -25,11 +27,6 @@ from exporter.clock import Clock
 DEFAULT_PACING = 0.95
 
 
-def window_size(limit: float, pacing: float) -> int:
-    """Departures allowed in one sliding second: `limit × pacing` rounded up, at most `limit`."""
-    return max(1, min(math.floor(limit), math.ceil(limit * pacing - 1e-9)))
-
-
 class RateLimiter:
     def __init__(self, limit: float, clock: Clock, pacing: float = DEFAULT_PACING) -> None:
         if limit <= 0:
@@ -39,7 +36,8 @@ class RateLimiter:
         self.limit = limit
         self._clock = clock
         self._interval = 1.0 / (limit * pacing)
-        self._window = window_size(limit, pacing)
+        self._window = max(1, math.floor(limit))  # departures per `span` seconds
+        self.span = 1.0 / pacing
         self._recent: collections.deque[float] = collections.deque(maxlen=self._window)
         self._left: collections.deque[float] = collections.deque(maxlen=self._window)
         self._next_free = -math.inf
@@ -50,7 +48,7 @@ class RateLimiter:
         """Book the next free slot for a request asked for at `now`; return when it may leave."""
         at = max(now, self._next_free)
         if len(self._recent) == self._window:
-            at = max(at, self._recent[0] + 1.0)
+            at = max(at, self._recent[0] + self.span)
         self._recent.append(at)
         self._next_free = at + self._interval
         self.granted += 1
@@ -64,9 +62,9 @@ class RateLimiter:
             if wait > 0:
                 await self._clock.sleep(wait)
                 now = self._clock.monotonic()
-            if len(self._left) < self._window or now >= self._left[0] + 1.0:
+            if len(self._left) < self._window or now >= self._left[0] + self.span:
                 break
-            wait = self._left[0] + 1.0 - now
+            wait = self._left[0] + self.span - now
         self._left.append(now)
         self.waited_seconds += now - asked
         return now - asked

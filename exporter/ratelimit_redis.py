@@ -2,8 +2,8 @@
 
 Same rules as exporter/ratelimit.py, but the slots are booked in Redis by one Lua script per
 (AppId, Action), atomically, on Redis' own clock: requests leave at least
-1 / (limit × pacing) apart, and no sooner than 1 s after the request `limit × pacing` (rounded
-up) places before them, whichever replica sends them. So replicas polling one app together
+1 / (limit × pacing) apart, and no sooner than 1 / pacing seconds after the request `limit`
+places before them, whichever replica sends them. So replicas polling one app together
 never exceed its limit in any sliding second. If Redis cannot be reached, the limiter falls back
 to a local one at this replica's share of the budget (`fallback_limit`, e.g. rate_limit /
 replicas), which keeps the total within the limit too, and logs it; it tries Redis again on the
@@ -13,6 +13,7 @@ next request.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,14 +21,14 @@ import structlog
 
 from exporter.clock import Clock, SystemClock
 from exporter.config import AppConfig
-from exporter.ratelimit import DEFAULT_PACING, RateLimiter, window_size
+from exporter.ratelimit import DEFAULT_PACING, RateLimiter
 
 log = structlog.get_logger("exporter.ratelimit_redis")
 
 KEY_PREFIX = "zego-cloudrecord-exporter:ratelimit"
 
 # KEYS[1]: sorted set of booked departure times (µs); KEYS[2]: next free time (µs).
-# ARGV[1]: window (requests per sliding second); ARGV[2]: pacing interval (µs).
+# ARGV[1]: window (requests per span); ARGV[2]: pacing interval (µs); ARGV[3]: span (µs).
 # Returns {wait µs, departure µs}, both on Redis' clock. Times are written with %.0f: Lua's
 # tostring() would round µs timestamps to 14 digits.
 BOOK_SLOT = """
@@ -35,19 +36,21 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = tonumber(ARGV[1])
 local interval = tonumber(ARGV[2])
+local span = tonumber(ARGV[3])
 local at = now
 local next_free = tonumber(redis.call('GET', KEYS[2]) or '0')
 if next_free > at then at = next_free end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 2000000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - span - 1000000)
 local n = redis.call('ZCARD', KEYS[1])
 if n >= window then
   local e = redis.call('ZRANGE', KEYS[1], n - window, n - window, 'WITHSCORES')
-  local bound = tonumber(e[2]) + 1000000
+  local bound = tonumber(e[2]) + span
   if bound > at then at = bound end
 end
 redis.call('ZADD', KEYS[1], at, string.format('%.0f', at))
-redis.call('SET', KEYS[2], string.format('%.0f', at + interval), 'PX', 10000)
-redis.call('PEXPIRE', KEYS[1], 10000)
+local keep = math.max(10000, math.ceil((at - now + span + interval) / 500))
+redis.call('SET', KEYS[2], string.format('%.0f', at + interval), 'PX', keep)
+redis.call('PEXPIRE', KEYS[1], keep)
 return {at - now, at}
 """
 
@@ -64,7 +67,8 @@ class RedisRateLimiter(RateLimiter):
         self._redis = redis
         self._keys = [f"{KEY_PREFIX}:{app_id}:{action}:slots",
                       f"{KEY_PREFIX}:{app_id}:{action}:next"]
-        self._args = [window_size(limit, pacing), max(1, round(1e6 / (limit * pacing)))]
+        self._args = [max(1, math.floor(limit)), max(1, round(1e6 / (limit * pacing))),
+                      round(1e6 / pacing)]
         self._script = redis.register_script(BOOK_SLOT)
         self._degraded = False
         self.booked: list[float] | None = None  # set to a list to record slots (Redis time, s)

@@ -297,3 +297,29 @@ async def test_a_failing_ended_read_leaves_the_lookups_to_answer(rig_factory: Fa
     assert [e for e in logs if e["event"] == "extended_read_failed"]
     counters = [rig.counters(room) for room in rooms]
     assert sum(c[EventKind.ENDED_ABNORMALLY] for c in counters) == 70
+
+
+async def test_an_ended_read_that_settles_nothing_costs_one_request(rig_factory: Factory) -> None:
+    # Strict Status=2 lists no paused task: 70 paused tasks vanish from every live listing and
+    # are looked up every cycle. 200 old ended tasks fill the extended read's window (4 pages).
+    rooms = [f"r{i}" for i in range(10)]
+    rig: Rig = await rig_factory(rooms=None, sim_rooms=rooms,
+                                 options=ServerOptions(status_semantics="strict"))
+    paused = [rig.engine.start(APP_ID, room) for room in rooms for _ in range(7)]
+    rig.clock.advance(100)
+    old = [rig.engine.start(APP_ID, room) for room in rooms for _ in range(20)]
+    rig.clock.advance(100)
+    for task in old:
+        rig.engine.stop(task)
+    rig.clock.advance(800)
+    await rig.cycle()
+    await rig.cycle(advance=700)
+    await rig.cycle()
+    for task in paused:
+        rig.engine.pause(task)
+    rig.sim.state.traffic.reset()
+    await rig.cycle()
+    stats = rig.sim.state.traffic.to_json()["by_action"]
+    assert sum(rig.counters(room)[EventKind.PAUSED] for room in rooms) == 70
+    assert stats["DescribeRecordStatus"]["requests"] == 70
+    assert stats["DescribeTasks"]["requests"] == 3  # live page, ended page, one extended page
