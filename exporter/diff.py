@@ -5,7 +5,8 @@ be tested on its own. The rules, in the order they apply to one app:
 
 1. The very first cycle with no stored state is the baseline: live tasks are remembered, ended
    ones are marked as already counted, and no event is emitted.
-2. A live row whose TaskId was never seen before: **started**.
+2. A live row whose TaskId was never seen before: **started** (unless it began before the
+   baseline of its room: a task the baseline's listing missed is tracked, not counted).
 3. A tracked task whose status changed: 2→5 **paused**, 5→2 **resumed** (1→2 is no event).
 4. A tracked task missing from the live rows is never assumed ended. An ended row for it
    (Status=3 listing) or ZEGO's DescribeRecordStatus decides: 3 **ended**, 4 **ended** and
@@ -13,7 +14,8 @@ be tested on its own. The rules, in the order they apply to one app:
    exist", or a task older than ZEGO's 3-day horizon, is **lost**; a failed look-up keeps the
    task pending until the next cycle.
 5. An ended row whose TaskId was never seen (it started and ended between two cycles):
-   **started** and **ended** (and **ended abnormally** for status 4).
+   **started** and **ended** (and **ended abnormally** for status 4); only the end if it began
+   before the baseline of its room.
 6. A task's started and terminal events count once, ever: finished TaskIds are remembered until
    ZEGO can no longer list them (3 days after they began, plus the clock-skew margin).
 """
@@ -63,6 +65,11 @@ class Tracking:
     finished: dict[str, int] = field(default_factory=dict)  # TaskId -> forget after (ms)
     ended_since_ms: int | None = None  # next Status=3 read starts here; None: no baseline yet
     rooms: frozenset[str] | None = None  # rooms the baseline covers; None: every room
+    # When counting began: the baseline's time, and for rooms added to the config later, theirs.
+    # A task first seen later that began before it was missed by the baseline's listing (page
+    # drift): it is tracked, its end counts, its start does not.
+    baseline_ms: int | None = None
+    room_baselines_ms: dict[str, int] = field(default_factory=dict)
 
     @property
     def has_baseline(self) -> bool:
@@ -178,6 +185,7 @@ def diff(
                       **{t: r.begin_ms + forget_after for t, r in terminal_rows.items()}},
             ended_since_ms=now - margin_ms,
             rooms=scope,
+            baseline_ms=now,
         )
         return DiffResult(baseline, [], [])
 
@@ -226,15 +234,26 @@ def diff(
 
     known = tracking.live.keys() | finished.keys()
     covered = tracking.rooms.__contains__ if tracking.rooms is not None else (lambda room: True)
+    room_baselines = {room: ms for room, ms in tracking.room_baselines_ms.items()
+                      if scope is None or room in scope}
+    if scope is not None and tracking.rooms is not None:
+        room_baselines.update(dict.fromkeys(scope - tracking.rooms, now))
+
+    def began_counted(row: RecordingTask) -> bool:
+        """Did this task begin after counting began in its room?"""
+        since = room_baselines.get(row.room_id, tracking.baseline_ms)
+        return since is None or row.begin_ms >= since
+
     for tid, row in live_rows.items():
         if tid not in known:
-            if covered(row.room_id):
+            if covered(row.room_id) and began_counted(row):
                 events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
             live[tid] = TrackedTask(tid, row.room_id, row.status, row.begin_ms)
     for tid, row in terminal_rows.items():
         if tid not in known:
             if covered(row.room_id):
-                events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
+                if began_counted(row):
+                    events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
                 events += _ended_events(row, row.status, (now - row.begin_ms) / 1000)
             finish(row)
 
@@ -244,7 +263,8 @@ def diff(
         ended_since = tracking.ended_since_ms
     if max_lag_ms is not None:
         ended_since = max(ended_since, now - max_lag_ms)
-    return DiffResult(Tracking(live, finished, ended_since, scope), events, pending)
+    return DiffResult(Tracking(live, finished, ended_since, scope, tracking.baseline_ms,
+                               room_baselines), events, pending)
 
 
 def dedupe(rows: Iterable[RecordingTask]) -> dict[str, RecordingTask]:

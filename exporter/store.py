@@ -17,7 +17,7 @@ from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.state import AppState, Histogram
 from exporter.zego.models import TaskStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE apps (
@@ -45,6 +45,10 @@ MIGRATIONS: dict[int, str] = {
         app_id INTEGER NOT NULL, task_id TEXT NOT NULL, forget_after_ms INTEGER NOT NULL,
         PRIMARY KEY (app_id, task_id)
     );
+    """,
+    2: """
+    ALTER TABLE apps ADD COLUMN baseline_ms INTEGER;
+    ALTER TABLE apps ADD COLUMN room_baselines TEXT NOT NULL DEFAULT '{}';
     """,
 }
 
@@ -105,12 +109,13 @@ class Store:
         """Fill `app` from the file; False if the file holds nothing for this app."""
         row = self._db.execute(
             "SELECT ended_since_ms, baseline_rooms, last_success_time, last_observed_ms, "
-            "durations, deferred, ended_by_reason, upload_failures FROM apps WHERE app_id = ?",
+            "durations, deferred, ended_by_reason, upload_failures, baseline_ms, room_baselines "
+            "FROM apps WHERE app_id = ?",
             (app.app_id,)).fetchone()
         if row is None:
             return False
         (ended_since, baseline_rooms, last_success, last_observed, durations, deferred,
-         by_reason, uploads) = row
+         by_reason, uploads, baseline_ms, room_baselines) = row
         in_scope = (lambda room: True) if app.rooms is None else set(app.rooms).__contains__
         live = {
             task_id: TrackedTask(task_id, room, TaskStatus(status), begin)
@@ -124,7 +129,9 @@ class Store:
             (app.app_id,)).fetchall())
         self._finished_saved[app.app_id] = set(finished)
         rooms = None if baseline_rooms is None else frozenset(json.loads(baseline_rooms))
-        app.tracking = Tracking(live, finished, ended_since, rooms)
+        app.tracking = Tracking(live, finished, ended_since, rooms, baseline_ms,
+                                {r: ms for r, ms in json.loads(room_baselines).items()
+                                 if in_scope(r)})
         app.last_success_time = last_success
         app.last_observed_ms = last_observed
         app.ended_by_reason = json.loads(by_reason)
@@ -149,7 +156,7 @@ class Store:
         finished = set(tracking.finished)
         with self._transaction():
             self._db.execute(
-                "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (app.app_id, tracking.ended_since_ms,
                  None if tracking.rooms is None else json.dumps(sorted(tracking.rooms)),
                  app.last_success_time, app.last_observed_ms,
@@ -157,7 +164,8 @@ class Store:
                              for o, h in app.durations.items()}),
                  json.dumps([{"kind": e.kind.value, "task_id": e.task_id, "room_id": e.room_id,
                               "duration_s": e.duration_s} for e in app.deferred]),
-                 json.dumps(app.ended_by_reason), json.dumps(app.upload_failures)))
+                 json.dumps(app.ended_by_reason), json.dumps(app.upload_failures),
+                 tracking.baseline_ms, json.dumps(tracking.room_baselines_ms)))
             self._db.executemany(
                 "INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?)",
                 ((app.app_id, room, kind.value, value)

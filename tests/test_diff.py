@@ -257,3 +257,37 @@ def test_an_inconsistent_cycle_leaves_the_watermark_behind_at_most_max_lag() -> 
     state = replace(tracking(), ended_since_ms=NOW - 3_600_000)
     result = diff(state, snap(consistent=False), {}, MARGIN, max_lag_ms=750_000)
     assert result.tracking.ended_since_ms == NOW - 750_000
+
+
+def test_a_task_the_baselines_listing_missed_is_tracked_not_started() -> None:
+    # Page drift skipped "early" in the baseline's listing; it shows up a cycle later.
+    base = diff(Tracking(), snap([row("a")]), {}, MARGIN).tracking
+    assert base.baseline_ms == NOW
+    later = snap([row("a"), row("early", begin=NOW - 1), row("new", begin=NOW + 1)],
+                 ended=[row("gone", S.ENDED_ABNORMALLY, begin=NOW - 5_000)], at=NOW + 15_000)
+    result = diff(base, later, {}, MARGIN)
+    assert [(e.kind, e.task_id) for e in result.events] == [
+        (EventKind.STARTED, "new"),
+        (EventKind.ENDED, "gone"), (EventKind.ENDED_ABNORMALLY, "gone")]
+    assert {"early", "new"} <= set(result.tracking.live)
+    # Its end is real and counts.
+    ended = diff(result.tracking, snap([row("a"), row("new", begin=NOW + 1)],
+                                       ended=[row("early", S.ENDED, begin=NOW - 1)],
+                                       at=NOW + 30_000), {}, MARGIN)
+    assert [(e.kind, e.task_id) for e in ended.events] == [(EventKind.ENDED, "early")]
+
+
+def test_a_room_added_later_counts_starts_from_its_own_baseline() -> None:
+    state = replace(tracking(), rooms=frozenset({"r1"}), baseline_ms=NOW - 3_600_000)
+    first = diff(state, snap([row("seen", room="r2")]), {}, MARGIN,
+                 scope=frozenset({"r1", "r2"})).tracking
+    assert first.room_baselines_ms == {"r2": NOW}
+    later = snap([row("seen", room="r2"), row("missed", begin=NOW - 10, room="r2"),
+                  row("new", begin=NOW + 10, room="r2"), row("r1-task", begin=NOW - 10)],
+                 at=NOW + 15_000)
+    result = diff(first, later, {}, MARGIN, scope=frozenset({"r1", "r2"}))
+    assert sorted((e.kind.value, e.task_id) for e in result.events) == [
+        ("started", "new"), ("started", "r1-task")]
+    # A room dropped from the config forgets its baseline (re-added, it gets a new one).
+    dropped = diff(result.tracking, snap(at=NOW + 30_000), {}, MARGIN, scope=frozenset({"r1"}))
+    assert dropped.tracking.room_baselines_ms == {}

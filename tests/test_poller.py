@@ -323,3 +323,25 @@ async def test_an_ended_read_that_settles_nothing_costs_one_request(rig_factory:
     assert sum(rig.counters(room)[EventKind.PAUSED] for room in rooms) == 70
     assert stats["DescribeRecordStatus"]["requests"] == 70
     assert stats["DescribeTasks"]["requests"] == 3  # live page, ended page, one extended page
+
+
+async def test_tasks_the_baselines_pages_skipped_are_not_counted_as_starts(
+    rig_factory: Factory,
+) -> None:
+    rig: Rig = await rig_factory(rooms=("big",))
+    tasks = [rig.engine.start(APP_ID, "big") for _ in range(130)]
+    rig.clock.advance(700)
+    # The newest 20 (page 1 of 3) end after page 1 is read (its answer is in by +0.105 s on
+    # the manual clock) and before page 2 (+0.21 s): 20 rows of page 2 move up into page 1,
+    # and the baseline never sees them.
+    now = rig.clock.time()
+    for i, task in enumerate(tasks[-20:]):
+        rig.engine.stop(task, at=now + 0.15 + 0.001 * i)
+    await rig.cycle()
+    assert len(rig.exporter.state.apps[APP_ID].tracking.live) == 110
+    for _ in range(2):
+        await rig.cycle()
+    counters = rig.counters("big")
+    assert counters[EventKind.STARTED] == 0  # all 130 began before the baseline
+    assert counters[EventKind.ENDED] == 20
+    assert len(rig.exporter.state.apps[APP_ID].tracking.live) == 110

@@ -20,7 +20,7 @@ from exporter.cli import main
 from exporter.daemon import Exporter
 from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.state import AppState
-from exporter.store import SCHEMA_VERSION, Store, StoreError
+from exporter.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 from exporter.zego.models import TaskStatus
 from tests.conftest import APP_ID, SECRET, Rig, free_port, make_config
 
@@ -31,7 +31,9 @@ def busy_app() -> AppState:
     app = AppState(7, ("a", "b"))
     app.apply(
         Tracking(live={"t2": TrackedTask("t2", "b", TaskStatus.PAUSED, 1000)},
-                 finished={"t1": 99_000, "t0": 50_000}, ended_since_ms=12_345),
+                 finished={"t1": 99_000, "t0": 50_000}, ended_since_ms=12_345,
+                 rooms=frozenset({"a", "b"}), baseline_ms=10_000,
+                 room_baselines_ms={"b": 11_000}),
         [TaskEvent(EventKind.STARTED, "t1", "a"), TaskEvent(EventKind.ENDED, "t1", "a", 42.0),
          TaskEvent(EventKind.ENDED_ABNORMALLY, "t1", "a"), TaskEvent(EventKind.PAUSED, "t2", "b")],
     )
@@ -52,6 +54,21 @@ def test_an_app_round_trips_exactly(tmp_path: Path) -> None:
     assert loaded.durations == saved.durations
     assert loaded.deferred == saved.deferred
     assert loaded.last_success_time == saved.last_success_time
+
+
+def test_a_schema_1_file_is_migrated_and_keeps_its_counters(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(f"{MIGRATIONS[1]}\nPRAGMA user_version=1;")
+        db.execute("INSERT INTO apps VALUES (7, 12345, NULL, NULL, NULL, '{}', '[]', '{}', '{}')")
+        db.execute("INSERT INTO counters VALUES (7, 'a', 'ended', 3)")
+    loaded = AppState(7, ("a", "b"))
+    assert Store(path).load(loaded)
+    assert loaded.counters["a"][EventKind.ENDED] == 3
+    assert loaded.tracking.ended_since_ms == 12345
+    assert loaded.tracking.baseline_ms is None  # unknown: every first sighting counts, as in 1
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
 
 
 def test_forgotten_task_ids_leave_the_file(tmp_path: Path) -> None:
