@@ -209,6 +209,7 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
     describe = by_action.get("DescribeTasks", {})
     lookups = by_action.get("DescribeRecordStatus", {})
     polled_s = cycles[-1]["ended"] - cycles[0]["started"]
+    extended = sum(c["extended_pages"] for c in cycles)
     steady = cycles[1:] or cycles
     cpu = [b["cpu"] - a["cpu"] for a, b in itertools.pairwise(cycles)]
     scrape_p99 = rig.percentile(scrape_times, 0.99)
@@ -227,6 +228,8 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         "speed": workload.speed,
         "plan": "+".join(plans),
         "requests_per_cycle": describe.get("requests", 0) / len(cycles),
+        "listing_requests_per_cycle": (describe.get("requests", 0) - extended) / len(cycles),
+        "extended_read_pages_per_cycle": extended / len(cycles),
         "lookups_per_cycle": lookups.get("requests", 0) / len(cycles),
         "min_requests_per_cycle": minimum[minimum_key],
         "min_requests_per_cycle_per_room": minimum["per_room"],
@@ -277,10 +280,12 @@ def table(r: dict[str, Any]) -> str:
                      f"at the end), {r['cycles']} cycles ({r['cycles_ok']} ok), seed {r['seed']},"
                      f" clock ×{_fmt(r['speed'])}"),
         ("plan", r["plan"]),
-        ("DescribeTasks requests / cycle", f"{_fmt(r['requests_per_cycle'], digits=5)} "
-         f"(minimum: per-room {_fmt(r['min_requests_per_cycle_per_room'], digits=5)}, app-wide "
-         f"{_fmt(r['min_requests_per_cycle_app_wide'], digits=5)}); look-ups "
-         f"{_fmt(r['lookups_per_cycle'])}"),
+        ("DescribeTasks requests / cycle", f"{_fmt(r['requests_per_cycle'], digits=5)}: "
+         f"listing {_fmt(r['listing_requests_per_cycle'], digits=5)} (minimum: per-room "
+         f"{_fmt(r['min_requests_per_cycle_per_room'], digits=5)}, app-wide "
+         f"{_fmt(r['min_requests_per_cycle_app_wide'], digits=5)}) + extended read "
+         f"{_fmt(r['extended_read_pages_per_cycle'], digits=4)}"),
+        ("DescribeRecordStatus / cycle", _fmt(r["lookups_per_cycle"], digits=5)),
         ("cycle length", _fmt(r["cycle_seconds"], " s (simulated)")),
         ("abnormal end -> /metrics", f"p50 {_fmt(r['detection_latency_p50_s'], ' s')}, p99 "
          f"{_fmt(r['detection_latency_p99_s'], ' s')} (simulated; {r['abnormal_ends']} ends, "

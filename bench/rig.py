@@ -158,6 +158,7 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
         report = await poller.run_cycle()
         events.put(("cycle", {"started": started_at, "ended": clock.time(), "ok": report.ok,
                               "requests": report.requests, "cpu": time.process_time(),
+                              "extended_pages": report.extended_pages,
                               "abnormal": list(abnormal), "plan": _plan(poller)}))
         abnormal.clear()
         next_at = max(next_at + workload.poll_interval, clock.monotonic())

@@ -56,15 +56,16 @@ class Resolution:
 
     lookups: dict[str, Lookup]  # DescribeRecordStatus answers
     ended: dict[str, RecordingTask]  # Status=3 rows of the extended read, for vanished tasks only
-    requests: int  # of both kinds
+    pages: int  # DescribeTasks requests of the extended read
 
 
 @dataclass(frozen=True)
 class CycleReport:
     ok: bool
-    requests: int
+    requests: int  # all of the cycle's, look-ups and the extended read included
     events: int
     seconds: float
+    extended_pages: int = 0  # DescribeTasks requests of the extended ended read
 
 
 async def all_or_nothing(*steps: Awaitable[T]) -> list[T]:
@@ -157,8 +158,8 @@ class AppPoller:
         failed = len(result.pending)
         # The events above stand; the pending tasks are asked about again next cycle.
         error = f"DescribeRecordStatus failed for {failed} tasks" if failed else None
-        return self._finish(not failed, requests + resolution.requests, len(result.events),
-                            started, error)
+        return self._finish(not failed, requests + resolution.pages + len(resolution.lookups),
+                            len(result.events), started, error, resolution.pages)
 
     def _check_budget(self, requests: int) -> None:
         """Say so when the rooms need more listing requests than one interval's budget: cycles
@@ -174,7 +175,7 @@ class AppPoller:
         self._over_budget = over
 
     def _finish(self, ok: bool, requests: int, events: int, started: float,
-                error: str | None) -> CycleReport:
+                error: str | None, extended_pages: int = 0) -> CycleReport:
         state = self._state
         seconds = time.perf_counter() - started
         state.cycles_attempted += 1
@@ -191,7 +192,7 @@ class AppPoller:
             log.info("poll_cycle_done", **fields)
         if self._on_cycle_done is not None:
             self._on_cycle_done(state)
-        return CycleReport(ok, requests, events, seconds)
+        return CycleReport(ok, requests, events, seconds, extended_pages)
 
     def _ended_from(self, now_ms: int) -> int:
         """Where this cycle's Status=3 read begins (a window of begin times up to now)."""
@@ -346,8 +347,8 @@ class AppPoller:
                                                                 len(order)))))
             return len(lookups)
 
-        pages, looked_up = await all_or_nothing(reader(), look_up_all())
-        return Resolution(lookups, found, pages + looked_up)
+        pages, _ = await all_or_nothing(reader(), look_up_all())
+        return Resolution(lookups, found, pages)
 
     async def _look_up(self, task_id: str) -> Lookup:
         """DescribeRecordStatus of one task: its status, NOT_FOUND, or FAILED."""
