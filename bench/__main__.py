@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def auto_speed(args: argparse.Namespace) -> float:
-    """Fast enough to keep a run short, slow enough that loop jitter stays well inside a second."""
-    return float(max(1.0, min(10.0, 100.0 / args.rate_limit)))
+    """Fast enough to keep a run short, slow enough that loop jitter stays well inside the
+    pacing's margin: 10 at 10 requests/s up to 25,000 live tasks, slower in proportion above
+    (5 at 50,000): a bigger simulator answers each page more slowly, and its delays, like all
+    real-time jitter, are multiplied by the speed."""
+    tasks = args.tasks if args.tasks is not None else 5 * args.rooms
+    return float(max(1.0, min(10.0, 100.0 / args.rate_limit, 10.0 * 25_000 / max(tasks, 1))))
 
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> tuple[float, bytes, str]:

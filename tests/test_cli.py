@@ -82,6 +82,7 @@ async def test_daemon_serves_metrics_landing_page_and_probes() -> None:
             await exporter.pollers[APP_ID].run_cycle()
             engine.start(APP_ID, "b")
             await exporter.pollers[APP_ID].run_cycle()
+            await exporter.exposition.settled()  # scrapes meanwhile get the previous render
             async with http.get(f"{base}/-/ready") as response:
                 assert response.status == 200
             async with http.get(f"{base}/-/healthy") as response:

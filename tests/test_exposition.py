@@ -1,21 +1,27 @@
-"""/metrics served from the exposition cache: fresh after each cycle, gzip and OpenMetrics ready."""
+"""/metrics served from the exposition cache: fresh after each cycle's render, never waiting for
+one under way, gzip and OpenMetrics ready."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import aiohttp
 import pytest
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.clock import ManualClock
 from exporter.daemon import Exporter, ListenAddress
-from exporter.exposition import accepts_gzip
+from exporter.exposition import ExpositionCache, accepts_gzip
 from exporter.simulator.engine import SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
 from tests.conftest import APP_ID, QUIET, SECRET, make_config
@@ -39,8 +45,7 @@ class Served:
         await self.exporter.pollers[APP_ID].run_cycle()
         self.clock.advance(15.0)
         if settle:
-            for background in list(self.exporter.exposition._background):
-                await background
+            await self.exporter.exposition.settled()
 
     async def started(self, room: str) -> float:
         async with self.http.get(self.url, headers={"Accept-Encoding": "identity"}) as response:
@@ -86,6 +91,32 @@ async def test_a_scrape_renders_a_changed_state_itself_when_no_render_is_under_w
     served.exporter.exposition.prerender = lambda: None  # type: ignore[method-assign]
     await served.cycle(settle=False)
     assert await served.started("r2") == 1
+
+
+async def test_a_scrape_during_a_render_gets_the_previous_one_without_waiting() -> None:
+    value = [1.0]
+    gate = threading.Event()
+
+    class Slow(Collector):  # the second render blocks in its worker thread until `gate`
+        def collect(self) -> Iterator[Metric]:
+            if value[0] > 1:
+                gate.wait(10)
+            yield GaugeMetricFamily("thing", "A thing.", value=value[0])
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Slow())
+    cache = ExpositionCache(registry)
+    _, plain = choose_encoder("")
+    assert b"thing 1.0" in gzip.decompress((await cache.get(plain)).gzipped)
+    value[0] = 2.0
+    cache.invalidate()
+    cache.prerender()
+    await asyncio.sleep(0.05)  # the render of the new state is under way, blocked
+    during = await asyncio.wait_for(cache.get(plain), timeout=1.0)
+    assert b"thing 1.0" in gzip.decompress(during.gzipped)
+    gate.set()
+    await cache.settled()
+    assert b"thing 2.0" in gzip.decompress((await cache.get(plain)).gzipped)
 
 
 async def test_unchanged_state_is_rendered_once_for_many_scrapes(served: Served) -> None:
