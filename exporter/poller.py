@@ -287,68 +287,58 @@ class AppPoller:
         page holds 50. Rows only ever settle tasks in `vanished`; a task the read does not
         show is still looked up, so nothing is concluded from a missing row.
         """
-        order = sorted(vanished, key=lambda t: t.begin_ms, reverse=True)  # newest first
-        waiting = {t.task_id: t for t in order}
+        waiting = _Waiting(vanished)
         lookups: dict[str, Lookup] = {}
         found: dict[str, RecordingTask] = {}
 
-        def oldest_waiting() -> TrackedTask | None:
-            while order and order[-1].task_id not in waiting:
-                order.pop()
-            return order[-1] if order else None
-
         async def worker() -> None:
-            while (task := oldest_waiting()) is not None:
-                del waiting[task.task_id]
+            while (task := waiting.take_oldest()) is not None:
                 lookups[task.task_id] = await self._look_up(task.task_id)
-
-        async def reader() -> int:
-            before = [t for t in vanished if t.begin_ms < ended_from_ms]
-            start_ms = max(horizon_start_ms(now_ms, self._margin_ms),
-                           min((t.begin_ms for t in before), default=ended_from_ms))
-            if len(before) < EXTENDED_READ_MIN or self.scopes != [None] \
-                    or start_ms >= ended_from_ms:
-                return 0
-            page = 0
-            recent: collections.deque[int] = collections.deque(maxlen=4)  # settled per page
-            while oldest_waiting() is not None:
-                page += 1
-                try:
-                    result = await self._client.describe_tasks(
-                        self._app, STATUS_ENDED, None, start_ms, ended_from_ms, page, PAGE_SIZE)
-                except ZegoError as exc:  # the look-ups answer for the rest
-                    log.warning("extended_read_failed", app_id=self._app.app_id, error=str(exc))
-                    return page
-                settled = 0
-                for row in result.tasks:
-                    task = waiting.get(row.task_id)
-                    if task is not None and row.room_id == task.room_id and not row.status.live \
-                            and start_ms <= row.begin_ms <= ended_from_ms:
-                        found[row.task_id] = row
-                        del waiting[row.task_id]
-                        settled += 1
-                # A page pays while it settles at least the one look-up it costs: stop when the
-                # last pages (the first alone, at first) settled fewer than one each. And ZEGO
-                # lists newest first: once the rows are older than every waiting task, no later
-                # page helps.
-                recent.append(settled)
-                lowest = min((row.begin_ms for row in result.tasks), default=start_ms)
-                oldest = oldest_waiting()
-                last = math.ceil(result.total_count / PAGE_SIZE)
-                if sum(recent) < len(recent) or oldest is None or oldest.begin_ms > lowest \
-                        or page >= min(last, MAX_PAGES):
-                    break
-            return page
 
         async def look_up_all() -> int:
             # A few workers use the budget; thousands of waiting tasks would only crowd memory
             # and the event loop (whose late wake-ups would bunch requests).
             await all_or_nothing(*(worker() for _ in range(min(MAX_LOOKUPS_IN_FLIGHT,
-                                                                len(order)))))
+                                                                len(vanished)))))
             return len(lookups)
 
-        pages, _ = await all_or_nothing(reader(), look_up_all())
+        before = [t.begin_ms for t in vanished if t.begin_ms < ended_from_ms]
+        start_ms = max(horizon_start_ms(now_ms, self._margin_ms), min(before, default=0))
+        read = len(before) >= EXTENDED_READ_MIN and self.scopes == [None] \
+            and start_ms < ended_from_ms
+        pages, _ = await all_or_nothing(
+            self._extended_read(waiting, start_ms, ended_from_ms, found) if read else _zero(),
+            look_up_all())
         return Resolution(lookups, found, pages)
+
+    async def _extended_read(self, waiting: _Waiting, start_ms: int, end_ms: int,
+                             found: dict[str, RecordingTask]) -> int:
+        """Status=3 pages over [start_ms, end_ms], newest first, settling waiting tasks into
+        `found`, for as long as that pays; returns the pages asked for."""
+        page = 0
+        recent: collections.deque[int] = collections.deque(maxlen=4)  # settled per page
+        while waiting.oldest() is not None:
+            page += 1
+            try:
+                result = await self._client.describe_tasks(
+                    self._app, STATUS_ENDED, None, start_ms, end_ms, page, PAGE_SIZE)
+            except ZegoError as exc:  # the look-ups answer for the rest
+                log.warning("extended_read_failed", app_id=self._app.app_id, error=str(exc))
+                return page
+            settled = [row for row in result.tasks
+                       if start_ms <= row.begin_ms <= end_ms and waiting.settle(row)]
+            found.update((row.task_id, row) for row in settled)
+            # A page pays while it settles at least the one look-up it costs: stop when the
+            # last pages (the first alone, at first) settled fewer than one each. And ZEGO
+            # lists newest first: once the rows are older than every waiting task, no later
+            # page helps.
+            recent.append(len(settled))
+            lowest = min((row.begin_ms for row in result.tasks), default=start_ms)
+            oldest = waiting.oldest()
+            if sum(recent) < len(recent) or oldest is None or oldest.begin_ms > lowest \
+                    or page >= min(math.ceil(result.total_count / PAGE_SIZE), MAX_PAGES):
+                break
+        return page
 
     async def _look_up(self, task_id: str) -> Lookup:
         """DescribeRecordStatus of one task: its status, NOT_FOUND, or FAILED."""
@@ -363,3 +353,34 @@ class AppPoller:
             log.warning("lookup_failed", app_id=self._app.app_id, task_id=task_id,
                         error=str(exc))
         return LookupFailed.FAILED
+
+
+async def _zero() -> int:
+    return 0
+
+
+class _Waiting:
+    """Vanished tasks not settled yet: look-ups take the oldest, the ended read settles any."""
+
+    def __init__(self, tasks: list[TrackedTask]) -> None:
+        self._order = sorted(tasks, key=lambda t: t.begin_ms, reverse=True)  # newest first
+        self._by_id = {t.task_id: t for t in self._order}
+
+    def oldest(self) -> TrackedTask | None:
+        while self._order and self._order[-1].task_id not in self._by_id:
+            self._order.pop()
+        return self._order[-1] if self._order else None
+
+    def take_oldest(self) -> TrackedTask | None:
+        task = self.oldest()
+        if task is not None:
+            del self._by_id[task.task_id]
+        return task
+
+    def settle(self, row: RecordingTask) -> bool:
+        """Settle the task an ended row shows, if it is waiting and the row is its own."""
+        task = self._by_id.get(row.task_id)
+        if task is None or row.room_id != task.room_id or row.status.live:
+            return False
+        del self._by_id[row.task_id]
+        return True
