@@ -165,6 +165,7 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
     clock = workload.clock()
     metrics_url = f"http://127.0.0.1:{ready['port']}/metrics"
     cycles: list[dict[str, Any]] = []
+    visible: dict[int, float] = {}  # cycle index -> when its render was ready
     scrape_times: list[float] = []
     scrape_started: list[float] = []
     gzip_answers = 0
@@ -181,6 +182,8 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
                     break
                 if kind == "cycle":
                     cycles.append(payload)
+                elif kind == "visible":
+                    visible[payload["cycle"]] = payload["at"]
                 elif kind == "done":
                     done = payload
             # Scraping starts once the first cycle is done (the exporter is ready).
@@ -205,7 +208,9 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         async with session.get(f"{sim_url}_bench/abnormal",
                                params={"since": str(window[0])}) as r:
             ends = [(task_id, at) for task_id, at in await r.json()]
-    counted_at = {task_id: c["ended"] for c in cycles for task_id in c["abnormal"]}
+    # An end is on /metrics once the render after the cycle that counted it is ready.
+    counted_at = {task_id: visible.get(i, c["ended"])
+                  for i, c in enumerate(cycles) for task_id in c["abnormal"]}
     latencies, missed = rig.detection_latencies(ends, counted_at, scrape_started, window)
     shown = sum(float(v) for v in ABNORMAL_LINE.findall(last_text))
     baseline, samples = generate_latest_seconds(last_text.decode())

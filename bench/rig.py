@@ -150,7 +150,14 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
     events.put(("ready", {"port": exporter.bound_port, "pid": os.getpid()}))
     # The scheduler's job, on the shared clock: every poll_interval, a late run not repeated.
     next_at = clock.monotonic()
-    for _ in range(workload.cycles):
+
+    async def visible(index: int) -> None:
+        """When the cycle's events are on /metrics: its render (started as it ended) is done."""
+        await exporter.exposition.settled()
+        events.put(("visible", {"cycle": index, "at": clock.time()}))
+
+    shown: set[asyncio.Task[None]] = set()
+    for index in range(workload.cycles):
         wait = next_at - clock.monotonic()
         if wait > 0:
             await clock.sleep(wait)
@@ -161,7 +168,11 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
                               "extended_pages": report.extended_pages,
                               "abnormal": list(abnormal), "plan": _plan(poller)}))
         abnormal.clear()
+        task = asyncio.create_task(visible(index))
+        shown.add(task)
+        task.add_done_callback(shown.discard)
         next_at = max(next_at + workload.poll_interval, clock.monotonic())
+    await asyncio.gather(*shown)  # the last cycle's render too, before the driver's last scrape
     rusage = resource.getrusage(resource.RUSAGE_SELF)
     events.put(("done", {"cpu": time.process_time(), "peak_rss_bytes": rusage.ru_maxrss * 1024}))
     await _wait(stop)  # keep serving /metrics for the driver's last scrapes

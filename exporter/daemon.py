@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from exporter.store import Store
 from exporter.web import ServerLimits, make_app
 from exporter.webconfig import WebConfig
 from exporter.zego.client import DESCRIBE_RECORD_STATUS, DESCRIBE_TASKS, ZegoApp, ZegoClient
+
+SWITCH_INTERVAL_S = 0.0005  # see Exporter.start
 
 log = structlog.get_logger("exporter.daemon")
 
@@ -149,6 +152,12 @@ class Exporter:
 
     async def start(self, listen: ListenAddress | None, schedule: bool = True,
                     callback_listen: ListenAddress | None = None) -> None:
+        # The /metrics render runs in a worker thread and holds the GIL for most of its time
+        # (0.4 s at 10,000 rooms); at Python's default 5 ms switch interval, the event loop,
+        # which serves scrapes and paces ZEGO requests, would wait up to 5 ms per step behind
+        # it. 0.5 ms keeps scrapes during a render at a few ms (bench: p99 45 → 9 ms at 1,000
+        # rooms).
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._session = aiohttp.ClientSession()
         self.build_pollers(self._session)
         if callback_listen is not None:
