@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.openmetrics.parser import (
@@ -117,6 +118,17 @@ async def test_a_scrape_during_a_render_gets_the_previous_one_without_waiting() 
     gate.set()
     await cache.settled()
     assert b"thing 2.0" in gzip.decompress((await cache.get(plain)).gzipped)
+
+
+@pytest.mark.parametrize("accept", ["", OPENMETRICS])
+async def test_the_family_by_family_render_equals_prometheus_clients_own(accept: str) -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    Counter("things", "Things.", ["room"], registry=registry).labels("a\"b").inc(3)
+    Histogram("took_seconds", "Took.", registry=registry).observe(0.3)
+    Gauge("up", "Up.", registry=registry).set(1)
+    encoder, content_type = choose_encoder(accept)
+    rendered = await ExpositionCache(registry).get(content_type)
+    assert gzip.decompress(rendered.gzipped) == encoder(registry)
 
 
 async def test_unchanged_state_is_rendered_once_for_many_scrapes(served: Served) -> None:
