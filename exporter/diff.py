@@ -236,12 +236,19 @@ def diff(
     covered = tracking.rooms.__contains__ if tracking.rooms is not None else (lambda room: True)
     room_baselines = {room: ms for room, ms in tracking.room_baselines_ms.items()
                       if scope is None or room in scope}
+    baseline_ms = tracking.baseline_ms
     if scope is not None and tracking.rooms is not None:
         room_baselines.update(dict.fromkeys(scope - tracking.rooms, now))
+    elif scope is None and tracking.rooms is not None:
+        # From a room list to "*": every other room's baseline is now; the listed rooms keep
+        # theirs (0: a schema-1 state without one, where every first sighting counts).
+        room_baselines = {room: room_baselines.get(room, tracking.baseline_ms or 0)
+                          for room in tracking.rooms}
+        baseline_ms = now
 
     def began_counted(row: RecordingTask) -> bool:
         """Did this task begin after counting began in its room?"""
-        since = room_baselines.get(row.room_id, tracking.baseline_ms)
+        since = room_baselines.get(row.room_id, baseline_ms)
         return since is None or row.begin_ms >= since
 
     for tid, row in live_rows.items():
@@ -263,8 +270,8 @@ def diff(
         ended_since = tracking.ended_since_ms
     if max_lag_ms is not None:
         ended_since = max(ended_since, now - max_lag_ms)
-    return DiffResult(Tracking(live, finished, ended_since, scope, tracking.baseline_ms,
-                               room_baselines), events, pending)
+    return DiffResult(Tracking(live, finished, ended_since, scope, baseline_ms, room_baselines),
+                      events, pending)
 
 
 def dedupe(rows: Iterable[RecordingTask]) -> dict[str, RecordingTask]:

@@ -32,7 +32,7 @@ from exporter.zego.models import RecordingTask
 PAGE_SIZE = 50
 MAX_PAGES = 1000  # 50,000 tasks in one scope: past this, TotalCount is lying
 MAX_LOOKUPS_IN_FLIGHT = 16
-# Vanished tasks begun before the ended-listing window: from this many on, a Status=3 read over
+# From this many vanished tasks begun before the cycle's Status=3 window on, a Status=3 read over
 # their begin times runs beside the look-ups (fewer are looked up within seconds).
 EXTENDED_READ_MIN = 64
 STATUS_LIVE = 2
@@ -293,28 +293,33 @@ class AppPoller:
 
         async def worker() -> None:
             while (task := waiting.take_oldest()) is not None:
-                lookups[task.task_id] = await self._look_up(task.task_id)
+                # A callback may have finished it meanwhile (callbacks replace the tracking).
+                if task.task_id in self._state.tracking.live:
+                    lookups[task.task_id] = await self._look_up(task.task_id)
 
         async def look_up_all() -> int:
             # A few workers use the budget; thousands of waiting tasks would only crowd memory
             # and the event loop (whose late wake-ups would bunch requests).
             await all_or_nothing(*(worker() for _ in range(min(MAX_LOOKUPS_IN_FLIGHT,
                                                                 len(vanished)))))
-            return len(lookups)
+            return 0
 
         before = [t.begin_ms for t in vanished if t.begin_ms < ended_from_ms]
-        start_ms = max(horizon_start_ms(now_ms, self._margin_ms), min(before, default=0))
-        read = len(before) >= EXTENDED_READ_MIN and self.scopes == [None] \
-            and start_ms < ended_from_ms
+        read = len(before) >= EXTENDED_READ_MIN and self.scopes == [None]
         pages, _ = await all_or_nothing(
-            self._extended_read(waiting, start_ms, ended_from_ms, found) if read else _zero(),
+            self._extended_read(waiting, min(before), ended_from_ms, found) if read else _zero(),
             look_up_all())
         return Resolution(lookups, found, pages)
 
-    async def _extended_read(self, waiting: _Waiting, start_ms: int, end_ms: int,
+    async def _extended_read(self, waiting: _Waiting, oldest_ms: int, end_ms: int,
                              found: dict[str, RecordingTask]) -> int:
-        """Status=3 pages over [start_ms, end_ms], newest first, settling waiting tasks into
-        `found`, for as long as that pays; returns the pages asked for."""
+        """Status=3 pages over [oldest_ms, end_ms] (kept inside ZEGO's horizon as it is now),
+        newest first, settling waiting tasks into `found` for as long as that pays; returns
+        the pages asked for."""
+        now_ms = int(self._clock.time() * 1000)
+        start_ms = max(horizon_start_ms(now_ms, self._margin_ms), oldest_ms)
+        if start_ms >= end_ms:
+            return 0
         page = 0
         recent: collections.deque[int] = collections.deque(maxlen=4)  # settled per page
         while waiting.oldest() is not None:

@@ -291,3 +291,14 @@ def test_a_room_added_later_counts_starts_from_its_own_baseline() -> None:
     # A room dropped from the config forgets its baseline (re-added, it gets a new one).
     dropped = diff(result.tracking, snap(at=NOW + 30_000), {}, MARGIN, scope=frozenset({"r1"}))
     assert dropped.tracking.room_baselines_ms == {}
+
+
+def test_a_switch_from_a_room_list_to_all_rooms_baselines_the_new_rooms_now() -> None:
+    state = replace(tracking(), rooms=frozenset({"r1"}), baseline_ms=NOW - 36_000_000)
+    first = diff(state, snap([row("seen", room="r2")]), {}, MARGIN, scope=None).tracking
+    assert first.baseline_ms == NOW
+    assert first.room_baselines_ms == {"r1": NOW - 36_000_000}
+    later = snap([row("seen", room="r2"), row("missed", begin=NOW - 10, room="r2"),
+                  row("r1-task", begin=NOW - 10)], at=NOW + 15_000)
+    result = diff(first, later, {}, MARGIN, scope=None)
+    assert [(e.kind, e.task_id) for e in result.events] == [(EventKind.STARTED, "r1-task")]
