@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 
 from bench import rig
+from exporter.demo import free_port
 
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0;q=0.5,"
                      "text/plain;version=0.0.4;q=0.3,*/*;q=0.1")
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mean recording length, simulated seconds (default 1800)")
     parser.add_argument("--abnormal", type=float, default=0.2,
                         help="probability that a recording ends abnormally (default 0.2)")
+    parser.add_argument("--callbacks", action="store_true",
+                        help="the simulator also sends ZEGO's recording callbacks to the exporter")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     return parser
 
@@ -211,6 +214,7 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
     # An end is on /metrics once the render after the cycle that counted it is ready.
     counted_at = {task_id: visible.get(i, c["ended"])
                   for i, c in enumerate(cycles) for task_id in c["abnormal"]}
+    counted_at.update((task_id, at) for c in cycles for task_id, at in c["by_callback"])
     latencies, missed = rig.detection_latencies(ends, counted_at, scrape_started, window)
     shown = sum(float(v) for v in ABNORMAL_LINE.findall(last_text))
     baseline, samples = generate_latest_seconds(last_text.decode())
@@ -234,6 +238,7 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         "cycles": len(cycles),
         "cycles_ok": sum(1 for c in cycles if c["ok"]),
         "seed": workload.seed,
+        "callbacks": workload.callback_port is not None,
         "speed": workload.speed,
         "plan": "+".join(plans),
         "requests_per_cycle": describe.get("requests", 0) / len(cycles),
@@ -287,7 +292,7 @@ def table(r: dict[str, Any]) -> str:
     rows = [
         ("workload", f"{r['rooms']} rooms, {r['tasks']} tasks ({_fmt(r['tasks_live_seen'])} live "
                      f"at the end), {r['cycles']} cycles ({r['cycles_ok']} ok), seed {r['seed']},"
-                     f" clock ×{_fmt(r['speed'])}"),
+                     f" clock ×{_fmt(r['speed'])}{', callbacks on' if r['callbacks'] else ''}"),
         ("plan", r["plan"]),
         ("DescribeTasks requests / cycle", f"{_fmt(r['requests_per_cycle'], digits=5)}: "
          f"listing {_fmt(r['listing_requests_per_cycle'], digits=5)} (minimum: per-room "
@@ -330,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         all_rooms=args.all_rooms,
         mean_duration_s=args.mean_duration, abnormal_probability=args.abnormal,
         origin_real=time.monotonic(), origin_wall=time.time(),
+        callback_port=free_port() if args.callbacks else None,
     )
     result = asyncio.run(drive(args, workload))
     print(json.dumps(result, sort_keys=True) if args.json else table(result))

@@ -24,6 +24,7 @@ from exporter.zego.models import TaskStatus
 
 APP_ID = 1234567890
 SECRET = "0123456789abcdef0123456789abcdef"
+CALLBACK_SECRET = "bench-callback-secret"
 PAGE_SIZE = 50
 THREE_DAYS_MS = 3 * 86_400 * 1000
 LIVE = frozenset({TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED})
@@ -45,6 +46,7 @@ class Workload:
     abnormal_probability: float
     origin_real: float
     origin_wall: float
+    callback_port: int | None = None  # the exporter's callback listener; None: no callbacks
 
     def clock(self) -> ScaledClock:
         return ScaledClock(self.speed, start=self.origin_wall, origin_real=self.origin_real)
@@ -89,7 +91,11 @@ async def _simulator(workload: Workload, port_out: Any, stop: Any) -> None:
     # Three mean lifetimes of warm-up: the live population is near its steady state at t0.
     engine = SimEngine(clock, {APP_ID: SECRET}, seed=workload.seed, rooms=rooms, rates=rates,
                        warmup_s=3 * workload.mean_duration_s)
-    app = create_app(engine, ServerOptions(rate_limits=rate_limits(workload.rate_limit)))
+    options = ServerOptions(rate_limits=rate_limits(workload.rate_limit))
+    if workload.callback_port is not None:
+        options.callback_url = f"http://127.0.0.1:{workload.callback_port}/callback"
+        options.callback_secrets = {APP_ID: CALLBACK_SECRET}
+    app = create_app(engine, options)
 
     async def abnormal(request: web.Request) -> web.Response:
         """Abnormal ends (task id, ledger time) since `since` (simulated Unix seconds)."""
@@ -139,14 +145,18 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
     configure_logging("error", "logfmt")
     clock = workload.clock()
     rooms = None if workload.all_rooms else tuple(room_names(workload.rooms))
+    port = workload.callback_port
+    callbacks = port is not None
     app = AppConfig(app_id=APP_ID, server_secret=Secret(SECRET), rooms=rooms,
-                    rate_limit=workload.rate_limit, max_rooms=max(workload.rooms, 1))
+                    rate_limit=workload.rate_limit, max_rooms=max(workload.rooms, 1),
+                    callback_secret=Secret(CALLBACK_SECRET) if callbacks else None)
     config = Config(zego=ZegoConfig(endpoint=sim_url, timeout=30.0, pacing=workload.pacing),
                     poll_interval=workload.poll_interval, apps=(app,))
     exporter = Exporter(config, clock=clock)
-    await exporter.start(ListenAddress("127.0.0.1", 0), schedule=False)
+    await exporter.start(ListenAddress("127.0.0.1", 0), schedule=False, callback_listen=(
+        None if port is None else ListenAddress("127.0.0.1", port)))
     poller = exporter.pollers[APP_ID]
-    abnormal = _record_abnormal_ends(exporter.state.apps[APP_ID])
+    abnormal, by_callback = _record_abnormal_ends(exporter.state.apps[APP_ID], clock)
     events.put(("ready", {"port": exporter.bound_port, "pid": os.getpid()}))
     # The scheduler's job, on the shared clock: every poll_interval, a late run not repeated.
     next_at = clock.monotonic()
@@ -166,8 +176,10 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
         events.put(("cycle", {"started": started_at, "ended": clock.time(), "ok": report.ok,
                               "requests": report.requests, "cpu": time.process_time(),
                               "extended_pages": report.extended_pages,
-                              "abnormal": list(abnormal), "plan": _plan(poller)}))
+                              "abnormal": list(abnormal), "by_callback": list(by_callback),
+                              "plan": _plan(poller)}))
         abnormal.clear()
+        by_callback.clear()
         task = asyncio.create_task(visible(index))
         shown.add(task)
         task.add_done_callback(shown.discard)
@@ -187,22 +199,28 @@ def _plan(poller: Any) -> str:
     return "app-wide" if poller.scopes == [None] else "per-room"
 
 
-def _record_abnormal_ends(state: Any) -> list[str]:
-    """Wrap the app state's `apply` to note the TaskIds it counts as ended abnormally."""
+def _record_abnormal_ends(state: Any, clock: ScaledClock
+                          ) -> tuple[list[str], list[tuple[str, float]]]:
+    """Wrap the app state's `apply` to note the TaskIds it counts as ended abnormally: by a
+    poll cycle (shown once its render is ready), and by a callback, with the time (shown to
+    the next scrape, which renders the changed state itself)."""
     from exporter.diff import EventKind, TaskEvent
 
-    seen: list[str] = []
+    by_cycle: list[str] = []
+    by_callback: list[tuple[str, float]] = []
     apply = state.apply
 
-    def recording_apply(*args: Any, **kwargs: Any) -> Any:
-        for arg in (*args, *kwargs.values()):
-            if isinstance(arg, list | tuple):
-                seen.extend(e.task_id for e in arg if isinstance(e, TaskEvent)
-                            and e.kind is EventKind.ENDED_ABNORMALLY)
-        return apply(*args, **kwargs)
+    def recording_apply(tracking: Any, events: Any, flush_deferred: bool = True) -> Any:
+        ended = [e.task_id for e in events if isinstance(e, TaskEvent)
+                 and e.kind is EventKind.ENDED_ABNORMALLY]
+        if flush_deferred:
+            by_cycle.extend(ended)
+        else:  # only callbacks apply without flushing deferred events
+            by_callback.extend((task_id, clock.time()) for task_id in ended)
+        return apply(tracking, events, flush_deferred)
 
     state.apply = recording_apply
-    return seen
+    return by_cycle, by_callback
 
 
 def spawn(target: Any, *args: Any) -> multiprocessing.process.BaseProcess:

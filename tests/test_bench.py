@@ -8,15 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_a_tiny_benchmark_reports_every_figure_and_no_rate_limited_answer() -> None:
+@pytest.mark.parametrize("extra", [[], ["--callbacks"]])
+def test_a_tiny_benchmark_reports_every_figure_and_no_rate_limited_answer(
+    extra: list[str],
+) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--rooms", "5", "--tasks", "20", "--cycles", "3",
-         "--mean-duration", "120", "--json"],
+         "--mean-duration", "120", "--json", *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(done.stdout)
+    assert result["callbacks"] is bool(extra)
     readme = (ROOT / "bench" / "README.md").read_text()
     documented = {key for cell in re.findall(r"^\| (`[^|]+) \|", readme, re.MULTILINE)
                   for key in re.findall(r"`([a-z0-9_]+)`", cell)}
