@@ -125,16 +125,14 @@ class Exporter:
                 poll_interval=self.config.poll_interval,
             )
 
-    def state_changed(self) -> None:
-        """The state changed (a cycle ended, a callback arrived): /metrics renders afresh."""
-        self.exposition.invalidate()
-
     async def _callback_answered(self, request: web.Request,
                                  response: web.StreamResponse) -> None:
-        self.state_changed()  # callback counters moved, and maybe events
+        # Callback counters moved, and maybe events: on /metrics within a second or so, one
+        # render for a burst of callbacks.
+        self.exposition.invalidate(soon=True)
 
     def _cycle_done(self, app: AppState) -> None:
-        self.state_changed()
+        self.exposition.invalidate()
         self.exposition.prerender()  # ready before the next scrape, off the event loop
         self._save(app)
         if self._on_cycle_done is not None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import math
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 log = structlog.get_logger("exporter.exposition")
 
 GZIP_LEVEL = 6
+SOON_S = 1.0  # a callback's change is on /metrics within this (or 4 renders' time) at most
 GZIP_WBITS = 31  # zlib's gzip framing: one gzip member
 EOF = b"# EOF\n"
 RETRIES = 3
@@ -112,11 +115,16 @@ class ExpositionCache:
     """One registry's exposition per content type, re-rendered only after `invalidate()`."""
 
     def __init__(self, registry: CollectorRegistry, live: CollectorRegistry | None = None, *,
-                 in_thread: bool = True) -> None:
+                 in_thread: bool = True, soon_s: float = SOON_S) -> None:
         self._registry = registry
         self._live = live
         self._in_thread = in_thread
+        self._soon_s = soon_s
         self._version = 0
+        self._exact_from = 0  # scrapes never get a render older than this version
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_done = -math.inf  # time.monotonic() when the last render ended
+        self._last_took = 0.0  # its seconds
         self._ready: dict[str, Rendered] = {}  # content type -> last render
         self._rendering: dict[str, tuple[int, asyncio.Future[Rendered]]] = {}
         self._encoders: dict[str, Encoder] = {}
@@ -131,9 +139,28 @@ class ExpositionCache:
     def version(self) -> int:
         return self._version
 
-    def invalidate(self) -> None:
-        """The state changed: the next scrape (or `prerender`) renders afresh."""
+    def invalidate(self, soon: bool = False) -> None:
+        """The state changed: the next scrape (or `prerender`) renders afresh.
+
+        `soon` (a callback's change): scrapes may go on getting the last render until a render
+        scheduled at most `soon_s` (or 4 × the last render's time, if longer) after the last
+        one has run: under a stream of callbacks, renders then take at most a quarter of a
+        core, and scrapes never wait for one."""
         self._version += 1
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            soon = False
+        if not soon:
+            self._exact_from = self._version
+        elif self._timer is None:
+            wait = max(self._soon_s, 4 * self._last_took)
+            delay = max(0.0, self._last_done + wait - time.monotonic())
+            self._timer = loop.call_later(delay, self._soon_due)
+
+    def _soon_due(self) -> None:
+        self._timer = None
+        self.prerender()
 
     def prerender(self) -> None:
         """Render, in the background, every format seen so far (call on the event loop)."""
@@ -142,7 +169,7 @@ class ExpositionCache:
         except RuntimeError:
             return
         for content_type in list(self._encoders):
-            task = loop.create_task(self.get(content_type))
+            task = loop.create_task(self._fresh(content_type))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -157,25 +184,39 @@ class ExpositionCache:
         return content_type
 
     async def get(self, content_type: str) -> Rendered:
-        """The exposition in `content_type` for the current state, rendering it if need be."""
+        """What a scrape gets in `content_type`: the render of the current state; the last
+        render while a newer one is under way or, after changes made `soon`, is scheduled;
+        else a render of the current state, waited for."""
+        ready = self._ready.get(content_type)
+        if ready is not None:
+            if ready.version >= self._exact_from:
+                return ready
+            rendering = self._rendering.get(content_type)
+            if rendering is not None and rendering[0] >= self._exact_from:
+                return ready  # the previous state while this one renders: no waiting
+        return await self._fresh(content_type)
+
+    async def _fresh(self, content_type: str) -> Rendered:
+        """The render of the current state: the one under way, or a new one."""
         version = self._version
         ready = self._ready.get(content_type)
         if ready is not None and ready.version == version:
             return ready
         rendering = self._rendering.get(content_type)
         if rendering is not None and rendering[0] == version:
-            if ready is not None:  # the previous state while this one renders: no waiting
-                return ready
             return await asyncio.shield(rendering[1])
         future: asyncio.Future[Rendered] = asyncio.get_running_loop().create_future()
         self._rendering[content_type] = (version, future)
         try:
             encoder = self._encoders[content_type]
             async with self._one_at_a_time:
+                begun = time.monotonic()
                 if self._in_thread:
                     gzipped = await asyncio.to_thread(self._render, encoder)
                 else:
                     gzipped = self._render(encoder)
+                self._last_done = time.monotonic()
+                self._last_took = self._last_done - begun
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else must

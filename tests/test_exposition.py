@@ -120,6 +120,37 @@ async def test_a_scrape_during_a_render_gets_the_previous_one_without_waiting() 
     assert b"thing 2.0" in gzip.decompress((await cache.get(plain)).gzipped)
 
 
+async def test_callback_changes_are_rendered_once_soon_and_scrapes_never_wait() -> None:
+    value = [1.0]
+
+    class Counting(Collector):
+        def collect(self) -> Iterator[Metric]:
+            yield GaugeMetricFamily("thing", "A thing.", value=value[0])
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Counting())
+    cache = ExpositionCache(registry, soon_s=0.2)
+    _, plain = choose_encoder("")
+
+    async def shown() -> bytes:
+        return gzip.decompress((await cache.get(plain)).gzipped)
+
+    assert b"thing 1.0" in await shown()
+    renders = cache.renders
+    for i in range(20):  # a burst of callbacks, scraped after each
+        value[0] = 2.0 + i
+        cache.invalidate(soon=True)
+        assert b"thing 1.0" in await shown()  # the last render, at once
+    assert cache.renders == renders
+    await asyncio.sleep(0.3)  # the one render scheduled for the burst
+    await cache.settled()
+    assert b"thing 21.0" in await shown()
+    assert cache.renders == renders + 2  # one per format kept ready (OpenMetrics, text)
+    value[0] = 99.0
+    cache.invalidate()  # a cycle's change: the next scrape waits for it
+    assert b"thing 99.0" in await shown()
+
+
 @pytest.mark.parametrize("accept", ["", OPENMETRICS])
 async def test_the_family_by_family_render_equals_prometheus_clients_own(accept: str) -> None:
     registry = CollectorRegistry(auto_describe=False)
