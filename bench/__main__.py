@@ -214,7 +214,8 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
     # An end is on /metrics once the render after the cycle that counted it is ready.
     counted_at = {task_id: visible.get(i, c["ended"])
                   for i, c in enumerate(cycles) for task_id in c["abnormal"]}
-    counted_at.update((task_id, at) for c in cycles for task_id, at in c["by_callback"])
+    counted_at.update((task_id, at) for c in (*cycles, done)
+                      for task_id, at in c["by_callback"])
     latencies, missed = rig.detection_latencies(ends, counted_at, scrape_started, window)
     shown = sum(float(v) for v in ABNORMAL_LINE.findall(last_text))
     baseline, samples = generate_latest_seconds(last_text.decode())

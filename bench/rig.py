@@ -156,7 +156,11 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
     await exporter.start(ListenAddress("127.0.0.1", 0), schedule=False, callback_listen=(
         None if port is None else ListenAddress("127.0.0.1", port)))
     poller = exporter.pollers[APP_ID]
-    abnormal, by_callback = _record_abnormal_ends(exporter.state.apps[APP_ID], clock)
+    abnormal, callback_waiting = _record_abnormal_ends(exporter.state.apps[APP_ID],
+                                                       exporter.exposition)
+    by_callback: list[tuple[str, float]] = []
+    watcher = asyncio.create_task(_watch_callback_ends(exporter.exposition, callback_waiting,
+                                                       by_callback, clock))
     events.put(("ready", {"port": exporter.bound_port, "pid": os.getpid()}))
     # The scheduler's job, on the shared clock: every poll_interval, a late run not repeated.
     next_at = clock.monotonic()
@@ -185,8 +189,14 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
         task.add_done_callback(shown.discard)
         next_at = max(next_at + workload.poll_interval, clock.monotonic())
     await asyncio.gather(*shown)  # the last cycle's render too, before the driver's last scrape
+    for _ in range(250):  # and the callbacks' render (due within a second or so)
+        if not callback_waiting:
+            break
+        await asyncio.sleep(0.02)
+    watcher.cancel()
     rusage = resource.getrusage(resource.RUSAGE_SELF)
-    events.put(("done", {"cpu": time.process_time(), "peak_rss_bytes": rusage.ru_maxrss * 1024}))
+    events.put(("done", {"cpu": time.process_time(), "peak_rss_bytes": rusage.ru_maxrss * 1024,
+                         "by_callback": by_callback}))
     await _wait(stop)  # keep serving /metrics for the driver's last scrapes
     await exporter.stop()
 
@@ -199,15 +209,15 @@ def _plan(poller: Any) -> str:
     return "app-wide" if poller.scopes == [None] else "per-room"
 
 
-def _record_abnormal_ends(state: Any, clock: ScaledClock
-                          ) -> tuple[list[str], list[tuple[str, float]]]:
+def _record_abnormal_ends(state: Any, exposition: Any
+                          ) -> tuple[list[str], dict[str, int]]:
     """Wrap the app state's `apply` to note the TaskIds it counts as ended abnormally: by a
-    poll cycle (shown once its render is ready), and by a callback, with the time (shown to
-    the next scrape, which renders the changed state itself)."""
+    poll cycle (shown once that cycle's render is ready), and by a callback, with the version
+    of the exposition that will show it (the callback's answer bumps the version)."""
     from exporter.diff import EventKind, TaskEvent
 
     by_cycle: list[str] = []
-    by_callback: list[tuple[str, float]] = []
+    by_callback: dict[str, int] = {}
     apply = state.apply
 
     def recording_apply(tracking: Any, events: Any, flush_deferred: bool = True) -> Any:
@@ -216,11 +226,23 @@ def _record_abnormal_ends(state: Any, clock: ScaledClock
         if flush_deferred:
             by_cycle.extend(ended)
         else:  # only callbacks apply without flushing deferred events
-            by_callback.extend((task_id, clock.time()) for task_id in ended)
+            by_callback.update(dict.fromkeys(ended, exposition.version + 1))
         return apply(tracking, events, flush_deferred)
 
     state.apply = recording_apply
     return by_cycle, by_callback
+
+
+async def _watch_callback_ends(exposition: Any, waiting: dict[str, int],
+                               shown: list[tuple[str, float]], clock: ScaledClock) -> None:
+    """Move callback-counted ends from `waiting` to `shown` (with the time) once a render
+    that holds them is ready."""
+    while True:
+        version = exposition.shown_version
+        for task_id in [t for t, v in waiting.items() if v <= version]:
+            del waiting[task_id]
+            shown.append((task_id, clock.time()))
+        await asyncio.sleep(0.02)
 
 
 def spawn(target: Any, *args: Any) -> multiprocessing.process.BaseProcess:

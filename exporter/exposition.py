@@ -139,6 +139,12 @@ class ExpositionCache:
     def version(self) -> int:
         return self._version
 
+    @property
+    def shown_version(self) -> int:
+        """The newest state every format kept ready shows (-1 before the first renders)."""
+        return min((self._ready[t].version if t in self._ready else -1)
+                   for t in self._encoders)
+
     def invalidate(self, soon: bool = False) -> None:
         """The state changed: the next scrape (or `prerender`) renders afresh.
 
