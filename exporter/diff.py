@@ -17,7 +17,8 @@ be tested on its own. The rules, in the order they apply to one app:
    **started** and **ended** (and **ended abnormally** for status 4); only the end if it began
    before the baseline of its room.
 6. A task's started and terminal events count once, ever: finished TaskIds are remembered until
-   ZEGO can no longer list them (3 days after they began, plus the clock-skew margin).
+   no listing can show them again (begun before the ended-listing watermark and over 25 hours
+   ago, or 3 days and the clock-skew margin after they began, whichever comes first).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from exporter.zego.models import RecordingTask, RecordStatus, TaskStatus
 
 HORIZON_MS = 3 * 24 * 3600 * 1000  # ZEGO lists and describes tasks begun in the last 3 days
+MAX_RECORD_MS = 24 * 3600 * 1000  # StartRecord's MaxRecordTime ceiling: no task records longer
+LIVE_GRACE_MS = 3600 * 1000  # how long after its end a task may still be listed live (generous)
 
 
 class EventKind(enum.Enum):
@@ -270,6 +273,11 @@ def diff(
         ended_since = tracking.ended_since_ms
     if max_lag_ms is not None:
         ended_since = max(ended_since, now - max_lag_ms)
+    # Forget finished TaskIds that no listing can show again: begun before every later Status=3
+    # window (the watermark only moves forward) and over 25 hours ago (no recording lasts over
+    # 24 h, so none is listed live any more). 25 h of ids instead of 3 days: a third the memory.
+    cutoff = min(ended_since - margin_ms, now - MAX_RECORD_MS - LIVE_GRACE_MS)
+    finished = {t: until for t, until in finished.items() if until - forget_after >= cutoff}
     return DiffResult(Tracking(live, finished, ended_since, scope, baseline_ms, room_baselines),
                       events, pending)
 

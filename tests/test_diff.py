@@ -163,8 +163,20 @@ def test_finished_task_listed_again_counts_nothing() -> None:
 
 
 def test_finished_task_ids_are_forgotten_once_zego_can_no_longer_list_them() -> None:
-    state = tracking(finished={"old": NOW - 1, "recent": NOW + 1})
-    assert set(diff(state, snap(), {}, MARGIN).tracking.finished) == {"recent"}
+    hour = 3_600_000
+
+    def until(begun_hours_ago: float) -> int:  # what finishing a task stores
+        return NOW - int(begun_hours_ago * hour) + HORIZON_MS + MARGIN
+
+    finished = {"past-horizon": NOW - 1, "26h": until(26), "20h": until(20), "1h": until(1)}
+    # Listed live no more (over 25 h old), and before the watermark: forgotten.
+    assert set(diff(tracking(finished=finished), snap(), {}, MARGIN).tracking.finished) == {
+        "20h", "1h"}
+    # After two days down, the next Status=3 read starts at the stored watermark: a task begun
+    # since then may be in it, and must stay known however old.
+    restarted = replace(tracking(finished=finished), ended_since_ms=NOW - 48 * hour)
+    result = diff(restarted, snap(consistent=False), {}, MARGIN, max_lag_ms=None)
+    assert set(result.tracking.finished) == {"26h", "20h", "1h"}
 
 
 def test_terminal_row_in_a_live_listing_is_treated_as_ended() -> None:
