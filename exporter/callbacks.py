@@ -183,9 +183,10 @@ class CallbackReceiver:
                                         callback.room_id))
             begin = task.begin_ms if task is not None else now_ms
             live = {t: v for t, v in tracking.live.items() if t != callback.task_id}
-            finished = {**tracking.finished, callback.task_id: begin + HORIZON_MS + 3_600_000}
-            app.apply(replace(tracking, live=live, finished=finished), events,
-                      flush_deferred=False)
+            # In place: a copy of a day of finished ids per callback would cost more than
+            # everything else a callback does (the render thread only takes its len()).
+            tracking.finished[callback.task_id] = begin + HORIZON_MS + 3_600_000
+            app.apply(replace(tracking, live=live), events, flush_deferred=False)
             log.info(f"task_{'ended_abnormally' if abnormal else 'ended'}", app_id=app.app_id,
                      room_id=callback.room_id, task_id=callback.task_id, source="callback",
                      **({"quit_reason": callback.detail.get("quit_reason")} if abnormal else {}))
