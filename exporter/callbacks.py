@@ -182,7 +182,8 @@ class CallbackReceiver:
                 events.append(TaskEvent(EventKind.ENDED_ABNORMALLY, callback.task_id,
                                         callback.room_id))
             begin = task.begin_ms if task is not None else now_ms
-            live = {t: v for t, v in tracking.live.items() if t != callback.task_id}
+            live = dict(tracking.live)
+            live.pop(callback.task_id, None)
             # In place: a copy of a day of finished ids per callback would cost more than
             # everything else a callback does (the render thread only takes its len()).
             tracking.finished[callback.task_id] = begin + HORIZON_MS + 3_600_000
