@@ -38,7 +38,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 log = structlog.get_logger("exporter.exposition")
 
 GZIP_LEVEL = 6
-SOON_S = 1.0  # a callback's change is on /metrics within this (or 4 renders' time) at most
+SOON_S = 1.0  # a callback's change is on /metrics after this (or 4 renders' time), at most
 GZIP_WBITS = 31  # zlib's gzip framing: one gzip member
 EOF = b"# EOF\n"
 RETRIES = 3
@@ -125,7 +125,7 @@ class ExpositionCache:
         self._exact_from = 0  # scrapes never get a render older than this version
         self._timer: asyncio.TimerHandle | None = None
         self._last_done = -math.inf  # time.monotonic() when the last render ended
-        self._last_took = 0.0  # its seconds
+        self._took: dict[str, float] = {}  # content type -> seconds its last render took
         self._ready: dict[str, Rendered] = {}  # content type -> last render
         self._rendering: dict[str, tuple[int, asyncio.Future[Rendered]]] = {}
         self._encoders: dict[str, Encoder] = {}
@@ -150,8 +150,8 @@ class ExpositionCache:
         """The state changed: the next scrape (or `prerender`) renders afresh.
 
         `soon` (a callback's change): scrapes may go on getting the last render until a render
-        scheduled at most `soon_s` (or 4 × the last render's time, if longer) after the last
-        one has run: under a stream of callbacks, renders then take at most a quarter of a
+        scheduled `soon_s` (or 4 × the last renders' time, every format, if longer) after the
+        last one has run: under a stream of callbacks, renders then take at most a fifth of a
         core, and scrapes never wait for one."""
         self._version += 1
         try:
@@ -161,7 +161,7 @@ class ExpositionCache:
         if not soon:
             self._exact_from = self._version
         elif self._timer is None:
-            wait = max(self._soon_s, 4 * self._last_took)
+            wait = max(self._soon_s, 4 * sum(self._took.values()))
             delay = max(0.0, self._last_done + wait - time.monotonic())
             self._timer = loop.call_later(delay, self._soon_due)
 
@@ -223,7 +223,7 @@ class ExpositionCache:
                 else:
                     gzipped = self._render(encoder)
                 self._last_done = time.monotonic()
-                self._last_took = self._last_done - begun
+                self._took[content_type] = self._last_done - begun
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else must
