@@ -161,11 +161,21 @@ class ExpositionCache:
         if not soon:
             self._exact_from = self._version
         elif self._timer is None:
-            wait = max(self._soon_s, 4 * sum(self._took.values()))
-            delay = max(0.0, self._last_done + wait - time.monotonic())
-            self._timer = loop.call_later(delay, self._soon_due)
+            self._timer = loop.call_later(self._soon_delay(), self._soon_due)
+
+    def _soon_delay(self) -> float:
+        """Seconds until the window after the last render has passed (a render under way
+        counts as just ending)."""
+        wait = max(self._soon_s, 4 * sum(self._took.values()))
+        if self._rendering:
+            return wait
+        return max(0.0, self._last_done + wait - time.monotonic())
 
     def _soon_due(self) -> None:
+        delay = self._soon_delay()
+        if delay > 0:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._soon_due)
+            return
         self._timer = None
         self.prerender()
 
