@@ -220,14 +220,15 @@ def _record_abnormal_ends(state: Any, exposition: Any
     by_callback: dict[str, int] = {}
     apply = state.apply
 
-    def recording_apply(tracking: Any, events: Any, flush_deferred: bool = True) -> Any:
+    def recording_apply(tracking: Any, events: Any, flush_deferred: bool = True,
+                        new_live: bool = True) -> Any:
         ended = [e.task_id for e in events if isinstance(e, TaskEvent)
                  and e.kind is EventKind.ENDED_ABNORMALLY]
         if flush_deferred:
             by_cycle.extend(ended)
         else:  # only callbacks apply without flushing deferred events
             by_callback.update(dict.fromkeys(ended, exposition.version + 1))
-        return apply(tracking, events, flush_deferred)
+        return apply(tracking, events, flush_deferred, new_live)
 
     state.apply = recording_apply
     return by_cycle, by_callback

@@ -187,7 +187,8 @@ class CallbackReceiver:
             # In place: a copy of a day of finished ids per callback would cost more than
             # everything else a callback does (the render thread only takes its len()).
             tracking.finished[callback.task_id] = begin + HORIZON_MS + 3_600_000
-            app.apply(replace(tracking, live=live), events, flush_deferred=False)
+            app.apply(replace(tracking, live=live), events, flush_deferred=False,
+                      new_live=False)
             log.info(f"task_{'ended_abnormally' if abnormal else 'ended'}", app_id=app.app_id,
                      room_id=callback.room_id, task_id=callback.task_id, source="callback",
                      **({"quit_reason": callback.detail.get("quit_reason")} if abnormal else {}))
@@ -210,7 +211,8 @@ class CallbackReceiver:
             live = {**tracking.live,
                     task.task_id: TrackedTask(task.task_id, task.room_id, status, task.begin_ms)}
             app.apply(replace(tracking, live=live),
-                      [TaskEvent(kind, task.task_id, task.room_id)], flush_deferred=False)
+                      [TaskEvent(kind, task.task_id, task.room_id)], flush_deferred=False,
+                      new_live=False)
             app.flipped_at_ms[task.task_id] = now_ms
             log.info(f"task_{kind.value}", app_id=app.app_id, room_id=task.room_id,
                      task_id=task.task_id, source="callback")

@@ -105,11 +105,11 @@ class AppState:
         return self.counters.setdefault(label, dict.fromkeys(COUNTED_EVENTS, 0))
 
     def apply(self, tracking: Tracking, events: Sequence[TaskEvent],
-              flush_deferred: bool = True) -> None:
+              flush_deferred: bool = True, new_live: bool = True) -> None:
         """Take one cycle's (or callback's) result: the new tracking and its events, counted.
 
-        A callback's result (`flush_deferred=False`) adds no live task, so its rooms need no
-        scan: at 50,000 live tasks that scan would be most of a callback's cost."""
+        `new_live=False`: the tracking gained no live task (a callback's result), so its rooms
+        need no scan; at 50,000 live tasks that scan would be most of a callback's cost."""
         self.tracking = tracking
         known = set(self.counters)
         due: list[TaskEvent] = []
@@ -119,7 +119,7 @@ class AppState:
             label = self.room_label(event.room_id)
             (due if label in known else self.deferred).append(event)
             self._room_counters(label)
-        if flush_deferred:  # a room's series appear when it is first seen
+        if new_live:  # a room's series appear when it is first seen
             for task in tracking.live.values():
                 self._room_counters(self.room_label(task.room_id))
         self._count(due)
