@@ -21,7 +21,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from exporter.clock import Clock
 from exporter.config import Secret
-from exporter.diff import HORIZON_MS, EventKind, TaskEvent, TrackedTask
+from exporter.diff import EventKind, TaskEvent
 from exporter.state import AppState, ExporterState
 from exporter.web import ServerLimits, body_limit
 from exporter.zego.callback_signing import verify_callback_signature
@@ -181,14 +181,11 @@ class CallbackReceiver:
             if abnormal:
                 events.append(TaskEvent(EventKind.ENDED_ABNORMALLY, callback.task_id,
                                         callback.room_id))
-            begin = task.begin_ms if task is not None else now_ms
-            live = dict(tracking.live)
-            live.pop(callback.task_id, None)
-            # In place: a copy of a day of finished ids per callback would cost more than
-            # everything else a callback does (the render thread only takes its len()).
-            tracking.finished[callback.task_id] = begin + HORIZON_MS + 3_600_000
-            app.apply(replace(tracking, live=live), events, flush_deferred=False,
-                      new_live=False)
+            # In place: a copy of 50,000 live tasks per callback would cost more than all else
+            # a callback does. The render thread copies what it reads in one step (collector).
+            tracking.live.pop(callback.task_id, None)
+            tracking.finished[callback.task_id] = now_ms
+            app.apply(tracking, events, flush_deferred=False, new_live=False)
             log.info(f"task_{'ended_abnormally' if abnormal else 'ended'}", app_id=app.app_id,
                      room_id=callback.room_id, task_id=callback.task_id, source="callback",
                      **({"quit_reason": callback.detail.get("quit_reason")} if abnormal else {}))
@@ -208,11 +205,9 @@ class CallbackReceiver:
                 return "recognised"
             kind = EventKind.PAUSED if paused else EventKind.RESUMED
             status = TaskStatus.PAUSED if paused else TaskStatus.RECORDING
-            live = {**tracking.live,
-                    task.task_id: TrackedTask(task.task_id, task.room_id, status, task.begin_ms)}
-            app.apply(replace(tracking, live=live),
-                      [TaskEvent(kind, task.task_id, task.room_id)], flush_deferred=False,
-                      new_live=False)
+            tracking.live[task.task_id] = replace(task, status=status)
+            app.apply(tracking, [TaskEvent(kind, task.task_id, task.room_id)],
+                      flush_deferred=False, new_live=False)
             app.flipped_at_ms[task.task_id] = now_ms
             log.info(f"task_{kind.value}", app_id=app.app_id, room_id=task.room_id,
                      task_id=task.task_id, source="callback")

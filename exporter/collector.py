@@ -41,6 +41,9 @@ class ExporterCollector(Collector):
         self._poll_interval = poll_interval
 
     def collect(self) -> Iterator[Metric]:
+        # This runs in the render thread while callbacks change the state on the event loop, in
+        # place. Every dict that can grow is read through list() or sorted(): one C call, which
+        # the GIL does not interleave with the loop's changes, so no iteration sees one happen.
         yield from self._tasks()
         yield from self._polls()
         yield from self._api()
@@ -67,7 +70,7 @@ class ExporterCollector(Collector):
         for kind, (name, doc) in EVENT_COUNTERS.items():
             counter = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["app_id", "room_id"])
             for app_id, app in apps.items():
-                for room, by_kind in app.counters.items():
+                for room, by_kind in list(app.counters.items()):
                     counter.add_metric([str(app_id), room], by_kind[kind])
             yield counter
         durations = HistogramMetricFamily(

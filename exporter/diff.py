@@ -17,8 +17,9 @@ be tested on its own. The rules, in the order they apply to one app:
    **started** and **ended** (and **ended abnormally** for status 4); only the end if it began
    before the baseline of its room.
 6. A task's started and terminal events count once, ever: finished TaskIds are remembered until
-   no listing can show them again (begun before the ended-listing watermark and over 25 hours
-   ago, or 3 days and the clock-skew margin after they began, whichever comes first).
+   no listing can show them again: an hour (a lagging live listing's grace) and two clock-skew
+   margins after the exporter learned of the end, and before the ended-listing watermark; in
+   any case 3 days and a margin after that.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from exporter.zego.models import RecordingTask, RecordStatus, TaskStatus
 
@@ -65,7 +66,9 @@ class Tracking:
     """What one app's diff remembers between cycles (persisted by the store)."""
 
     live: dict[str, TrackedTask] = field(default_factory=dict)
-    finished: dict[str, int] = field(default_factory=dict)  # TaskId -> forget after (ms)
+    # TaskId -> when this exporter learned that the task ended (ms, its own clock): an upper
+    # bound of the end, and so of the begin, which is all forgetting it needs.
+    finished: dict[str, int] = field(default_factory=dict)
     ended_since_ms: int | None = None  # next Status=3 read starts here; None: no baseline yet
     rooms: frozenset[str] | None = None  # rooms the baseline covers; None: every room
     # When counting began: the baseline's time, and for rooms added to the config later, theirs.
@@ -156,6 +159,11 @@ def _status_events(old: TrackedTask, new: TaskStatus) -> list[TaskEvent]:
     return []
 
 
+def _with_status(task: TrackedTask, status: TaskStatus) -> TrackedTask:
+    """The task with this status: the same object if unchanged (the store writes changed ones)."""
+    return task if task.status is status else replace(task, status=status)
+
+
 def diff(
     tracking: Tracking,
     snapshot: Snapshot,
@@ -164,6 +172,7 @@ def diff(
     fresher: AbstractSet[str] = frozenset(),
     scope: frozenset[str] | None = None,
     max_lag_ms: int | None = None,
+    learned_ms: int | None = None,
 ) -> DiffResult:
     """Apply one cycle's observation to `tracking`; return the new tracking and the events.
 
@@ -172,20 +181,20 @@ def diff(
     `scope`: the rooms this cycle watched (None: every room). A room the baseline does not
     cover yet (added to the config) gets a baseline of its own: its tasks are tracked, not
     counted. `max_lag_ms`: how far an inconsistent cycle may leave the ended-listing watermark
-    behind (see docs/design.md).
+    behind (see docs/design.md). `learned_ms`: when the cycle's last answer came (default: the
+    snapshot's time): no end it saw came later, and the tasks it finishes are remembered from it.
     """
     now = snapshot.taken_ms
+    learned = now if learned_ms is None else max(now, learned_ms)
     live_rows = _live_rows(snapshot)
     terminal_rows = _terminal_rows(snapshot)
-    forget_after = HORIZON_MS + margin_ms
 
     if not tracking.has_baseline:
         # Callbacks may have finished tasks already (their ends counted): keep them finished.
         baseline = Tracking(
             live={t: TrackedTask(t, r.room_id, r.status, r.begin_ms) for t, r in live_rows.items()
                   if t not in tracking.finished},
-            finished={**tracking.finished,
-                      **{t: r.begin_ms + forget_after for t, r in terminal_rows.items()}},
+            finished={**tracking.finished, **dict.fromkeys(terminal_rows, learned)},
             ended_since_ms=now - margin_ms,
             rooms=scope,
             baseline_ms=now,
@@ -194,11 +203,11 @@ def diff(
 
     events: list[TaskEvent] = []
     live: dict[str, TrackedTask] = {}
-    finished = {t: until for t, until in tracking.finished.items() if until >= now}
+    finished = dict(tracking.finished)
     pending: list[str] = []
 
     def finish(task: TrackedTask | RecordingTask) -> None:
-        finished[task.task_id] = task.begin_ms + forget_after
+        finished[task.task_id] = learned
 
     for tid, old in tracking.live.items():
         ended_row, live_row = _row_of(old, terminal_rows), _row_of(old, live_rows)
@@ -210,7 +219,7 @@ def diff(
                 live[tid] = old
                 continue
             events += _status_events(old, live_row.status)
-            live[tid] = TrackedTask(tid, old.room_id, live_row.status, old.begin_ms)
+            live[tid] = _with_status(old, live_row.status)
         elif old.begin_ms < horizon_start_ms(now, margin_ms):
             events.append(TaskEvent(EventKind.LOST, tid, old.room_id))
             finish(old)
@@ -223,7 +232,7 @@ def diff(
                     live[tid] = old
                 elif outcome.status.live:  # page drift: still recording
                     events += _status_events(old, outcome.status)
-                    live[tid] = TrackedTask(tid, old.room_id, outcome.status, old.begin_ms)
+                    live[tid] = _with_status(old, outcome.status)
                 else:
                     end_ms = outcome.end_ms if outcome.end_ms is not None else now
                     events += _ended_events(old, outcome.status, (end_ms - old.begin_ms) / 1000)
@@ -273,11 +282,13 @@ def diff(
         ended_since = tracking.ended_since_ms
     if max_lag_ms is not None:
         ended_since = max(ended_since, now - max_lag_ms)
-    # Forget finished TaskIds that no listing can show again: begun before every later Status=3
-    # window (the watermark only moves forward) and over 25 hours ago (no recording lasts over
-    # 24 h, so none is listed live any more). 25 h of ids instead of 3 days: a third the memory.
-    cutoff = min(ended_since - margin_ms, now - MAX_RECORD_MS - LIVE_GRACE_MS)
-    finished = {t: until for t, until in finished.items() if until - forget_after >= cutoff}
+    # Forget finished TaskIds that no listing can show again. A live listing may lag an end by
+    # the grace; a Status=3 read shows tasks begun after its watermark (which only moves
+    # forward), and the task began before it ended (ZEGO's clock may be a margin ahead).
+    # `ended_since - margin` is at most `now - 2 margins`, so one cutoff covers both rules; ZEGO
+    # lists nothing begun over 3 days ago, which frees ids after an outage too.
+    cutoff = max(ended_since - margin_ms - LIVE_GRACE_MS, now - HORIZON_MS - margin_ms)
+    finished = {t: at for t, at in finished.items() if at >= cutoff}
     return DiffResult(Tracking(live, finished, ended_since, scope, baseline_ms, room_baselines),
                       events, pending)
 

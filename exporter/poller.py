@@ -144,7 +144,8 @@ class AppPoller:
         # the tracking as it is now, and let the snapshot not undo their newer flips.
         scope = None if state.rooms is None else frozenset(state.rooms)
         result = diff(state.tracking, snapshot, resolution.lookups, self._margin_ms,
-                      state.fresher_than(now_ms), scope, self._max_lag_ms)
+                      state.fresher_than(now_ms), scope, self._max_lag_ms,
+                      learned_ms=int(self._clock.time() * 1000))
         state.apply(result.tracking, result.events)
         state.last_observed_ms = now_ms
         for event in result.events:
@@ -293,7 +294,7 @@ class AppPoller:
 
         async def worker() -> None:
             while (task := waiting.take_oldest()) is not None:
-                # A callback may have finished it meanwhile (callbacks replace the tracking).
+                # A callback may have finished it meanwhile.
                 if task.task_id in self._state.tracking.live:
                     lookups[task.task_id] = await self._look_up(task.task_id)
 

@@ -111,14 +111,16 @@ class AppState:
         `new_live=False`: the tracking gained no live task (a callback's result), so its rooms
         need no scan; at 50,000 live tasks that scan would be most of a callback's cost."""
         self.tracking = tracking
-        known = set(self.counters)
+        first_seen: set[str] = set()
         due: list[TaskEvent] = []
         if flush_deferred:
             due, self.deferred = self.deferred, []
         for event in events:
             label = self.room_label(event.room_id)
-            (due if label in known else self.deferred).append(event)
-            self._room_counters(label)
+            if label not in self.counters:
+                first_seen.add(label)
+                self._room_counters(label)
+            (self.deferred if label in first_seen else due).append(event)
         if new_live:  # a room's series appear when it is first seen
             for task in tracking.live.values():
                 self._room_counters(self.room_label(task.room_id))
@@ -135,10 +137,10 @@ class AppState:
     def live_by_room(self) -> dict[tuple[str, TaskStatus], int]:
         """(room label, status) -> number of live tasks; configured rooms appear at 0."""
         gauges: dict[tuple[str, TaskStatus], int] = defaultdict(int)
-        for room in self.counters:
+        for room in list(self.counters):  # list(): one step, see ExporterCollector
             for status in (TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED):
                 gauges[(room, status)] += 0
-        for task in self.tracking.live.values():
+        for task in list(self.tracking.live.values()):
             gauges[(self.room_label(task.room_id), task.status)] += 1
         return dict(gauges)
 

@@ -13,11 +13,11 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
+from exporter.diff import HORIZON_MS, MAX_RECORD_MS, EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.state import AppState, Histogram
 from exporter.zego.models import TaskStatus
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE apps (
@@ -50,6 +50,13 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE apps ADD COLUMN baseline_ms INTEGER;
     ALTER TABLE apps ADD COLUMN room_baselines TEXT NOT NULL DEFAULT '{}';
     """,
+    # Finished ids: when the end was learned, instead of when to forget them (begin + 3 days +
+    # a margin). The old value less 3 days, plus 24 h (no recording lasts longer), is at or
+    # after the end: kept as long as before, never shorter.
+    3: f"""
+    ALTER TABLE finished_tasks RENAME COLUMN forget_after_ms TO learned_ms;
+    UPDATE finished_tasks SET learned_ms = learned_ms - {HORIZON_MS} + {MAX_RECORD_MS};
+    """,
 }
 
 
@@ -60,7 +67,11 @@ class StoreError(Exception):
 class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # What the file holds, per app: each save writes only what differs from it. Live tasks
+        # are compared by identity (the diff keeps a task's object while it is unchanged).
         self._finished_saved: dict[int, set[str]] = {}
+        self._live_saved: dict[int, dict[str, object]] = {}
+        self._counters_saved: dict[int, dict[tuple[str, str], int]] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None)
@@ -117,15 +128,18 @@ class Store:
         (ended_since, baseline_rooms, last_success, last_observed, durations, deferred,
          by_reason, uploads, baseline_ms, room_baselines) = row
         in_scope = (lambda room: True) if app.rooms is None else set(app.rooms).__contains__
-        live = {
-            task_id: TrackedTask(task_id, room, TaskStatus(status), begin)
-            for task_id, room, status, begin in self._db.execute(
+        rows: dict[str, object] = {}  # a room no longer configured: gone at the next save
+        live: dict[str, TrackedTask] = {}
+        for task_id, room, status, begin in self._db.execute(
                 "SELECT task_id, room_id, status, begin_ms FROM live_tasks WHERE app_id = ?",
-                (app.app_id,))
-            if in_scope(room)
-        }
+                (app.app_id,)):
+            rows[task_id] = None
+            if in_scope(room):
+                rows[task_id] = live[task_id] = TrackedTask(task_id, room, TaskStatus(status),
+                                                            begin)
+        self._live_saved[app.app_id] = rows
         finished = dict(self._db.execute(
-            "SELECT task_id, forget_after_ms FROM finished_tasks WHERE app_id = ?",
+            "SELECT task_id, learned_ms FROM finished_tasks WHERE app_id = ?",
             (app.app_id,)).fetchall())
         self._finished_saved[app.app_id] = set(finished)
         rooms = None if baseline_rooms is None else frozenset(json.loads(baseline_rooms))
@@ -136,8 +150,10 @@ class Store:
         app.last_observed_ms = last_observed
         app.ended_by_reason = json.loads(by_reason)
         app.upload_failures = {r: n for r, n in json.loads(uploads).items() if in_scope(r)}
+        counters = self._counters_saved[app.app_id] = {}
         for room, kind, value in self._db.execute(
                 "SELECT room_id, kind, value FROM counters WHERE app_id = ?", (app.app_id,)):
+            counters[(room, kind)] = value
             if in_scope(room):
                 app.counters.setdefault(room, dict.fromkeys(EventKind, 0))[EventKind(kind)] = value
         for outcome, saved in json.loads(durations).items():
@@ -150,10 +166,16 @@ class Store:
         return True
 
     def save(self, app: AppState) -> None:
-        """Write one app's whole state in one transaction."""
+        """Write one app's whole state in one transaction: the rows that changed since the last."""
         tracking = app.tracking
         saved = self._finished_saved.get(app.app_id, set())
         finished = set(tracking.finished)
+        live_saved = self._live_saved.get(app.app_id, {})
+        changed_live = [t for tid, t in tracking.live.items() if live_saved.get(tid) is not t]
+        gone_live = live_saved.keys() - tracking.live.keys()
+        counters_saved = self._counters_saved.get(app.app_id, {})
+        counters = {(room, kind.value): value
+                    for room, by_kind in app.counters.items() for kind, value in by_kind.items()}
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -168,13 +190,15 @@ class Store:
                  tracking.baseline_ms, json.dumps(tracking.room_baselines_ms)))
             self._db.executemany(
                 "INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?)",
-                ((app.app_id, room, kind.value, value)
-                 for room, by_kind in app.counters.items() for kind, value in by_kind.items()))
-            self._db.execute("DELETE FROM live_tasks WHERE app_id = ?", (app.app_id,))
+                ((app.app_id, room, kind, value) for (room, kind), value in counters.items()
+                 if counters_saved.get((room, kind)) != value))
             self._db.executemany(
-                "INSERT INTO live_tasks VALUES (?, ?, ?, ?, ?)",
+                "DELETE FROM live_tasks WHERE app_id = ? AND task_id = ?",
+                ((app.app_id, task_id) for task_id in gone_live))
+            self._db.executemany(
+                "INSERT OR REPLACE INTO live_tasks VALUES (?, ?, ?, ?, ?)",
                 ((app.app_id, t.task_id, t.room_id, int(t.status), t.begin_ms)
-                 for t in tracking.live.values()))
+                 for t in changed_live))
             self._db.executemany(
                 "DELETE FROM finished_tasks WHERE app_id = ? AND task_id = ?",
                 ((app.app_id, task_id) for task_id in saved - finished))
@@ -183,6 +207,8 @@ class Store:
                 ((app.app_id, task_id, tracking.finished[task_id])
                  for task_id in finished - saved))
         self._finished_saved[app.app_id] = finished
+        self._live_saved[app.app_id] = dict(tracking.live)
+        self._counters_saved[app.app_id] = {**counters_saved, **counters}
 
     def app_ids(self) -> Iterable[int]:
         return [row[0] for row in self._db.execute("SELECT app_id FROM apps")]

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from exporter.config import AppConfig, Secret
-from exporter.daemon import Exporter, ListenAddress
+from exporter.daemon import CALLBACK_SAVE_DELAY_S, Exporter, ListenAddress
 from exporter.diff import EventKind
+from exporter.state import AppState
+from exporter.store import Store
 from exporter.zego.callback_signing import callback_signature
 from tests.conftest import APP_ID, Rig
 
@@ -191,3 +195,59 @@ async def test_short_task_ended_before_polling_saw_it_is_started_and_ended_once(
     await rig.cycle()
     rig.assert_counters_match_ledger(["r3"])
     assert rig.counters("r3")[EventKind.STARTED] == 1
+
+
+@pytest.fixture
+async def stored_rig(rig: Rig, tmp_path: Path) -> AsyncIterator[Rig]:
+    """The rig's exporter with a state file, as it runs by default."""
+    await rig.exporter.stop()
+    rig.exporter = Exporter(rig.exporter.config, clock=rig.clock,
+                            storage_path=tmp_path / "state.db")
+    await rig.exporter.start(None, schedule=False,
+                             callback_listen=ListenAddress("127.0.0.1", 0))
+    yield rig
+    await rig.exporter.stop()
+
+
+def stored(path: Path) -> AppState:
+    app = AppState(APP_ID, ("r1", "r2"))
+    Store(path).load(app)
+    return app
+
+
+async def test_a_burst_of_callbacks_reaches_the_state_file_in_one_write_within_a_second(
+        stored_rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = stored_rig
+    await rig.cycle()
+    tasks = [rig.engine.start(APP_ID, "r1") for _ in range(3)]
+    await rig.cycle()
+    writes: list[int] = []
+    real_save = Store.save
+
+    def counted_save(self: Store, app: AppState) -> None:
+        writes.append(app.app_id)
+        real_save(self, app)
+
+    monkeypatch.setattr(Store, "save", counted_save)
+    for sequence, task in enumerate(tasks):
+        rig.engine.abort(task)
+        assert (await post(rig, signed(rig, task, "r1", 2, sequence, {"quit_reason": 6})))[0] == 200
+    assert writes == []  # not one transaction per callback
+    await asyncio.sleep(CALLBACK_SAVE_DELAY_S + 0.5)
+    assert writes == [APP_ID]
+    saved = stored(tmp_path / "state.db")
+    assert saved.counters["r1"][EventKind.ENDED_ABNORMALLY] == 3
+    assert saved.ended_by_reason["6"] == 3
+    assert saved.tracking.live == {} and set(tasks) <= saved.tracking.finished.keys()
+
+
+async def test_callbacks_not_yet_written_are_written_on_stop(stored_rig: Rig,
+                                                             tmp_path: Path) -> None:
+    rig = stored_rig
+    task = await live_task(rig)
+    rig.engine.abort(task)
+    assert (await post(rig, signed(rig, task, "r1", 2, 0, {"quit_reason": 6})))[0] == 200
+    await rig.exporter.stop()
+    saved = stored(tmp_path / "state.db")
+    assert saved.counters["r1"][EventKind.ENDED_ABNORMALLY] == 1
+    assert task in saved.tracking.finished

@@ -164,19 +164,29 @@ def test_finished_task_listed_again_counts_nothing() -> None:
 
 def test_finished_task_ids_are_forgotten_once_zego_can_no_longer_list_them() -> None:
     hour = 3_600_000
-
-    def until(begun_hours_ago: float) -> int:  # what finishing a task stores
-        return NOW - int(begun_hours_ago * hour) + HORIZON_MS + MARGIN
-
-    finished = {"past-horizon": NOW - 1, "26h": until(26), "20h": until(20), "1h": until(1)}
-    # Listed live no more (over 25 h old), and before the watermark: forgotten.
+    edge = NOW - 2 * MARGIN - hour  # the watermark less a margin, less the live listing's grace
+    finished = {"past-horizon": NOW - HORIZON_MS - MARGIN - 1, "26h": NOW - 26 * hour,
+                "before-edge": edge - 1, "at-edge": edge, "10min": NOW - 600_000}
+    # Learned an hour and two margins ago: listed live no more, and begun before the watermark.
     assert set(diff(tracking(finished=finished), snap(), {}, MARGIN).tracking.finished) == {
-        "20h", "1h"}
-    # After two days down, the next Status=3 read starts at the stored watermark: a task begun
-    # since then may be in it, and must stay known however old.
-    restarted = replace(tracking(finished=finished), ended_since_ms=NOW - 48 * hour)
+        "at-edge", "10min"}
+    # After days down, the next Status=3 read starts at the stored watermark: a task begun since
+    # then may be in it, and must stay known however old, up to ZEGO's 3 days.
+    restarted = replace(tracking(finished=finished), ended_since_ms=NOW - 80 * hour)
     result = diff(restarted, snap(consistent=False), {}, MARGIN, max_lag_ms=None)
-    assert set(result.tracking.finished) == {"26h", "20h", "1h"}
+    assert set(result.tracking.finished) == {"26h", "before-edge", "at-edge", "10min"}
+
+
+def test_a_finished_task_is_remembered_from_when_its_end_was_learned() -> None:
+    """The cycle's last answer, not its start: a look-up late in a long cycle may see an end
+    that came after the listings began, and a live listing may lag that end."""
+    state = tracking(row("a"), row("b"), row("c"))
+    result = diff(state, snap(ended=[row("a", S.ENDED)]), {"b": status("b", S.ENDED),
+                                                           "c": NOT_FOUND},
+                  MARGIN, learned_ms=NOW + 300_000)
+    assert result.tracking.finished == dict.fromkeys("abc", NOW + 300_000)
+    baseline = diff(Tracking(), snap(ended=[row("d", S.ENDED)]), {}, MARGIN, learned_ms=NOW + 5)
+    assert baseline.tracking.finished == {"d": NOW + 5}
 
 
 def test_terminal_row_in_a_live_listing_is_treated_as_ended() -> None:

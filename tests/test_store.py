@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.cli import main
 from exporter.daemon import Exporter
-from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
+from exporter.diff import HORIZON_MS, EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.state import AppState
 from exporter.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 from exporter.zego.models import TaskStatus
@@ -68,7 +69,23 @@ def test_a_schema_1_file_is_migrated_and_keeps_its_counters(tmp_path: Path) -> N
     assert loaded.tracking.ended_since_ms == 12345
     assert loaded.tracking.baseline_ms is None  # unknown: every first sighting counts, as in 1
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+def test_a_schema_2_file_keeps_finished_ids_at_least_as_long_as_before(tmp_path: Path) -> None:
+    """Schema 2 stored when to forget an id (begin + 3 days + margin); 3 stores when its end was
+    learned. The migration takes begin + 24 h and the margin, never before the end."""
+    path = tmp_path / "state.db"
+    begin, margin = 1_700_000_000_000, 600_000
+    with sqlite3.connect(path) as db:
+        db.executescript(f"{MIGRATIONS[1]}\n{MIGRATIONS[2]}\nPRAGMA user_version=2;")
+        db.execute("INSERT INTO apps VALUES "
+                   "(7, 1, NULL, NULL, NULL, '{}', '[]', '{}', '{}', NULL, '{}')")
+        db.execute("INSERT INTO finished_tasks VALUES (7, 't', ?)",
+                   (begin + HORIZON_MS + margin,))
+    loaded = AppState(7, ("a",))
+    assert Store(path).load(loaded)
+    assert loaded.tracking.finished == {"t": begin + 24 * 3_600_000 + margin}
 
 
 def test_forgotten_task_ids_leave_the_file(tmp_path: Path) -> None:
@@ -82,6 +99,32 @@ def test_forgotten_task_ids_leave_the_file(tmp_path: Path) -> None:
     assert loaded.tracking.finished == {"t1": 99_000, "t3": 120_000}
 
 
+def test_each_save_writes_what_changed_and_the_file_stays_exact(tmp_path: Path) -> None:
+    """Saves write only the rows that changed since the last; after a restart (a new Store
+    that loaded the file) too. Whatever was changed in place or replaced, the file follows."""
+    path = tmp_path / "state.db"
+    app = busy_app()
+    Store(path).save(app)
+    for step in range(3):
+        store = Store(path)
+        app = AppState(7, ("a", "b"))
+        store.load(app)
+        live = app.tracking.live
+        live[f"n{step}"] = TrackedTask(f"n{step}", "a", TaskStatus.RECORDING, 2000 + step)
+        live["t2"] = replace(live["t2"], status=TaskStatus(2 + 3 * (step % 2)))
+        if step:
+            del live[f"n{step - 1}"]
+        app.counters["a"][EventKind.STARTED] += 1
+        store.save(app)
+        store.save(app)  # nothing changed: nothing to write, nothing lost
+        loaded = AppState(7, ("a", "b"))
+        Store(path).load(loaded)
+        assert loaded.tracking.live == app.tracking.live
+        assert loaded.counters == app.counters
+    assert set(loaded.tracking.live) == {"t2", "n2"}
+    assert loaded.counters["a"][EventKind.STARTED] == 4
+
+
 def test_rooms_no_longer_configured_are_dropped_on_load(tmp_path: Path) -> None:
     store = Store(tmp_path / "state.db")
     store.save(busy_app())
@@ -89,6 +132,10 @@ def test_rooms_no_longer_configured_are_dropped_on_load(tmp_path: Path) -> None:
     store.load(loaded)
     assert set(loaded.counters) == {"a"}
     assert loaded.tracking.live == {}
+    store.save(loaded)  # and their live tasks leave the file
+    both = AppState(7, ("a", "b"))
+    Store(tmp_path / "state.db").load(both)
+    assert both.tracking.live == {}
 
 
 def test_an_app_never_saved_loads_nothing(tmp_path: Path) -> None:
