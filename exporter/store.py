@@ -71,7 +71,7 @@ class Store:
         # are compared by identity (the diff keeps a task's object while it is unchanged).
         self._finished_saved: dict[int, set[str]] = {}
         self._live_saved: dict[int, dict[str, object]] = {}
-        self._counters_saved: dict[int, dict[tuple[str, str], int]] = {}
+        self._counters_saved: dict[int, dict[str, tuple[int, ...]]] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None)
@@ -150,12 +150,12 @@ class Store:
         app.last_observed_ms = last_observed
         app.ended_by_reason = json.loads(by_reason)
         app.upload_failures = {r: n for r, n in json.loads(uploads).items() if in_scope(r)}
-        counters = self._counters_saved[app.app_id] = {}
         for room, kind, value in self._db.execute(
                 "SELECT room_id, kind, value FROM counters WHERE app_id = ?", (app.app_id,)):
-            counters[(room, kind)] = value
             if in_scope(room):
                 app.counters.setdefault(room, dict.fromkeys(EventKind, 0))[EventKind(kind)] = value
+        self._counters_saved[app.app_id] = {room: tuple(by_kind.values())
+                                            for room, by_kind in app.counters.items()}
         for outcome, saved in json.loads(durations).items():
             histogram = app.durations[outcome]
             if len(saved["counts"]) == len(histogram.counts):  # buckets unchanged
@@ -166,16 +166,20 @@ class Store:
         return True
 
     def save(self, app: AppState) -> None:
-        """Write one app's whole state in one transaction: the rows that changed since the last."""
+        """Write one app's whole state in one transaction: the rows that changed since the last.
+
+        At 10,000 rooms, 50,000 live tasks and 100,000 finished ids, finding them takes about
+        15 ms (`python -m bench.store`); writing everything took 400 ms."""
         tracking = app.tracking
-        saved = self._finished_saved.get(app.app_id, set())
-        finished = set(tracking.finished)
+        finished_saved = self._finished_saved.setdefault(app.app_id, set())
+        new_finished = tracking.finished.keys() - finished_saved
+        gone_finished = finished_saved - tracking.finished.keys()
         live_saved = self._live_saved.get(app.app_id, {})
         changed_live = [t for tid, t in tracking.live.items() if live_saved.get(tid) is not t]
         gone_live = live_saved.keys() - tracking.live.keys()
-        counters_saved = self._counters_saved.get(app.app_id, {})
-        counters = {(room, kind.value): value
-                    for room, by_kind in app.counters.items() for kind, value in by_kind.items()}
+        counters_saved = self._counters_saved.setdefault(app.app_id, {})
+        changed_rooms = {room: values for room, by_kind in app.counters.items()
+                         if counters_saved.get(room) != (values := tuple(by_kind.values()))}
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -190,8 +194,8 @@ class Store:
                  tracking.baseline_ms, json.dumps(tracking.room_baselines_ms)))
             self._db.executemany(
                 "INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?)",
-                ((app.app_id, room, kind, value) for (room, kind), value in counters.items()
-                 if counters_saved.get((room, kind)) != value))
+                ((app.app_id, room, kind.value, value) for room in changed_rooms
+                 for kind, value in app.counters[room].items()))
             self._db.executemany(
                 "DELETE FROM live_tasks WHERE app_id = ? AND task_id = ?",
                 ((app.app_id, task_id) for task_id in gone_live))
@@ -201,14 +205,14 @@ class Store:
                  for t in changed_live))
             self._db.executemany(
                 "DELETE FROM finished_tasks WHERE app_id = ? AND task_id = ?",
-                ((app.app_id, task_id) for task_id in saved - finished))
+                ((app.app_id, task_id) for task_id in gone_finished))
             self._db.executemany(
                 "INSERT OR REPLACE INTO finished_tasks VALUES (?, ?, ?)",
-                ((app.app_id, task_id, tracking.finished[task_id])
-                 for task_id in finished - saved))
-        self._finished_saved[app.app_id] = finished
+                ((app.app_id, task_id, tracking.finished[task_id]) for task_id in new_finished))
+        finished_saved -= gone_finished
+        finished_saved |= new_finished
         self._live_saved[app.app_id] = dict(tracking.live)
-        self._counters_saved[app.app_id] = {**counters_saved, **counters}
+        counters_saved.update(changed_rooms)
 
     def app_ids(self) -> Iterable[int]:
         return [row[0] for row in self._db.execute("SELECT app_id FROM apps")]

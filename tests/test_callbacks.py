@@ -13,10 +13,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from exporter.callbacks import MAX_CLOCK_SKEW_S, CallbackReceiver
+from exporter.clock import ManualClock
 from exporter.config import AppConfig, Secret
 from exporter.daemon import CALLBACK_SAVE_DELAY_S, Exporter, ListenAddress
 from exporter.diff import EventKind
-from exporter.state import AppState
+from exporter.state import AppState, ExporterState
 from exporter.store import Store
 from exporter.zego.callback_signing import callback_signature
 from tests.conftest import APP_ID, Rig
@@ -251,3 +253,32 @@ async def test_callbacks_not_yet_written_are_written_on_stop(stored_rig: Rig,
     saved = stored(tmp_path / "state.db")
     assert saved.counters["r1"][EventKind.ENDED_ABNORMALLY] == 1
     assert task in saved.tracking.finished
+
+
+def test_nonces_are_remembered_for_as_long_as_their_timestamp_is_accepted() -> None:
+    """Not a count: a busy app's callbacks must not push a nonce out while a replay of it would
+    still pass the timestamp check (ZEGO's signature binds no body, only timestamp and nonce)."""
+    clock = ManualClock()
+    app = AppState(APP_ID, ("r1",))
+    receiver = CallbackReceiver(ExporterState({APP_ID: app}), {APP_ID: Secret(CALLBACK_SECRET)},
+                                clock)
+
+    def body(nonce: str, sent: float, task: str = "t") -> bytes:
+        timestamp = str(int(sent))
+        return json.dumps({
+            "app_id": APP_ID, "task_id": task, "room_id": "r1", "event_type": 4, "message": "",
+            "nonce": nonce, "timestamp": timestamp, "sequence": 0, "detail": {},
+            "signature": callback_signature(CALLBACK_SECRET, timestamp, nonce)}).encode()
+
+    ahead = clock.time() + MAX_CLOCK_SKEW_S - 10  # ZEGO's clock ahead of ours, within the skew
+    first = body("n-0", ahead)
+    assert receiver.handle(first)[2] != "replayed"
+    for i in range(1, 150_001):  # more callbacks than any count cap would keep
+        if i % 10_000 == 0:
+            clock.advance(75)
+        receiver.handle(body(f"n-{i}", clock.time(), task=f"t{i}"))
+    assert clock.time() - (ahead - MAX_CLOCK_SKEW_S) > MAX_CLOCK_SKEW_S
+    replay = body("n-0", ahead, task="another")  # its signature, another body
+    assert receiver.handle(replay)[2] == "replayed"  # 1,125 s on: its timestamp still passes
+    clock.advance(MAX_CLOCK_SKEW_S)
+    assert receiver.handle(replay)[2] == "stale"

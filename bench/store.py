@@ -1,0 +1,75 @@
+"""The state file's cost at scale: `python -m bench.store --rooms 10000` prints how long a save
+takes on the event loop, the first one (everything), one after nothing changed, one after a
+callback's change (the daemon writes those at most once a second), and one after a cycle that
+changed 1 % of the live tasks. Saves write only the rows that changed; finding them is the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
+from exporter.state import AppState
+from exporter.store import Store
+from exporter.zego.models import TaskStatus
+
+
+def _timed(action: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def run(rooms: int, live: int, finished: int, repeat: int = 20) -> dict[str, float | int]:
+    names = tuple(f"room-{i:05d}" for i in range(rooms))
+    app = AppState(1, names, max_rooms=rooms)
+    app.enable_callback_series()
+    tasks = {f"live-{i:07d}": TrackedTask(f"live-{i:07d}", names[i % rooms],
+                                          TaskStatus.RECORDING, 1_700_000_000_000 + i)
+             for i in range(live)}
+    done = {f"done-{i:07d}": 1_700_000_000_000 + i for i in range(finished)}
+    app.apply(Tracking(tasks, done, 1, None, 1, dict.fromkeys(names, 1)), [])
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "state.db")
+        first = _timed(lambda: store.save(app))
+        unchanged = min(_timed(lambda: store.save(app)) for _ in range(repeat))
+        by_callback = []
+        ids = iter(list(tasks))
+        for _ in range(repeat):
+            task_id = next(ids)
+            task = app.tracking.live.pop(task_id)
+            app.tracking.finished[task_id] = 1_700_000_100_000
+            app.apply(app.tracking, [TaskEvent(EventKind.ENDED, task_id, task.room_id, 60.0)],
+                      flush_deferred=False, new_live=False)
+            by_callback.append(_timed(lambda: store.save(app)))
+        changed = dict(app.tracking.live)
+        for task_id in list(changed)[::100]:
+            changed[task_id] = replace(changed[task_id], status=TaskStatus.PAUSED)
+        app.apply(replace(app.tracking, live=changed), [])
+        after_cycle = _timed(lambda: store.save(app))
+        store.close()
+    by_callback.sort()
+    return {"rooms": rooms, "live_tasks": live, "finished_ids": finished,
+            "first_save_s": first, "unchanged_save_s": unchanged,
+            "callback_save_p50_s": by_callback[len(by_callback) // 2],
+            "cycle_save_1pct_s": after_cycle}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.store", description=__doc__)
+    parser.add_argument("--rooms", type=int, default=10_000)
+    parser.add_argument("--live", type=int, help="live tasks (default 5 × rooms)")
+    parser.add_argument("--finished", type=int, help="finished ids (default 10 × rooms)")
+    args = parser.parse_args(argv)
+    figures = run(args.rooms, args.live or 5 * args.rooms, args.finished or 10 * args.rooms)
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
