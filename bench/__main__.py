@@ -30,6 +30,8 @@ PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0;q=0.5,"
                      "text/plain;version=0.0.4;q=0.3,*/*;q=0.1")
 ABNORMAL_LINE = re.compile(
     rb"^zego_cloudrecord_tasks_ended_abnormally_total\{[^}]*\} ([0-9.e+]+)", re.MULTILINE)
+CALLBACKS_LINE = re.compile(
+    rb"^zego_cloudrecord_callbacks_total\{[^}]*\} ([0-9.e+]+)", re.MULTILINE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +242,8 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         "cycles_ok": sum(1 for c in cycles if c["ok"]),
         "seed": workload.seed,
         "callbacks": workload.callback_port is not None,
+        "callbacks_per_second": sum(float(v) for v in CALLBACKS_LINE.findall(last_text))
+        / polled_s if polled_s > 0 else None,
         "speed": workload.speed,
         "plan": "+".join(plans),
         "requests_per_cycle": describe.get("requests", 0) / len(cycles),
@@ -274,10 +278,18 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         if scrape_p99 is not None and generate_p99 else None,
         "cpu_seconds_per_cycle": _mean(cpu),
         "peak_rss_mb": done["peak_rss_bytes"] / 2**20,
+        "gc_full_collections": len(done["gc_pauses"]),
+        "gc_pause_max_s": done["gc_pause_max"],
+        "loop_lag_p99_s": rig.percentile(done["loop_lags"], 0.99),
+        "loop_lag_max_s": max(done["loop_lags"], default=None),
         "diff_seconds": {str(n): s for n, s in diff_costs.items()},
         "diff_us_per_task": {str(n): s / n * 1e6 for n, s in diff_costs.items()},
         "wall_seconds": time.perf_counter() - wall_begun,
     }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
 
 
 def _fmt(value: Any, unit: str = "", digits: int = 3) -> str:
@@ -316,6 +328,9 @@ def table(r: dict[str, Any]) -> str:
          f"{_fmt(r['scrape_to_generate_latest_p99'])}"),
         ("CPU / cycle", _fmt(r["cpu_seconds_per_cycle"], " s")),
         ("peak RSS", _fmt(r["peak_rss_mb"], " MB")),
+        ("event loop", f"woke late by p99 {_fmt(_ms(r['loop_lag_p99_s']), ' ms')}, worst "
+         f"{_fmt(_ms(r['loop_lag_max_s']), ' ms')}; {r['gc_full_collections']} full GCs, longest "
+         f"GC {_fmt(_ms(r['gc_pause_max_s']), ' ms')}"),
         ("diff", ", ".join(f"{n} tasks {_fmt(r['diff_seconds'][n] * 1000, ' ms')} "
                            f"({_fmt(r['diff_us_per_task'][n], ' µs/task')})" for n in sizes)),
         ("wall time", _fmt(r["wall_seconds"], " s")),

@@ -164,6 +164,9 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
     by_callback: list[tuple[str, float]] = []
     watcher = asyncio.create_task(_watch_callback_ends(exporter.exposition, callback_waiting,
                                                        by_callback, clock))
+    pauses = _watch_gc()
+    lags: list[float] = []
+    lag_probe = asyncio.create_task(_probe_loop_lag(lags))
     events.put(("ready", {"port": exporter.bound_port, "pid": os.getpid()}))
     # The scheduler's job, on the shared clock: every poll_interval, a late run not repeated.
     next_at = clock.monotonic()
@@ -197,12 +200,38 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
             break
         await asyncio.sleep(0.02)
     watcher.cancel()
+    lag_probe.cancel()
     rusage = resource.getrusage(resource.RUSAGE_SELF)
     events.put(("done", {"cpu": time.process_time(), "peak_rss_bytes": rusage.ru_maxrss * 1024,
-                         "by_callback": by_callback}))
+                         "by_callback": by_callback, "gc_pauses": pauses[2],
+                         "gc_pause_max": max(max(p, default=0.0) for p in pauses.values()),
+                         "loop_lags": lags}))
     await _wait(stop)  # keep serving /metrics for the driver's last scrapes
     state_dir.cleanup()
     await exporter.stop()
+
+
+def _watch_gc() -> dict[int, list[float]]:
+    """Seconds each cyclic garbage collection took, by generation (they stop the loop)."""
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started = [0.0]
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].append(time.perf_counter() - started[0])
+
+    gc.callbacks.append(timed)
+    return pauses
+
+
+async def _probe_loop_lag(lags: list[float], period: float = 0.05) -> None:
+    """How late the event loop wakes a timer (real seconds): what a scrape or a request waits."""
+    while True:
+        asked = time.perf_counter()
+        await asyncio.sleep(period)
+        lags.append(time.perf_counter() - asked - period)
 
 
 def _plan(poller: Any) -> str:

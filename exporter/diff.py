@@ -116,9 +116,10 @@ def _terminal_rows(snapshot: Snapshot) -> dict[str, RecordingTask]:
     return rows
 
 
-def _live_rows(snapshot: Snapshot) -> dict[str, RecordingTask]:
+def _rows(snapshot: Snapshot) -> tuple[dict[str, RecordingTask], dict[str, RecordingTask]]:
+    """(live rows, terminal rows): a task with a terminal row anywhere is not live."""
     ended = _terminal_rows(snapshot)
-    return {t: r for t, r in snapshot.live.items() if r.status.live and t not in ended}
+    return {t: r for t, r in snapshot.live.items() if r.status.live and t not in ended}, ended
 
 
 def horizon_start_ms(now_ms: int, margin_ms: int) -> int:
@@ -134,7 +135,7 @@ def _row_of(task: TrackedTask, rows: Mapping[str, RecordingTask]) -> RecordingTa
 
 def needs_lookup(tracking: Tracking, snapshot: Snapshot, margin_ms: int) -> list[str]:
     """Tracked tasks that vanished from the listings and that ZEGO can still describe."""
-    live_rows, terminal_rows = _live_rows(snapshot), _terminal_rows(snapshot)
+    live_rows, terminal_rows = _rows(snapshot)
     oldest = horizon_start_ms(snapshot.taken_ms, margin_ms)
     return [
         tid for tid, task in tracking.live.items()
@@ -186,8 +187,7 @@ def diff(
     """
     now = snapshot.taken_ms
     learned = now if learned_ms is None else max(now, learned_ms)
-    live_rows = _live_rows(snapshot)
-    terminal_rows = _terminal_rows(snapshot)
+    live_rows, terminal_rows = _rows(snapshot)
 
     if not tracking.has_baseline:
         # Callbacks may have finished tasks already (their ends counted): keep them finished.

@@ -102,7 +102,10 @@ class AppState:
         return room_id if len(self.counters) < self.max_rooms else OTHER_ROOMS
 
     def _room_counters(self, label: str) -> dict[EventKind, int]:
-        return self.counters.setdefault(label, dict.fromkeys(COUNTED_EVENTS, 0))
+        counters = self.counters.get(label)
+        if counters is None:
+            counters = self.counters[label] = dict.fromkeys(COUNTED_EVENTS, 0)
+        return counters
 
     def apply(self, tracking: Tracking, events: Sequence[TaskEvent],
               flush_deferred: bool = True, new_live: bool = True) -> None:
@@ -121,7 +124,7 @@ class AppState:
                 first_seen.add(label)
                 self._room_counters(label)
             (self.deferred if label in first_seen else due).append(event)
-        if new_live:  # a room's series appear when it is first seen
+        if new_live and self.rooms is None:  # a room's series appear when it is first seen
             for task in tracking.live.values():
                 self._room_counters(self.room_label(task.room_id))
         self._count(due)

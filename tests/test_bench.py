@@ -23,6 +23,7 @@ def test_a_tiny_benchmark_reports_every_figure_and_no_rate_limited_answer(
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(done.stdout)
     assert result["callbacks"] is bool(extra)
+    assert (result["callbacks_per_second"] > 0) is bool(extra)
     readme = (ROOT / "bench" / "README.md").read_text()
     documented = {key for cell in re.findall(r"^\| (`[^|]+) \|", readme, re.MULTILINE)
                   for key in re.findall(r"`([a-z0-9_]+)`", cell)}
@@ -31,3 +32,12 @@ def test_a_tiny_benchmark_reports_every_figure_and_no_rate_limited_answer(
     assert result["cycles"] == 3 and result["rooms"] == 5
     assert result["scrapes"] > 0 and result["series"] > 0
     assert result["requests_per_cycle"] >= 1
+
+
+def test_the_state_file_benchmark_prints_its_figures() -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.store", "--rooms", "50"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=True)
+    figures = json.loads(done.stdout)
+    assert figures["rooms"] == 50 and figures["live_tasks"] == 250
+    assert all(figures[key] > 0 for key in ("first_save_s", "unchanged_save_s",
+                                            "callback_save_p50_s", "cycle_save_1pct_s"))

@@ -4,6 +4,7 @@ one under way, gzip and OpenMetrics ready."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -207,3 +208,32 @@ async def test_openmetrics_is_served_when_asked_for(served: Served) -> None:
 ])
 def test_accept_encoding_is_read_with_its_q_values(header: str, expected: bool) -> None:
     assert accepts_gzip(header) is expected
+
+
+async def test_no_cyclic_garbage_collection_runs_during_a_render() -> None:
+    """A render's samples would otherwise fill the oldest generation and set off full
+    collections that stop the event loop (see ExpositionCache._render); after it, and after
+    a render that fails, collection is on again."""
+    seen: list[bool] = []
+
+    class Watching(Collector):
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def collect(self) -> Iterator[Metric]:
+            seen.append(gc.isenabled())
+            if self.fail:
+                raise ValueError("a broken collector")
+            yield GaugeMetricFamily("watched", "A gauge.", value=1)
+
+    for fail in (False, True):
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Watching(fail))
+        cache = ExpositionCache(registry)
+        if fail:
+            with pytest.raises(ValueError, match="a broken collector"):
+                await cache.get("text/plain; version=0.0.4; charset=utf-8")
+        else:
+            await cache.get("text/plain; version=0.0.4; charset=utf-8")
+        assert gc.isenabled()
+    assert seen == [False, False]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,7 +139,7 @@ def parse_task(item: Any) -> RecordingTask:
         raise ShapeError("empty TaskId")
     return RecordingTask(
         task_id=task_id,
-        room_id=_str(obj, "RoomId"),
+        room_id=sys.intern(_str(obj, "RoomId")),  # one string per room, not one per task
         status=_status(obj),
         begin_ms=_timestamp(obj, "RecordBeginTimestamp"),
     )
