@@ -45,9 +45,13 @@ def run(rooms: int, live: int, finished: int, repeat: int = 20) -> dict[str, flo
             task_id = next(ids)
             task = app.tracking.live.pop(task_id)
             app.tracking.finished[task_id] = 1_700_000_100_000
+            app.unsaved_tasks.add(task_id)  # as a callback does
             app.apply(app.tracking, [TaskEvent(EventKind.ENDED, task_id, task.room_id, 60.0)],
                       flush_deferred=False, new_live=False)
             by_callback.append(_timed(lambda: store.save(app)))
+        saved = AppState(1, names, max_rooms=rooms)
+        Store(Path(tmp) / "state.db").load(saved)
+        assert saved.tracking == app.tracking, "the file must hold what was saved"
         changed = dict(app.tracking.live)
         for task_id in list(changed)[::100]:
             changed[task_id] = replace(changed[task_id], status=TaskStatus.PAUSED)

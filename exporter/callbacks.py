@@ -188,6 +188,7 @@ class CallbackReceiver:
             # a callback does. The render thread copies what it reads in one step (collector).
             tracking.live.pop(callback.task_id, None)
             tracking.finished[callback.task_id] = now_ms
+            app.unsaved_tasks.add(callback.task_id)
             app.apply(tracking, events, flush_deferred=False, new_live=False)
             log.info(f"task_{'ended_abnormally' if abnormal else 'ended'}", app_id=app.app_id,
                      room_id=callback.room_id, task_id=callback.task_id, source="callback",
@@ -209,6 +210,7 @@ class CallbackReceiver:
             kind = EventKind.PAUSED if paused else EventKind.RESUMED
             status = TaskStatus.PAUSED if paused else TaskStatus.RECORDING
             tracking.live[task.task_id] = replace(task, status=status)
+            app.unsaved_tasks.add(task.task_id)
             app.apply(tracking, [TaskEvent(kind, task.task_id, task.room_id)],
                       flush_deferred=False, new_live=False)
             app.flipped_at_ms[task.task_id] = now_ms

@@ -76,6 +76,9 @@ class AppState:
     # TaskId -> when (our clock, ms) a callback last flipped its status: a listing taken before
     # that is older news for the task (see diff's `fresher`).
     flipped_at_ms: dict[str, int] = field(default_factory=dict)
+    # TaskIds whose live or finished entry a callback changed in place since the last save (a
+    # cycle replaces the tracking, and the store then compares it whole).
+    unsaved_tasks: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         for room in self.rooms or ():

@@ -21,6 +21,7 @@ from exporter.diff import EventKind
 from exporter.state import AppState, ExporterState
 from exporter.store import Store
 from exporter.zego.callback_signing import callback_signature
+from exporter.zego.models import TaskStatus
 from tests.conftest import APP_ID, Rig
 
 Factory = Callable[..., Any]
@@ -221,8 +222,9 @@ async def test_a_burst_of_callbacks_reaches_the_state_file_in_one_write_within_a
         stored_rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rig = stored_rig
     await rig.cycle()
-    tasks = [rig.engine.start(APP_ID, "r1") for _ in range(3)]
+    tasks = [rig.engine.start(APP_ID, "r1") for _ in range(4)]
     await rig.cycle()
+    paused = tasks.pop()
     writes: list[int] = []
     real_save = Store.save
 
@@ -234,13 +236,17 @@ async def test_a_burst_of_callbacks_reaches_the_state_file_in_one_write_within_a
     for sequence, task in enumerate(tasks):
         rig.engine.abort(task)
         assert (await post(rig, signed(rig, task, "r1", 2, sequence, {"quit_reason": 6})))[0] == 200
+    rig.engine.pause(paused)
+    assert (await post(rig, signed(rig, paused, "r1", 201, 0)))[0] == 200
     assert writes == []  # not one transaction per callback
     await asyncio.sleep(CALLBACK_SAVE_DELAY_S + 0.5)
     assert writes == [APP_ID]
     saved = stored(tmp_path / "state.db")
     assert saved.counters["r1"][EventKind.ENDED_ABNORMALLY] == 3
     assert saved.ended_by_reason["6"] == 3
-    assert saved.tracking.live == {} and set(tasks) <= saved.tracking.finished.keys()
+    assert set(tasks) <= saved.tracking.finished.keys()
+    assert saved.tracking.live == rig.exporter.state.apps[APP_ID].tracking.live
+    assert saved.tracking.live[paused].status is TaskStatus.PAUSED
 
 
 async def test_callbacks_not_yet_written_are_written_on_stop(stored_rig: Rig,

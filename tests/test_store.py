@@ -100,29 +100,40 @@ def test_forgotten_task_ids_leave_the_file(tmp_path: Path) -> None:
 
 
 def test_each_save_writes_what_changed_and_the_file_stays_exact(tmp_path: Path) -> None:
-    """Saves write only the rows that changed since the last; after a restart (a new Store
-    that loaded the file) too. Whatever was changed in place or replaced, the file follows."""
+    """Saves write only the rows that changed since the last, whether a cycle replaced the
+    tracking or callbacks changed it in place (and said which tasks); after a restart (a new
+    Store that loaded the file) too."""
     path = tmp_path / "state.db"
     app = busy_app()
     Store(path).save(app)
-    for step in range(3):
+    for step in range(4):
         store = Store(path)
         app = AppState(7, ("a", "b"))
         store.load(app)
-        live = app.tracking.live
-        live[f"n{step}"] = TrackedTask(f"n{step}", "a", TaskStatus.RECORDING, 2000 + step)
-        live["t2"] = replace(live["t2"], status=TaskStatus(2 + 3 * (step % 2)))
-        if step:
-            del live[f"n{step - 1}"]
-        app.counters["a"][EventKind.STARTED] += 1
-        store.save(app)
-        store.save(app)  # nothing changed: nothing to write, nothing lost
-        loaded = AppState(7, ("a", "b"))
-        Store(path).load(loaded)
-        assert loaded.tracking.live == app.tracking.live
-        assert loaded.counters == app.counters
-    assert set(loaded.tracking.live) == {"t2", "n2"}
-    assert loaded.counters["a"][EventKind.STARTED] == 4
+        for in_place in (False, True):
+            tid = f"n{step}{in_place:d}"
+            task = TrackedTask(tid, "a", TaskStatus.RECORDING, 2000 + step)
+            t2 = replace(app.tracking.live["t2"], status=TaskStatus(2 + 3 * (step % 2)))
+            if in_place:  # as callbacks do
+                app.tracking.live.update({tid: task, "t2": t2})
+                app.tracking.live.pop(f"n{step}0")
+                app.tracking.finished[f"n{step}0"] = 3000 + step
+                app.unsaved_tasks.update({tid, "t2", f"n{step}0"})
+            else:  # as a cycle does
+                live = {**app.tracking.live, tid: task, "t2": t2}
+                live.pop(f"n{step - 1}1", None)
+                app.tracking = replace(app.tracking, live=live)
+            app.apply(app.tracking, [TaskEvent(EventKind.STARTED, tid, "a")], new_live=False)
+            store.save(app)
+            assert not app.unsaved_tasks  # written: the set does not grow without end
+            store.save(app)  # nothing changed: nothing to write, nothing lost
+            loaded = AppState(7, ("a", "b"))
+            Store(path).load(loaded)
+            assert loaded.tracking == app.tracking
+            assert loaded.counters == app.counters
+    assert set(loaded.tracking.live) == {"t2", "n31"}
+    assert {"n00", "n30"} <= loaded.tracking.finished.keys()
+    assert loaded.counters["a"][EventKind.STARTED] == 9
 
 
 def test_rooms_no_longer_configured_are_dropped_on_load(tmp_path: Path) -> None:
