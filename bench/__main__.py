@@ -212,7 +212,9 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         window = (cycles[0]["ended"], cycles[-1]["started"])
         async with session.get(f"{sim_url}_bench/abnormal",
                                params={"since": str(window[0])}) as r:
-            ends = [(task_id, at) for task_id, at in await r.json()]
+            ended = await r.json()
+            ends = [(task_id, at) for task_id, at, _ in ended]
+            begun = {task_id: begin for task_id, _, begin in ended}
     # An end is on /metrics once the render after the cycle that counted it is ready.
     counted_at = {task_id: visible.get(i, c["ended"])
                   for i, c in enumerate(cycles) for task_id in c["abnormal"]}
@@ -257,7 +259,9 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         "detection_latency_p50_s": rig.percentile(latencies, 0.5),
         "detection_latency_p99_s": rig.percentile(latencies, 0.99),
         "abnormal_ends": len(latencies),
-        "abnormal_ends_missed": missed,
+        "abnormal_ends_missed": len(missed),
+        "abnormal_ends_missed_begun_before_baseline": sum(
+            1 for task_id in missed if (begun.get(task_id) or 0) < cycles[0]["started"]),
         "abnormal_counted_on_metrics": shown,
         "rate_limit": workload.rate_limit,
         "budget_use": describe.get("requests", 0) / polled_s / workload.rate_limit
@@ -316,7 +320,8 @@ def table(r: dict[str, Any]) -> str:
         ("cycle length", _fmt(r["cycle_seconds"], " s (simulated)")),
         ("abnormal end -> /metrics", f"p50 {_fmt(r['detection_latency_p50_s'], ' s')}, p99 "
          f"{_fmt(r['detection_latency_p99_s'], ' s')} (simulated; {r['abnormal_ends']} ends, "
-         f"{r['abnormal_ends_missed']} not shown)"),
+         f"{r['abnormal_ends_missed']} not shown, of which "
+         f"{r['abnormal_ends_missed_begun_before_baseline']} begun before the baseline)"),
         ("budget use", f"{_fmt(r['budget_use'])} of {r['rate_limit']}/s; busiest second "
          f"{r['max_requests_in_a_second']}; 300000003 answers {r['rate_limited_answers']} "
          f"{r['rate_limited_by_action']}"),

@@ -99,11 +99,15 @@ async def _simulator(workload: Workload, port_out: Any, stop: Any) -> None:
     app = create_app(engine, options)
 
     async def abnormal(request: web.Request) -> web.Response:
-        """Abnormal ends (task id, ledger time) since `since` (simulated Unix seconds)."""
+        """Abnormal ends (task id, ledger time, begin time) since `since` (simulated Unix s)."""
         since = float(request.query["since"])
-        ends = [(t.task_id, t.at) for t in engine.ledger_since(since)
+        ends = [(t.task_id, t.at, _begin(t.task_id)) for t in engine.ledger_since(since)
                 if t.to_status == TaskStatus.ENDED_ABNORMALLY]
         return web.json_response(ends)
+
+    def _begin(task_id: str) -> float | None:
+        task = engine.task(APP_ID, task_id, clock.time())
+        return None if task is None else task.begin
 
     async def minimum(request: web.Request) -> web.Response:
         """DescribeTasks pages the current workload needs: per room, and app-wide."""
@@ -295,22 +299,22 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def detection_latencies(ends: list[tuple[str, float]], counted_at: dict[str, float],
                         scrapes: list[float], window: tuple[float, float]
-                        ) -> tuple[list[float], int]:
+                        ) -> tuple[list[float], list[str]]:
     """Seconds from each abnormal end to the first scrape begun after the cycle that counted it.
 
     `ends`: (task id, ledger time); `counted_at`: task id -> when the cycle that counted it
     ended; `scrapes`: when each scrape began. Only ends inside `window` (after the baseline cycle,
-    before the last cycle began) are judged; returns the latencies and how many were never shown.
+    before the last cycle began) are judged; returns the latencies and the tasks never shown.
     """
     latencies: list[float] = []
-    missed = 0
+    missed: list[str] = []
     for task_id, at in ends:
         if not window[0] <= at < window[1]:
             continue
         done = counted_at.get(task_id)
         index = len(scrapes) if done is None else bisect.bisect_left(scrapes, done)
         if index == len(scrapes):
-            missed += 1
+            missed.append(task_id)
         else:
             latencies.append(scrapes[index] - at)
     return latencies, missed
