@@ -147,6 +147,7 @@ class Exporter:
     def _save_soon(self, app: AppState) -> None:
         """A callback changed `app`: save it within CALLBACK_SAVE_DELAY_S, with any others."""
         if self.store is None:
+            app.unsaved_tasks.clear()  # nothing to write them to
             return
         self._unsaved.add(app.app_id)
         if self._save_timer is None:

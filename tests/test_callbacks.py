@@ -288,3 +288,12 @@ def test_nonces_are_remembered_for_as_long_as_their_timestamp_is_accepted() -> N
     assert receiver.handle(replay)[2] == "replayed"  # 1,125 s on: its timestamp still passes
     clock.advance(MAX_CLOCK_SKEW_S)
     assert receiver.handle(replay)[2] == "stale"
+
+
+async def test_without_a_state_file_nothing_waits_to_be_written(rig: Rig) -> None:
+    """The tasks callbacks changed are kept for the next write; with no file, for nobody."""
+    task = await live_task(rig)
+    rig.engine.abort(task)
+    assert (await post(rig, signed(rig, task, "r1", 2, 0, {"quit_reason": 6})))[0] == 200
+    assert results(rig) == {"applied": 1}
+    assert rig.exporter.state.apps[APP_ID].unsaved_tasks == set()
