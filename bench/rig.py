@@ -211,8 +211,8 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
                          "gc_pause_max": max(max(p, default=0.0) for p in pauses.values()),
                          "loop_lags": lags}))
     await _wait(stop)  # keep serving /metrics for the driver's last scrapes
-    state_dir.cleanup()
     await exporter.stop()
+    state_dir.cleanup()
 
 
 def _watch_gc() -> dict[int, list[float]]:

@@ -160,15 +160,16 @@ class Exporter:
             self._save(self.state.apps[app_id])
 
     def _save(self, app: AppState) -> None:
-        self._unsaved.discard(app.app_id)
         if self.store is not None:
             try:
                 self.store.save(app)
             except sqlite3.Error as exc:
-                # Keep polling from memory; the next cycle writes the whole state again.
+                # Keep polling from memory; the next save (a cycle's, or stop()'s) tries again.
                 self.state.storage_errors += 1
                 log.error("state_save_failed", app_id=app.app_id, path=str(self.store.path),
                           error=str(exc))
+                return
+        self._unsaved.discard(app.app_id)
 
     async def start(self, listen: ListenAddress | None, schedule: bool = True,
                     callback_listen: ListenAddress | None = None) -> None:

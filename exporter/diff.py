@@ -206,8 +206,8 @@ def diff(
     finished = dict(tracking.finished)
     pending: list[str] = []
 
-    def finish(task: TrackedTask | RecordingTask) -> None:
-        finished[task.task_id] = learned
+    def finish(task: TrackedTask | RecordingTask, ended_by: int | None = None) -> None:
+        finished[task.task_id] = learned if ended_by is None else max(learned, ended_by)
 
     for tid, old in tracking.live.items():
         ended_row, live_row = _row_of(old, terminal_rows), _row_of(old, live_rows)
@@ -239,7 +239,7 @@ def diff(
                     finish(old)
             elif outcome == NOT_FOUND:
                 events.append(TaskEvent(EventKind.LOST, tid, old.room_id))
-                finish(old)
+                finish(old, old.begin_ms + MAX_RECORD_MS)  # when it ended, nobody says
             else:
                 live[tid] = old
                 pending.append(tid)

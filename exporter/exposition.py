@@ -24,6 +24,7 @@ import asyncio
 import gc
 import gzip
 import math
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -111,6 +112,33 @@ def accepts_gzip(header: str) -> bool:
                     return False
             return True
     return False
+
+
+class _GcPause:
+    """Cyclic garbage collection off while any holder is inside; back as it was after the last.
+
+    Renders of two caches, or a cancelled render's thread still running, can overlap."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._was_enabled = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._holders += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._was_enabled:
+                gc.enable()
+
+
+_GC_PAUSE = _GcPause()
 
 
 class ExpositionCache:
@@ -256,9 +284,8 @@ class ExpositionCache:
         # grows by a quarter and gets a full collection: at 10,000 rooms with callbacks, 350
         # of them in a benchmark run, up to 130 ms each with the event loop stopped. They hold
         # no reference cycles, so reference counting frees them all when the render ends.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        # (The loop's own garbage waits for the render's end: a second or so.)
+        with _GC_PAUSE:
             for attempt in range(RETRIES):
                 try:
                     return self._render_once(encoder)
@@ -267,9 +294,6 @@ class ExpositionCache:
                         raise
                     log.debug("exposition_render_retried", error=str(exc))
             raise AssertionError("unreachable")
-        finally:
-            if collecting:
-                gc.enable()
 
     def _render_once(self, encoder: Encoder) -> bytes:
         """The cached part, gzipped, one family at a time: the text of the whole exposition

@@ -190,6 +190,27 @@ class Store:
         counters_saved = self._counters_saved.setdefault(app.app_id, {})
         changed_rooms = {room: values for room, by_kind in app.counters.items()
                          if counters_saved.get(room) != (values := tuple(by_kind.values()))}
+        try:
+            self._write(app, changed_rooms, changed_live, gone_live, new_finished, gone_finished)
+        except BaseException:
+            # The file is as it was, and so are the mirrors: the next save compares everything
+            # (and the changed tasks need not be kept, however long the file stays unwritable).
+            self._tracking_saved.pop(app.app_id, None)
+            app.unsaved_tasks.clear()
+            raise
+        finished_saved -= gone_finished
+        finished_saved |= new_finished
+        for task_id in gone_live:
+            del live_saved[task_id]
+        live_saved.update((t.task_id, t) for t in changed_live)
+        counters_saved.update(changed_rooms)
+        self._tracking_saved[app.app_id] = tracking
+        app.unsaved_tasks.clear()
+
+    def _write(self, app: AppState, changed_rooms: Iterable[str],
+               changed_live: Iterable[TrackedTask], gone_live: Iterable[str],
+               new_finished: Iterable[str], gone_finished: Iterable[str]) -> None:
+        tracking = app.tracking
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -219,14 +240,6 @@ class Store:
             self._db.executemany(
                 "INSERT OR REPLACE INTO finished_tasks VALUES (?, ?, ?)",
                 ((app.app_id, task_id, tracking.finished[task_id]) for task_id in new_finished))
-        finished_saved -= gone_finished
-        finished_saved |= new_finished
-        for task_id in gone_live:
-            del live_saved[task_id]
-        live_saved.update((t.task_id, t) for t in changed_live)
-        counters_saved.update(changed_rooms)
-        self._tracking_saved[app.app_id] = tracking
-        app.unsaved_tasks.clear()
 
     def app_ids(self) -> Iterable[int]:
         return [row[0] for row in self._db.execute("SELECT app_id FROM apps")]

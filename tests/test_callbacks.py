@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -288,6 +289,26 @@ def test_nonces_are_remembered_for_as_long_as_their_timestamp_is_accepted() -> N
     assert receiver.handle(replay)[2] == "replayed"  # 1,125 s on: its timestamp still passes
     clock.advance(MAX_CLOCK_SKEW_S)
     assert receiver.handle(replay)[2] == "stale"
+
+
+async def test_a_failed_write_of_callbacks_is_tried_again_on_stop(stored_rig: Rig,
+                                                                 tmp_path: Path) -> None:
+    rig = stored_rig
+    task = await live_task(rig)
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:  # a fault injected in SQLite: every write fails
+        db.execute("CREATE TRIGGER full BEFORE INSERT ON counters "
+                   "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    rig.engine.abort(task)
+    assert (await post(rig, signed(rig, task, "r1", 2, 0, {"quit_reason": 6})))[0] == 200
+    await asyncio.sleep(CALLBACK_SAVE_DELAY_S + 0.5)
+    assert rig.exporter.state.storage_errors == 1
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER full")
+    await rig.exporter.stop()
+    saved = stored(path)
+    assert saved.counters["r1"][EventKind.ENDED_ABNORMALLY] == 1
+    assert saved.ended_by_reason["6"] == 1
 
 
 async def test_without_a_state_file_nothing_waits_to_be_written(rig: Rig) -> None:

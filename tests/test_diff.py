@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from exporter.diff import (
     HORIZON_MS,
+    MAX_RECORD_MS,
     NOT_FOUND,
     EventKind,
     Lookup,
@@ -184,7 +185,9 @@ def test_a_finished_task_is_remembered_from_when_its_end_was_learned() -> None:
     result = diff(state, snap(ended=[row("a", S.ENDED)]), {"b": status("b", S.ENDED),
                                                            "c": NOT_FOUND},
                   MARGIN, learned_ms=NOW + 300_000)
-    assert result.tracking.finished == dict.fromkeys("abc", NOW + 300_000)
+    # "Does not exist" says nothing of when it ended: kept as if it recorded for 24 h.
+    assert result.tracking.finished == {"a": NOW + 300_000, "b": NOW + 300_000,
+                                        "c": NOW - 60_000 + MAX_RECORD_MS}
     baseline = diff(Tracking(), snap(ended=[row("d", S.ENDED)]), {}, MARGIN, learned_ms=NOW + 5)
     assert baseline.tracking.finished == {"d": NOW + 5}
 

@@ -237,3 +237,15 @@ async def test_no_cyclic_garbage_collection_runs_during_a_render() -> None:
             await cache.get("text/plain; version=0.0.4; charset=utf-8")
         assert gc.isenabled()
     assert seen == [False, False]
+
+
+def test_overlapping_renders_turn_collection_back_on_only_after_the_last() -> None:
+    from exporter.exposition import _GC_PAUSE
+
+    first, second = _GC_PAUSE, _GC_PAUSE  # e.g. a cancelled render's thread and the next one
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not gc.isenabled()
+    second.__exit__(None, None, None)
+    assert gc.isenabled()

@@ -136,6 +136,32 @@ def test_each_save_writes_what_changed_and_the_file_stays_exact(tmp_path: Path) 
     assert loaded.counters["a"][EventKind.STARTED] == 9
 
 
+def test_a_failed_save_loses_nothing_and_keeps_nothing_pending(tmp_path: Path) -> None:
+    """A write that fails (a fault injected in SQLite itself) leaves the file as it was; the
+    next save writes everything since, and the changed tasks are not kept meanwhile (a file
+    that stays unwritable must not make them pile up)."""
+    path = tmp_path / "state.db"
+    store = Store(path)
+    app = busy_app()
+    store.save(app)
+    app.tracking.live.pop("t2")
+    app.tracking.finished["t2"] = 5_000
+    app.unsaved_tasks.add("t2")  # as a callback does
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TRIGGER full BEFORE INSERT ON finished_tasks "
+                   "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    with pytest.raises(sqlite3.Error, match="disk full"):
+        store.save(app)
+    assert not app.unsaved_tasks
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER full")
+    store.save(app)
+    loaded = AppState(7, ("a", "b"))
+    Store(path).load(loaded)
+    assert loaded.tracking == app.tracking
+    assert "t2" not in loaded.tracking.live and loaded.tracking.finished["t2"] == 5_000
+
+
 def test_rooms_no_longer_configured_are_dropped_on_load(tmp_path: Path) -> None:
     store = Store(tmp_path / "state.db")
     store.save(busy_app())
