@@ -261,7 +261,8 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         "abnormal_ends": len(latencies),
         "abnormal_ends_missed": len(missed),
         "abnormal_ends_missed_begun_before_baseline": sum(
-            1 for task_id in missed if (begun.get(task_id) or 0) < cycles[0]["started"]),
+            1 for task_id in missed
+            if (begin := begun.get(task_id)) is not None and begin < cycles[0]["started"]),
         "abnormal_counted_on_metrics": shown,
         "rate_limit": workload.rate_limit,
         "budget_use": describe.get("requests", 0) / polled_s / workload.rate_limit
