@@ -282,9 +282,6 @@ class _Recent(Generic[V]):
     def __contains__(self, key: Hashable) -> bool:
         return hash(key) in self._until
 
-    def __len__(self) -> int:
-        return len(self._until)
-
     def get(self, key: Hashable, default: V) -> V:
         return self._values.get(hash(key), default)
 
