@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 from collections.abc import AsyncIterator
 from importlib import resources
+from pathlib import Path
 
 import structlog
 
@@ -15,6 +17,7 @@ from exporter.daemon import ListenAddress
 from exporter.simulator.scenario import load_scenario
 from exporter.simulator.server import SimulatorServer
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 DEMO_POLL_INTERVAL = 5.0  # short, so the demo's events show within seconds
 
 log = structlog.get_logger("exporter.demo")
@@ -48,7 +51,28 @@ async def demo_simulator() -> AsyncIterator[tuple[Config, ListenAddress]]:
 
 
 def free_port() -> int:
-    """A free TCP port on loopback, for listeners started right after."""
-    with socket.socket() as s:
+    """A free TCP port on loopback, for a listener started soon after (and restarted on it).
+
+    It is taken below the kernel's ephemeral range: until the listener binds it, a port from
+    that range can be handed to any socket the kernel numbers itself (a listener on port 0,
+    an outgoing connection), and the listener then fails with "address already in use".
+    """
+    low = _ephemeral_low()
+    for _ in range(100 if low > 1024 else 0):
+        port = random.randrange(1024, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # none free below the range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,6 @@ from exporter.simulator.engine import LifecycleRates, RoomCounts, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require_binary(name: str, package: str) -> str:

@@ -33,7 +33,8 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from tests.conftest import free_port, require_binary
+from exporter.demo import free_port
+from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_FILE = ROOT / "deploy" / "prometheus" / "rules.yml"

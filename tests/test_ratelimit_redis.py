@@ -13,8 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from exporter.clock import SystemClock
+from exporter.demo import free_port
 from exporter.ratelimit_redis import RedisRateLimiter
-from tests.conftest import free_port, require_binary
+from tests.conftest import require_binary
 
 LIMIT = 20
 REPLICAS = 4

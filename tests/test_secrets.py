@@ -30,6 +30,7 @@ import pytest
 from exporter.cli import main
 from exporter.clock import ManualClock
 from exporter.config import ConfigError, Secret, load_config
+from exporter.demo import free_port
 from exporter.ratelimit import RateLimiter
 from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer
@@ -42,7 +43,6 @@ from exporter.zego.client import (
     ZegoClient,
 )
 from exporter.zego.errors import ZegoError
-from tests.conftest import free_port
 
 SERVER = "s3cr3tSERVERdo-not-leak"
 CALLBACK = "s3cr3tCALLBACKdo-not-leak"

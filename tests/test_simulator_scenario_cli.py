@@ -15,13 +15,14 @@ import pytest
 import yaml
 
 from exporter.clock import ManualClock, SystemClock
+from exporter.demo import free_port
 from exporter.simulator.caller import SimCaller
 from exporter.simulator.cli import build_parser, parse_listen_address, scenario_from_args
 from exporter.simulator.faults import FaultKind
 from exporter.simulator.scenario import DEMO_SCENARIO, ScenarioError, parse_scenario
 from exporter.zego.errors import Code
 from tests.conftest import APP_ID as APP
-from tests.conftest import SECRET, START, free_port
+from tests.conftest import SECRET, START
 
 REPO = Path(__file__).resolve().parent.parent
 

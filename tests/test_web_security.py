@@ -25,9 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.cli import main
 from exporter.config import Secret
 from exporter.daemon import Exporter, ListenAddress
+from exporter.demo import free_port
 from exporter.web import ServerLimits
 from exporter.webconfig import WebConfig, _PasswordCheck, parse_web_config
-from tests.conftest import free_port, make_config
+from tests.conftest import make_config
 
 METRIC = "zego_cloudrecord_exporter_build_info"
 
