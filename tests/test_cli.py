@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.cli import main
 from exporter.clock import SystemClock
 from exporter.daemon import Exporter, ListenAddress
-from exporter.demo import free_port
+from exporter.demo import EPHEMERAL_RANGE, free_port
 from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer
 from tests.conftest import APP_ID, SECRET, make_config
@@ -152,7 +152,7 @@ def test_demo_serves_live_metrics_and_stops_cleanly_on_sigterm() -> None:
 def test_free_ports_are_outside_the_ephemeral_range_and_bindable() -> None:
     # Until its listener binds it, a port in the ephemeral range can go to a socket the kernel
     # numbers itself (the simulator's listener on port 0 took the soak's callback port once).
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    low = int(EPHEMERAL_RANGE.read_text().split()[0])
     ports = {free_port() for _ in range(20)}
     assert all(1024 <= port < low for port in ports), ports
     assert len(ports) > 1  # random, so concurrent test runs rarely pick the same one
