@@ -48,6 +48,7 @@ class ExporterCollector(Collector):
         yield from self._polls()
         yield from self._api()
         yield from self._callbacks()
+        yield from self._edges()
         errors = CounterMetricFamily(f"{PREFIX}_state_store_errors",
                                      "Failed writes of the state file (--storage.path).")
         errors.add_metric([], self._state.storage_errors)
@@ -103,6 +104,24 @@ class ExporterCollector(Collector):
         for labels, count in sorted(self._state.callbacks.items()):
             received.add_metric(list(labels), count)
         yield from (by_reason, uploads, received)
+
+    def _edges(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(f"{PREFIX}_http_requests_refused",
+                                      "Requests answered with a 4xx, by listener and reason.",
+                                      labels=["listener", "reason"])
+        for labels, count in sorted(self._state.refused.items()):
+            refused.add_metric(list(labels), count)
+        internal = CounterMetricFamily(f"{PREFIX}_internal_errors",
+                                       "Unexpected exceptions contained (a bug: see the log).",
+                                       labels=["where"])
+        for where, count in sorted(self._state.internal_errors.items()):
+            internal.add_metric([where], count)
+        reloads = CounterMetricFamily(f"{PREFIX}_web_config_reloads",
+                                      "Web config reloads, by listener and result.",
+                                      labels=["listener", "result"])
+        for labels, count in sorted(self._state.web_config_reloads.items()):
+            reloads.add_metric(list(labels), count)
+        yield from (refused, internal, reloads)
 
     def _polls(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(f"{PREFIX}_up", "1 if the last poll cycle of the app succeeded.",

@@ -76,6 +76,10 @@ class Exporter:
         self.state = ExporterState.for_apps(
             [(app.app_id, app.rooms, app.max_rooms) for app in config.apps]
         )
+        for listener, listener_config in (("metrics", web_config),
+                                          ("callbacks", callback_web_config)):
+            if listener_config is not None:
+                listener_config.on_reload = self._reload_counter(listener)
         make_limiter = limiter_factory or (  # e.g. Redis-shared (--ratelimit.redis-url)
             lambda app, action: RateLimiter(app.rate_limit, self.clock, config.zego.pacing))
         self.limiters = {
@@ -112,6 +116,12 @@ class Exporter:
         self._runner: web.AppRunner | None = None
         self._callback_runner: web.AppRunner | None = None
         self.bound_port: int | None = None
+
+    def _reload_counter(self, listener: str) -> Callable[[str], None]:
+        def count(result: str) -> None:
+            key = (listener, result)
+            self.state.web_config_reloads[key] = self.state.web_config_reloads.get(key, 0) + 1
+        return count
 
     def ready(self) -> bool:
         return all(app.cycles_attempted > 0 for app in self.state.apps.values())

@@ -169,6 +169,19 @@ class ExporterState:
     api: ApiStats = field(default_factory=ApiStats)
     storage_errors: int = 0
     callbacks: dict[tuple[str, str, str], int] = field(default_factory=dict)  # app, event, result
+    # Requests refused with a 4xx, by (listener, reason): a client's mistake, never a 500.
+    refused: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Unexpected exceptions contained where they arose (a handler, a cycle, a save), by place.
+    internal_errors: dict[str, int] = field(default_factory=dict)
+    # Web config reloads, by (listener, result): applied, invalid, or refused as weakening.
+    web_config_reloads: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def count_refused(self, listener: str, reason: str) -> None:
+        key = (listener, reason)
+        self.refused[key] = self.refused.get(key, 0) + 1
+
+    def count_internal_error(self, where: str) -> None:
+        self.internal_errors[where] = self.internal_errors.get(where, 0) + 1
 
     @classmethod
     def for_apps(cls, apps: Sequence[tuple[int, tuple[str, ...] | None, int]]) -> ExporterState:

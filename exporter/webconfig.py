@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -408,6 +408,8 @@ class WebConfig:
         self._stamp = _stamp(self._settings.watched_files())
         self._checked = time.monotonic()
         self._passwords = _PasswordCheck(auth_cache_ttl)
+        # Told each reload's result: "applied", "invalid" or "refused" (it would weaken security).
+        self.on_reload: Callable[[str], None] = lambda result: None
 
     @property
     def settings(self) -> WebSettings:
