@@ -9,8 +9,10 @@ counts it; the other recognises it (the task is finished, or its status already 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
@@ -22,8 +24,10 @@ from aiohttp.typedefs import Handler, Middleware
 from exporter.clock import Clock
 from exporter.config import Secret
 from exporter.diff import EventKind, TaskEvent
-from exporter.state import AppState, ExporterState
-from exporter.web import ServerLimits, body_limit
+from exporter.logs import Throttle
+from exporter.state import QUIT_REASONS, AppState, ExporterState
+from exporter.text import text_problem
+from exporter.web import Edge, ServerLimits, body_limit
 from exporter.zego.callback_signing import verify_callback_signature
 from exporter.zego.models import TaskStatus
 
@@ -44,21 +48,42 @@ UPLOADED_OK = 3
 log = structlog.get_logger("exporter.callbacks")
 
 
-@dataclass(frozen=True)
+# What a callback may hold: ZEGO's ids and numbers with room to spare, never more.
+MAX_TASK_ID_BYTES = 256
+MAX_ROOM_ID_BYTES = 128  # ZEGO's room id limit
+MAX_NONCE_CHARS = 64
+MAX_DEPTH = 8  # ZEGO's bodies nest 3 deep (detail.file_info[].field)
+MAX_FILES = 1000
+MAX_SEQUENCE = 2**53 - 1
+_NONCE = re.compile(rf"[\x21-\x7e]{{1,{MAX_NONCE_CHARS}}}")  # printable ASCII, no spaces
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_SIGNATURE = re.compile(r"[0-9a-fA-F]{40}")  # sha1, hex
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Who sent a callback and what its signature covers: checked before anything else."""
+
+    app_id: int
+    event_label: str  # ZEGO's event type if documented, else "other": a bounded label
+    timestamp: str
+    nonce: str
+    signature: str
+    digest: bytes  # of the whole body: a retry repeats it, a forgery under a stolen nonce not
+
+
+@dataclass(frozen=True, slots=True)
 class Callback:
+    """A signed callback's content, validated: only clean ids and ZEGO's documented values."""
+
     app_id: int
     task_id: str
     room_id: str
     event_type: int
     sequence: int
-    timestamp: str
-    nonce: str
-    signature: str
-    detail: Mapping[str, Any]
-
-    @property
-    def event_label(self) -> str:
-        return str(self.event_type) if self.event_type in KNOWN_EVENTS else "other"
+    sent_s: int
+    quit_reason: str  # a documented code, "unknown" (none given) or "other"
+    failed_files: int  # files of an upload callback whose status is not "uploaded"
 
 
 # Results that are refused, with their HTTP status; every other result is answered 200.
@@ -72,38 +97,101 @@ class CallbackRejected(Exception):
         self.result = result
 
 
-def parse_callback(body: bytes) -> Callback:
+def _malformed(reason: str) -> CallbackRejected:
+    return CallbackRejected("malformed", reason)
+
+
+def _depth(value: object) -> int:
+    """How deep a parsed JSON value nests, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:  # past it the answer is known
+            continue
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def _integer(raw: Mapping[str, Any], name: str, low: int, high: int) -> int:
+    value = raw.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _malformed(f"{name} missing, not an integer or out of range")
+    return value
+
+
+def _id(raw: Mapping[str, Any], name: str, max_bytes: int) -> str:
+    value = raw.get(name)
+    problem = text_problem(value, max_bytes)
+    if problem is not None:
+        raise _malformed(f"{name} {problem}")
+    assert isinstance(value, str)
+    return value
+
+
+def parse_envelope(body: bytes) -> tuple[Envelope, dict[str, Any]]:
+    """The JSON object and its envelope, or CallbackRejected("malformed")."""
     try:
         raw = json.loads(body)
+    except RecursionError:
+        raise _malformed(f"nested deeper than {MAX_DEPTH} levels") from None
     except (UnicodeDecodeError, ValueError):
-        raise CallbackRejected("malformed", "body is not JSON") from None
+        raise _malformed("body is not JSON") from None
     if not isinstance(raw, dict):
-        raise CallbackRejected("malformed", "body is not a JSON object")
-
-    def field(name: str, kind: type | tuple[type, ...]) -> Any:
-        value = raw.get(name)
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise CallbackRejected("malformed", f"{name} missing or of the wrong type")
-        return value
-
-    app_id = field("app_id", (int, str))
-    try:
+        raise _malformed("body is not a JSON object")
+    if _depth(raw) > MAX_DEPTH:
+        raise _malformed(f"nested deeper than {MAX_DEPTH} levels")
+    app_id = raw.get("app_id")
+    if isinstance(app_id, str) and app_id.isascii() and app_id.isdigit() and len(app_id) <= 10:
         app_id = int(app_id)
-    except ValueError:
-        raise CallbackRejected("malformed", "app_id is not a number") from None
-    detail = raw.get("detail") or {}
+    if isinstance(app_id, bool) or not isinstance(app_id, int) or not 0 < app_id < 2**32:
+        raise _malformed("app_id missing or not an AppId")
+    texts = {}
+    for name, pattern in (("timestamp", _TIMESTAMP), ("nonce", _NONCE),
+                          ("signature", _SIGNATURE)):
+        value = raw.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and name != "signature":
+            value = str(value)
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise _malformed(f"{name} missing or not of ZEGO's form")
+        texts[name] = value
+    event_type = raw.get("event_type")
+    label = str(event_type) if event_type in KNOWN_EVENTS and type(event_type) is int \
+        else "other"
+    return Envelope(app_id, label, texts["timestamp"], texts["nonce"], texts["signature"],
+                    hashlib.blake2b(body, digest_size=16).digest()), raw
+
+
+def parse_callback(envelope: Envelope, raw: Mapping[str, Any]) -> Callback:
+    """The content of a signed callback, or CallbackRejected("malformed")."""
+    detail = raw.get("detail")
+    detail = {} if detail is None else detail
     if not isinstance(detail, dict):
-        raise CallbackRejected("malformed", "detail is not an object")
+        raise _malformed("detail is not an object")
+    event_type = _integer(raw, "event_type", -(2**31), 2**31 - 1)
+    quit_reason = detail.get("quit_reason")
+    failed_files = 0
+    if event_type == EVENT_UPLOADED:
+        files = detail.get("file_info")
+        files = [] if files is None else files
+        if not isinstance(files, list) or len(files) > MAX_FILES or \
+                not all(isinstance(f, dict) for f in files):
+            raise _malformed(f"detail.file_info is not a list of at most {MAX_FILES} objects")
+        failed_files = sum(1 for f in files if f.get("status") != UPLOADED_OK)
     return Callback(
-        app_id=app_id,
-        task_id=field("task_id", str),
-        room_id=field("room_id", str),
-        event_type=field("event_type", int),
-        sequence=field("sequence", int),
-        timestamp=str(field("timestamp", (str, int))),
-        nonce=str(field("nonce", (str, int))),
-        signature=field("signature", str),
-        detail=detail,
+        app_id=envelope.app_id,
+        task_id=_id(raw, "task_id", MAX_TASK_ID_BYTES),
+        room_id=_id(raw, "room_id", MAX_ROOM_ID_BYTES),
+        event_type=event_type,
+        sequence=_integer(raw, "sequence", 0, MAX_SEQUENCE),
+        sent_s=int(envelope.timestamp),
+        quit_reason=("unknown" if quit_reason is None
+                     else str(quit_reason) if type(quit_reason) is int
+                     and str(quit_reason) in QUIT_REASONS else "other"),
+        failed_files=failed_files,
     )
 
 
@@ -122,8 +210,9 @@ class CallbackReceiver:
         self._clock = clock
         self._on_change = on_change
         self._seen: _Recent[None] = _Recent(REMEMBERED_S)
-        self._nonces: _Recent[None] = _Recent(REMEMBERED_S)
+        self._nonces: _Recent[bytes] = _Recent(REMEMBERED_S)  # -> the digest of its body
         self._last_sequence: _Recent[int] = _Recent(REMEMBERED_S)
+        self._rejections = Throttle()  # anyone can send a bad callback: a line per 10 s
 
     @property
     def app_ids(self) -> list[int]:
@@ -132,32 +221,38 @@ class CallbackReceiver:
     def handle(self, body: bytes) -> tuple[str, str, str]:
         """Check and apply one callback: (app_id label, event_type label, result)."""
         try:
-            callback = parse_callback(body)
+            envelope, raw = parse_envelope(body)
         except CallbackRejected as exc:
             return "unknown", "unknown", exc.result
-        app = self._state.apps.get(callback.app_id)
-        secret = self._secrets.get(callback.app_id)
+        app = self._state.apps.get(envelope.app_id)
+        secret = self._secrets.get(envelope.app_id)
         if app is None or secret is None:
-            return "unknown", callback.event_label, "unknown_app"
-        labels = str(app.app_id), callback.event_label
-        try:
-            sent = int(callback.timestamp)
-        except ValueError:
-            return (*labels, "malformed")
-        if not verify_callback_signature(secret.reveal(), callback.timestamp, callback.nonce,
-                                         callback.signature):
+            return "unknown", envelope.event_label, "unknown_app"
+        labels = str(app.app_id), envelope.event_label
+        if not verify_callback_signature(secret.reveal(), envelope.timestamp, envelope.nonce,
+                                         envelope.signature):
             return (*labels, "bad_signature")
-        now = self._clock.time()
+        # The signature covers the timestamp and nonce, not the body: a nonce is good for one
+        # body. Its retransmission (ZEGO's retry, byte for byte) repeats a decision already
+        # taken; any other body under it is a forgery.
+        now, sent = self._clock.time(), int(envelope.timestamp)
+        nonce_key = (envelope.app_id, envelope.timestamp, envelope.nonce)
+        first_digest = self._nonces.get(nonce_key, b"")
+        if not first_digest:  # every signed nonce, stale too: one dated ahead becomes fresh
+            self._nonces.add(nonce_key, now, envelope.digest,
+                             until=max(now, sent + MAX_CLOCK_SKEW_S) + 1)
         if abs(now - sent) > MAX_CLOCK_SKEW_S:
             return (*labels, "stale")
+        if first_digest:
+            return (*labels, "duplicate" if first_digest == envelope.digest else "replayed")
+        try:
+            callback = parse_callback(envelope, raw)
+        except CallbackRejected as exc:
+            return (*labels, exc.result)
         key = (callback.app_id, callback.task_id, callback.event_type, callback.sequence)
         if key in self._seen:
             return (*labels, "duplicate")  # ZEGO's retry of a callback already applied
-        nonce_key = (callback.app_id, callback.timestamp, callback.nonce)
-        if nonce_key in self._nonces:
-            return (*labels, "replayed")
         self._seen.add(key, now)
-        self._nonces.add(nonce_key, now)
         if app.rooms is not None and callback.room_id not in app.rooms:
             return (*labels, "ignored")
         result = self._apply(app, callback)
@@ -175,7 +270,7 @@ class CallbackReceiver:
                 return "recognised"
             abnormal = callback.event_type == EVENT_ABNORMAL_END
             if abnormal:
-                reason = str(callback.detail.get("quit_reason", "unknown"))
+                reason = callback.quit_reason
                 app.ended_by_reason[reason] = app.ended_by_reason.get(reason, 0) + 1
             if task is None and tracking.has_baseline:
                 events.append(TaskEvent(EventKind.STARTED, callback.task_id, callback.room_id))
@@ -192,7 +287,7 @@ class CallbackReceiver:
             app.apply(tracking, events, flush_deferred=False, new_live=False)
             log.info(f"task_{'ended_abnormally' if abnormal else 'ended'}", app_id=app.app_id,
                      room_id=callback.room_id, task_id=callback.task_id, source="callback",
-                     **({"quit_reason": callback.detail.get("quit_reason")} if abnormal else {}))
+                     **({"quit_reason": callback.quit_reason} if abnormal else {}))
             return "applied"
         if callback.event_type in (EVENT_PAUSED, EVENT_RESUMED):
             # Only news counts: a callback older than one already applied for the task, or sent
@@ -202,7 +297,7 @@ class CallbackReceiver:
             if callback.sequence < self._last_sequence.get(task_key, -1):
                 return "out_of_order"
             self._last_sequence.add(task_key, self._clock.time(), callback.sequence)
-            if task is None or int(callback.timestamp) * 1000 < (app.last_observed_ms or 0):
+            if task is None or callback.sent_s * 1000 < (app.last_observed_ms or 0):
                 return "recognised"
             paused = callback.event_type == EVENT_PAUSED
             if (task.status is TaskStatus.PAUSED) == paused:
@@ -218,8 +313,7 @@ class CallbackReceiver:
                      task_id=task.task_id, source="callback")
             return "applied"
         if callback.event_type == EVENT_UPLOADED:
-            files = callback.detail.get("file_info") or []
-            failed = sum(1 for f in files if isinstance(f, dict) and f.get("status") != UPLOADED_OK)
+            failed = callback.failed_files
             if failed:
                 room = app.room_label(callback.room_id)
                 app.upload_failures[room] = app.upload_failures.get(room, 0) + failed
@@ -228,18 +322,19 @@ class CallbackReceiver:
                 return "applied"
         return "counted"
 
-    def make_app(self, path: str = "/callback", middlewares: Sequence[Middleware] = ()
-                 ) -> web.Application:
+    def make_app(self, edge: Edge, path: str = "/callback",
+                 middlewares: Sequence[Middleware] = ()) -> web.Application:
         """POST `path` only (405 otherwise), bodies up to 256 KiB, read within the limits'
         timeout; `middlewares` from the listener's web config (TLS is the site's)."""
         limits = ServerLimits(client_max_size=MAX_BODY_BYTES)
+
         async def receive(request: web.Request) -> web.Response:
             app_id, event_type, result = self.handle(await request.read())
             self._count(app_id, event_type, result)
             status = REJECTED.get(result, 200)
-            if status != 200:
+            if status != 200 and (dropped := self._rejections.allow(result)) is not None:
                 log.warning("callback_rejected", app_id=app_id, event_type=event_type,
-                            result=result)
+                            result=result, **({"suppressed": dropped} if dropped else {}))
             return web.json_response({"code": 0 if status == 200 else 1, "message": result},
                                      status=status)
 
@@ -249,13 +344,14 @@ class CallbackReceiver:
                 return await handler(request)
             except web.HTTPRequestEntityTooLarge:
                 self._count("unknown", "unknown", "too_large")
-                log.warning("callback_rejected", result="too_large")
                 raise
 
-        app = web.Application(client_max_size=MAX_BODY_BYTES,
-                              middlewares=[*middlewares, count_too_large, body_limit(limits)],
-                              handler_args=limits.handler_args())
-        app.router.add_post(path, receive)
+        outer, inner = edge.middlewares()
+        app = web.Application(
+            client_max_size=MAX_BODY_BYTES,
+            middlewares=[outer, *middlewares, count_too_large, body_limit(limits), inner],
+            handler_args=limits.handler_args(edge.server_log()))
+        app.router.add_post(path, receive, expect_handler=edge.expect_handler(limits))
         return app
 
     def _count(self, app_id: str, event_type: str, result: str) -> None:
@@ -269,9 +365,9 @@ V = TypeVar("V")
 class _Recent(Generic[V]):
     """What was seen in the last `ttl_s` seconds, by a 64-bit fingerprint of the key (Python's
     salted hash: about 100 bytes an entry instead of 250 for the key itself; a collision, about
-    one in 10^14 per lookup at 100,000 entries, would only take a callback for a repeat, which
-    polling then finds). Complete for `ttl_s`, not capped at a count: a busy app's callbacks
-    cannot push a nonce out early and open it to replay."""
+    one in 10^14 per lookup at 100,000 entries, would only refuse a callback as a repeat or a
+    replay, and polling then finds its event). Complete for its time, not capped at a count: a
+    busy app's callbacks cannot push a nonce out early and open it to replay."""
 
     def __init__(self, ttl_s: float) -> None:
         self._ttl_s = ttl_s
@@ -285,12 +381,14 @@ class _Recent(Generic[V]):
     def get(self, key: Hashable, default: V) -> V:
         return self._values.get(hash(key), default)
 
-    def add(self, key: Hashable, now: float, value: V | None = None) -> None:
+    def add(self, key: Hashable, now: float, value: V | None = None,
+            until: float | None = None) -> None:
+        """Remember `key` until `until`, or for `ttl_s` from `now`."""
         fingerprint = hash(key)
-        self._until[fingerprint] = now + self._ttl_s
+        self._until[fingerprint] = now + self._ttl_s if until is None else until
         if value is not None:
             self._values[fingerprint] = value
         if now >= self._prune_at:  # a tenth of the entries' life: a rebuild now and then
-            self._until = {f: until for f, until in self._until.items() if until > now}
+            self._until = {f: end for f, end in self._until.items() if end > now}
             self._values = {f: v for f, v in self._values.items() if f in self._until}
             self._prune_at = now + self._ttl_s / 10

@@ -21,11 +21,12 @@ from exporter.clock import Clock, SystemClock
 from exporter.collector import ExporterCollector
 from exporter.config import AppConfig, Config
 from exporter.exposition import EXPOSITION, ExpositionCache, split_registry
+from exporter.logs import ContainedErrors
 from exporter.poller import AppPoller
 from exporter.ratelimit import RateLimiter
 from exporter.state import AppState, ExporterState
-from exporter.store import Store
-from exporter.web import ServerLimits, make_app
+from exporter.store import Store, StoreError
+from exporter.web import Edge, ServerLimits, make_app
 from exporter.webconfig import WebConfig
 from exporter.zego.client import DESCRIBE_RECORD_STATUS, DESCRIBE_TASKS, ZegoApp, ZegoClient
 
@@ -76,6 +77,7 @@ class Exporter:
         self.state = ExporterState.for_apps(
             [(app.app_id, app.rooms, app.max_rooms) for app in config.apps]
         )
+        self.errors = ContainedErrors(self.state.internal_errors)
         for listener, listener_config in (("metrics", web_config),
                                           ("callbacks", callback_web_config)):
             if listener_config is not None:
@@ -138,7 +140,7 @@ class Exporter:
             self.pollers[app.app_id] = AppPoller(
                 client, zego_app, self.state.apps[app.app_id], self.clock,
                 zego.clock_skew_margin, self._cycle_done, budget_per_cycle=budget,
-                poll_interval=self.config.poll_interval,
+                poll_interval=self.config.poll_interval, errors=self.errors,
             )
 
     async def _callback_answered(self, request: web.Request,
@@ -173,9 +175,11 @@ class Exporter:
         if self.store is not None:
             try:
                 self.store.save(app)
-            except sqlite3.Error as exc:
+            except Exception as exc:
                 # Keep polling from memory; the next save (a cycle's, or stop()'s) tries again.
                 self.state.storage_errors += 1
+                if not isinstance(exc, sqlite3.Error | StoreError):
+                    self.errors.record("state_save", exc)  # a bug: its traceback, once
                 log.error("state_save_failed", app_id=app.app_id, path=str(self.store.path),
                           error=str(exc))
                 return
@@ -195,7 +199,8 @@ class Exporter:
             # Its own listener: it faces ZEGO (the internet), /metrics does not.
             tls = self.callback_web_config
             callback_app = self.callbacks.make_app(
-                self.callback_path, tls.middlewares(open_paths=()) if tls else ())
+                Edge(self.state, "callbacks", self.errors), self.callback_path,
+                tls.middlewares(open_paths=()) if tls else ())
             callback_app.on_response_prepare.append(self._callback_answered)
             runner = web.AppRunner(callback_app, access_log=None)
             await runner.setup()
@@ -209,7 +214,8 @@ class Exporter:
         if listen is not None:
             web_config = self.web_config
             app = make_app(self.registry, self.state, self.telemetry_path, self.ready,
-                           web_config.middlewares() if web_config else (), self.web_limits)
+                           web_config.middlewares() if web_config else (), self.web_limits,
+                           Edge(self.state, "metrics", self.errors))
             app[EXPOSITION] = self.exposition
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()

@@ -24,6 +24,7 @@ import asyncio
 import gc
 import gzip
 import math
+import re
 import threading
 import time
 import zlib
@@ -99,19 +100,19 @@ def split_registry(collector: SplitCollector, standard: Iterable[Collector]
     return cached, live
 
 
+_QVALUE = re.compile(r"q=(0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)", re.ASCII | re.IGNORECASE)
+
+
 def accepts_gzip(header: str) -> bool:
-    """Whether an Accept-Encoding header allows gzip (and does not give it q=0)."""
+    """Whether an Accept-Encoding header (RFC 9110, 12.5.3) gives gzip a weight above 0:
+    its own, or else that of `*`. A weight that is not a valid qvalue counts as 0."""
+    weights: dict[str, float] = {}
     for part in header.split(","):
-        coding, _, params = part.strip().partition(";")
-        if coding.strip().lower() in ("gzip", "*"):
-            q = params.strip().lower()
-            if q.startswith("q="):
-                try:
-                    return float(q[2:]) > 0
-                except ValueError:
-                    return False
-            return True
-    return False
+        coding, *params = (item.strip() for item in part.split(";"))
+        q = next((p for p in params if p[:2].lower() == "q="), None)
+        match = None if q is None else _QVALUE.fullmatch(q)
+        weights.setdefault(coding.lower(), 1.0 if q is None else float(match[1]) if match else 0.0)
+    return weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0))) > 0
 
 
 class _GcPause:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
 from typing import Any, TextIO
 
 import structlog
+
+_log = structlog.get_logger("exporter")
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -59,3 +63,44 @@ def configure_logging(level: str = "info", fmt: str = "logfmt", stream: TextIO |
     for noisy in ("apscheduler", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(LEVELS[level], logging.WARNING))
     logging.getLogger("apscheduler.executors").setLevel(logging.ERROR)
+
+
+class Throttle:
+    """At most one log line per key every `every_s` seconds, for lines an outsider can cause.
+
+    Written here: the logging libraries we use have no rate limit, and this is ten lines."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None to drop this line; else how many lines of `key` were dropped since the last."""
+        now = time.monotonic()
+        if now < self._next.get(key, -math.inf):
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._next[key] = now + self.every_s
+        return self._suppressed.pop(key, 0)
+
+
+class ContainedErrors:
+    """Unexpected exceptions caught where they arose (a handler, a cycle, a save): counted by
+    place; the first of each kind and place is logged with its traceback, repeats are a line
+    at most every `every_s` seconds, so a bug hit on every request cannot flood the log."""
+
+    def __init__(self, counts: dict[str, int], every_s: float = 60.0) -> None:
+        self._counts = counts
+        self._seen: set[tuple[str, str]] = set()
+        self._throttle = Throttle(every_s)
+
+    def record(self, where: str, exc: BaseException) -> None:
+        self._counts[where] = self._counts.get(where, 0) + 1
+        kind = type(exc).__qualname__
+        if (where, kind) not in self._seen:
+            self._seen.add((where, kind))
+            _log.error("internal_error", where=where, error=kind, exc_info=exc)
+        elif (dropped := self._throttle.allow(f"{where}:{kind}")) is not None:
+            _log.error("internal_error", where=where, error=kind, repeated=True,
+                       suppressed=dropped)

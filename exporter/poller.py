@@ -23,6 +23,7 @@ from exporter.diff import (
     horizon_start_ms,
     needs_lookup,
 )
+from exporter.logs import ContainedErrors
 from exporter.planner import Planner
 from exporter.state import AppState
 from exporter.zego.client import ZegoApp, ZegoClient
@@ -96,6 +97,7 @@ class AppPoller:
         on_cycle_done: Callable[[AppState], None] | None = None,
         budget_per_cycle: float = math.inf,
         poll_interval: float = 15.0,
+        errors: ContainedErrors | None = None,
     ) -> None:
         self._client = client
         self._app = app
@@ -106,6 +108,7 @@ class AppPoller:
         # lag, but at most this far: a task live for 10 cycles was surely listed in one of them.
         self._max_lag_ms = int((10 * poll_interval + margin_s) * 1000)
         self._on_cycle_done = on_cycle_done
+        self._errors = errors or ContainedErrors({})
         self._budget = budget_per_cycle  # DescribeTasks requests the limit allows per interval
         self._over_budget = False
         rooms = state.rooms
@@ -123,8 +126,9 @@ class AppPoller:
         try:
             return await self._cycle()
         except Exception as exc:  # a bug must not leave `up` stale or kill the scheduler's job
-            log.exception("poll_cycle_crashed", app_id=self._app.app_id)
-            return self._finish(False, 0, 0, time.perf_counter(), f"internal error: {exc!r}")
+            self._errors.record("poll_cycle", exc)
+            return self._finish(False, 0, 0, time.perf_counter(),
+                                f"internal error: {type(exc).__name__}")
 
     async def _cycle(self) -> CycleReport:
         state = self._state

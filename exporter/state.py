@@ -19,7 +19,8 @@ TASK_DURATION_BUCKETS = (10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400
                          57600.0, 86400.0)
 API_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OTHER_ROOMS = "_other"  # room label for rooms past an app's cardinality cap ("*" mode)
-# ZEGO's documented quit_reason values of an abnormal end (callback event 2).
+# ZEGO's documented quit_reason values of an abnormal end (callback event 2); the label is one
+# of these, "unknown" (none given) or "other" (anything else), so a body cannot mint labels.
 QUIT_REASONS = tuple(str(r) for r in (1, 2, 3, 4, 5, 6, *range(1001, 1012)))
 
 
@@ -93,7 +94,7 @@ class AppState:
 
     def enable_callback_series(self) -> None:
         """Callback-only series at 0 from the start, so the first one shows in increase()."""
-        for reason in QUIT_REASONS:
+        for reason in (*QUIT_REASONS, "other"):
             self.ended_by_reason.setdefault(reason, 0)
         for room in self.rooms or ():
             self.upload_failures.setdefault(room, 0)

@@ -1,22 +1,39 @@
-"""The exporter's HTTP face: /metrics, a landing page, and health and readiness probes."""
+"""The exporter's HTTP face: /metrics, a landing page, and health and readiness probes.
+
+Also what both listeners share at the edge: request limits, 4xx answers counted by reason
+(and logged at a bounded rate, never with a traceback), and a handler's bug contained."""
 
 from __future__ import annotations
 
 import asyncio
 import html
+import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+import structlog
+from aiohttp import hdrs, web, web_response
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.exposition import EXPOSITION
+from exporter.logs import ContainedErrors, Throttle
 from exporter.state import ExporterState
+
+# aiohttp names itself and Python's version in every answer's Server header, its own error
+# answers to unparseable requests included, which no middleware sees: name the product only.
+web_response.SERVER_SOFTWARE = "zego-cloudrecord-exporter"  # type: ignore[attr-defined]
+REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+           405: "method_not_allowed", 408: "timeout", 413: "too_large",
+           417: "expectation_failed", 429: "rate_limited", 431: "headers_too_large"}
+
+log = structlog.get_logger("exporter.web")
 
 
 @dataclass(frozen=True)
@@ -34,14 +51,116 @@ class ServerLimits:
     read_timeout: float = 20.0  # not a usual scrape interval, so no close races a scrape
     lingering_time: float = 2.0  # reading (and dropping) an unread body after the response
 
-    def handler_args(self) -> dict[str, Any]:
+    def handler_args(self, logger: logging.Logger | logging.LoggerAdapter[Any] | None = None
+                     ) -> dict[str, Any]:
+        """aiohttp's server arguments; `logger` takes its own error reports (see Edge)."""
         return {
+            **({"logger": logger} if logger is not None else {}),
             "keepalive_timeout": self.read_timeout,
             "max_line_size": self.max_line_size,
             "max_field_size": self.max_field_size,
             "max_headers": self.max_headers,
             "lingering_time": self.lingering_time,
         }
+
+
+class Edge:
+    """One listener's edge: counts each 4xx by reason, logs client mistakes at a bounded rate
+    and without a traceback, and contains a handler's bug (counted, logged once, a 500)."""
+
+    def __init__(self, state: ExporterState, listener: str, errors: ContainedErrors) -> None:
+        self._state = state
+        self.listener = listener
+        self._errors = errors
+        self._throttle = Throttle()
+
+    def refused(self, reason: str, **fields: Any) -> None:
+        self._state.count_refused(self.listener, reason)
+        dropped = self._throttle.allow(reason)
+        if dropped is not None:
+            log.warning("request_refused", listener=self.listener, reason=reason,
+                        **fields, **({"suppressed": dropped} if dropped else {}))
+
+    def middlewares(self) -> tuple[Middleware, Middleware]:
+        """(outermost, innermost): the first sees every answer, the second every handler."""
+
+        @web.middleware
+        async def count_refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
+            try:
+                response = await handler(request)
+            except web.HTTPException as error:
+                if 400 <= error.status < 500:
+                    self.refused(REASONS.get(error.status, str(error.status)))
+                raise
+            if 400 <= response.status < 500:
+                self.refused(REASONS.get(response.status, str(response.status)))
+            return response
+
+        @web.middleware
+        async def contain(request: web.Request, handler: Handler) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except (web.HTTPException, asyncio.CancelledError, ConnectionError):
+                raise
+            except Exception as exc:
+                self._errors.record(f"{self.listener}_handler", exc)
+                raise web.HTTPInternalServerError() from None
+
+        return count_refusals, contain
+
+    def server_log(self) -> logging.LoggerAdapter[Any]:
+        """For aiohttp's server: a request it cannot parse (a malformed request line, headers
+        too long) is a client's mistake, counted and logged as such, not an error traceback."""
+        edge = self
+
+        class ServerLog(logging.LoggerAdapter[Any]):
+            def exception(self, msg: object, *args: object, exc_info: Any = True,
+                          **kwargs: Any) -> None:
+                if isinstance(exc_info, HttpProcessingError):
+                    edge.refused(_snake(type(exc_info).__name__))
+                elif isinstance(exc_info, BaseException):
+                    edge._errors.record(f"{edge.listener}_server", exc_info)
+                else:
+                    super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+            def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+                # aiohttp reports an unknown method on a connection's first request here.
+                if isinstance(kwargs.get("exc_info"), HttpProcessingError):
+                    edge.refused(_snake(type(kwargs["exc_info"]).__name__))
+                else:
+                    super().debug(msg, *args, **kwargs)
+
+        return ServerLog(logging.getLogger("aiohttp.server"))
+
+    def expect_handler(self, limits: ServerLimits) -> Callable[[web.Request], Any]:
+        """`Expect: 100-continue` is answered only for a body within the limit: 413 at once
+        otherwise, before the client sends it; any other expectation gets 417."""
+
+        async def expect(request: web.Request) -> web.StreamResponse | None:
+            if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+                return _refusal(self, web.HTTPExpectationFailed())
+            length = request.content_length
+            if length is not None and length > limits.client_max_size:
+                return _refusal(self, web.HTTPRequestEntityTooLarge(
+                    max_size=limits.client_max_size, actual_size=length))
+            if request.version >= (1, 1):
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0
+            return None
+
+        return expect
+
+
+def _refusal(edge: Edge, error: web.HTTPException) -> web.Response:
+    """An expect handler's answer: it bypasses the middlewares, so it is counted here."""
+    edge.refused(REASONS.get(error.status, str(error.status)))
+    response = web.Response(status=error.status, text=error.text)
+    response.force_close()  # the client may send the body anyway: never read it
+    return response
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def body_limit(limits: ServerLimits) -> Middleware:
@@ -72,10 +191,12 @@ def make_app(
     ready: Callable[[], bool] = lambda: True,
     middlewares: Sequence[Middleware] = (),
     limits: ServerLimits | None = None,
+    edge: Edge | None = None,
 ) -> web.Application:
-    """The app. `middlewares` (e.g. `WebConfig.middlewares()`) run outermost; every route
-    answers GET and HEAD only (405 with Allow otherwise)."""
+    """The app. `middlewares` (e.g. `WebConfig.middlewares()`) run outermost but for the
+    edge's counting; every route answers GET and HEAD only (405 with Allow otherwise)."""
     limits = limits or ServerLimits()
+    edge = edge or Edge(state, "metrics", ContainedErrors(state.internal_errors))
     async def metrics(request: web.Request) -> web.Response:
         cache = request.app.get(EXPOSITION)  # the daemon's: rendered once per state change
         if cache is not None:
@@ -94,13 +215,14 @@ def make_app(
     async def landing(request: web.Request) -> web.Response:
         return web.Response(text=landing_page(state, telemetry_path), content_type="text/html")
 
-    app = web.Application(middlewares=[*middlewares, body_limit(limits)],
+    outer, inner = edge.middlewares()
+    app = web.Application(middlewares=[outer, *middlewares, body_limit(limits), inner],
                           client_max_size=limits.client_max_size,
-                          handler_args=limits.handler_args())
-    app.router.add_get(telemetry_path, metrics)
-    app.router.add_get("/-/healthy", healthy)
-    app.router.add_get("/-/ready", readiness)
-    app.router.add_get("/", landing)
+                          handler_args=limits.handler_args(edge.server_log()))
+    expect = edge.expect_handler(limits)
+    for path, handler in ((telemetry_path, metrics), ("/-/healthy", healthy),
+                          ("/-/ready", readiness), ("/", landing)):
+        app.router.add_get(path, handler, expect_handler=expect)
     return app
 
 

@@ -15,4 +15,5 @@ def callback_signature(secret: str, timestamp: str, nonce: str) -> str:
 def verify_callback_signature(secret: str, timestamp: str, nonce: str, signature: str) -> bool:
     """Whether `signature` (any case) is the one ZEGO would send, compared in constant time."""
     expected = callback_signature(secret, timestamp, nonce)
-    return hmac.compare_digest(expected, signature.lower())
+    # As bytes: compare_digest refuses str with non-ASCII characters (TypeError).
+    return hmac.compare_digest(expected.encode(), signature.lower().encode("utf-8", "replace"))
