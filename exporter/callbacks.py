@@ -159,7 +159,7 @@ def parse_envelope(body: bytes) -> tuple[Envelope, dict[str, Any]]:
             raise _malformed(f"{name} missing or not of ZEGO's form")
         texts[name] = value
     event_type = raw.get("event_type")
-    label = str(event_type) if event_type in KNOWN_EVENTS and type(event_type) is int \
+    label = str(event_type) if type(event_type) is int and event_type in KNOWN_EVENTS \
         else "other"
     return Envelope(app_id, label, texts["timestamp"], texts["nonce"], texts["signature"],
                     hashlib.blake2b(body, digest_size=16).digest()), raw
