@@ -173,6 +173,14 @@ def _text(value: Any) -> bool:
     return True
 
 
+def _id(max_bytes: int) -> Callable[[Any], bool]:
+    """An id ZEGO could send: non-empty text, no control character, at most `max_bytes`."""
+    def check(value: Any) -> bool:
+        return (_text(value) and 0 < len(value.encode("utf-8")) <= max_bytes
+                and not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in value))
+    return check
+
+
 def _optional(obj: dict[str, Any], key: str, check: Callable[[Any], bool]) -> bool:
     return obj.get(key) is None or check(obj[key])
 
@@ -196,8 +204,8 @@ def reference_rows(data: Any) -> list[dict[str, Any]] | None:
         return None
     by_id: dict[str, dict[str, Any]] = {}
     for item in items:
-        if not (isinstance(item, dict) and _text(item.get("TaskId")) and item["TaskId"]
-                and _text(item.get("RoomId")) and item.get("Status") in (1, 2, 3, 4, 5)
+        if not (isinstance(item, dict) and _id(256)(item.get("TaskId"))
+                and _id(128)(item.get("RoomId")) and item.get("Status") in (1, 2, 3, 4, 5)
                 and _int(item["Status"]) and _timestamp(item.get("RecordBeginTimestamp"))):
             return None
         if by_id.setdefault(item["TaskId"], item) != item:
@@ -215,7 +223,7 @@ def reference_status(data: Any) -> int | None:
             and _optional(f, "StreamId", _text) and _optional(f, "Status", _int)
             for f in files)):
         return None
-    if not (_optional(data, "RoomId", _text)
+    if not ((not data.get("RoomId") or _id(128)(data["RoomId"]))
             and _optional(data, "RecordBeginTimestamp", _timestamp)
             and _optional(data, "RecordEndTimestamp", _timestamp)):
         return None

@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from exporter.text import text_problem
+
 
 class TaskStatus(enum.IntEnum):
     INITIALIZING = 1
@@ -78,6 +80,8 @@ class ShapeError(ValueError):
     """A JSON value that is not the shape ZEGO documents."""
 
 
+MAX_TASK_ID_BYTES = 256  # ZEGO's are 16 characters; room to spare, never a megabyte
+MAX_ROOM_ID_BYTES = 128  # ZEGO's documented limit
 # JSON's exact integer range. ZEGO's integers (codes, counts, ms timestamps) sit far inside it;
 # a bigger one is garbage, and one past ~1e308 would overflow the float arithmetic downstream.
 MAX_SAFE_INT = 2**53 - 1
@@ -132,14 +136,21 @@ def _status(obj: dict[str, Any], key: str = "Status") -> TaskStatus:
         raise ShapeError(f"unknown {key} {raw}") from None
 
 
+def _id(obj: dict[str, Any], key: str, max_bytes: int) -> str:
+    """An id that becomes a label, a log field or a stored key: clean, bounded text."""
+    if key not in obj:
+        raise ShapeError(f"missing {key}")
+    problem = text_problem(obj[key], max_bytes)
+    if problem is not None:
+        raise ShapeError(f"{key} {problem}")
+    return str(obj[key])
+
+
 def parse_task(item: Any) -> RecordingTask:
     obj = _object(item, "task")
-    task_id = _str(obj, "TaskId")
-    if not task_id:
-        raise ShapeError("empty TaskId")
     return RecordingTask(
-        task_id=task_id,
-        room_id=sys.intern(_str(obj, "RoomId")),  # one string per room, not one per task
+        task_id=_id(obj, "TaskId", MAX_TASK_ID_BYTES),
+        room_id=sys.intern(_id(obj, "RoomId", MAX_ROOM_ID_BYTES)),  # one string per room
         status=_status(obj),
         begin_ms=_timestamp(obj, "RecordBeginTimestamp"),
     )
@@ -187,7 +198,7 @@ def parse_record_status(task_id: str, data: Any) -> RecordStatus:
     end = _timestamp(obj, "RecordEndTimestamp", required=False)
     return RecordStatus(
         task_id=task_id,
-        room_id=_str(obj, "RoomId", required=False),
+        room_id=_id(obj, "RoomId", MAX_ROOM_ID_BYTES) if obj.get("RoomId") else "",
         status=_status(obj),
         begin_ms=_timestamp(obj, "RecordBeginTimestamp", required=False),
         end_ms=end or None,
