@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -17,10 +19,11 @@ from exporter.daemon import Exporter, ListenAddress
 from exporter.logs import LEVELS, configure_logging
 from exporter.sharding import Shard, shard_config
 from exporter.store import StoreError
-from exporter.webconfig import WebConfig, WebConfigError
+from exporter.webconfig import CLIENT_AUTH_TYPES, WebConfig, WebConfigError, parse_web_config
 
 DEFAULT_LISTEN = ":9867"
 DEFAULT_STORAGE = "data/zego-cloudrecord-exporter.db"
+HEALTHCHECK_TIMEOUT = 4.0  # seconds; under deploy/Dockerfile's HEALTHCHECK --timeout
 log = structlog.get_logger("exporter")
 
 
@@ -57,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_STORAGE}; '' for none; --demo: none unless given)")
     parser.add_argument("--config.check", dest="config_check", action="store_true",
                         help="validate the configuration, print what is wrong, exit 0 or 1")
+    parser.add_argument("--healthcheck", action="store_true",
+                        help="ask the exporter running with these --web.listen-address and "
+                        "--web.config.file whether it is healthy (GET /-/healthy); print one "
+                        "line, exit 0 if it answers 200, else 1 (a container HEALTHCHECK)")
     parser.add_argument("--demo", action="store_true",
                         help="start the built-in ZEGO simulator on loopback and export its "
                         "recordings: live metrics with no ZEGO account")
@@ -101,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"--web.listen-address: {exc}", file=sys.stderr)
         return 1
+    if args.healthcheck:
+        return healthcheck(listen, args.web_config_file)
     try:
         callback_listen = ListenAddress.parse(args.callback_listen) if args.callback_listen \
             else None
@@ -140,6 +149,51 @@ def main(argv: Sequence[str] | None = None) -> int:
                  rooms=sum(len(a.rooms or ()) for a in config.apps))
     storage = DEFAULT_STORAGE if args.storage_path is None else args.storage_path
     return asyncio.run(_serve(config, args, storage or None, listen))
+
+
+def healthcheck(listen: ListenAddress, web_config_file: str | None) -> int:
+    """--healthcheck: 0 if the exporter at `listen` answers 200 on /-/healthy, else 1.
+
+    http.client rather than urllib: no proxy from the environment, no redirects, for a probe of
+    this host. Health endpoints need no password, so the web config only says HTTP or HTTPS."""
+    try:
+        tls = parse_web_config(web_config_file).tls if web_config_file else None
+    except WebConfigError as exc:
+        print(f"unhealthy: {'; '.join(exc.errors)}", file=sys.stderr)
+        return 1
+    if tls is not None and CLIENT_AUTH_TYPES[tls.client_auth_type] == ssl.CERT_REQUIRED:
+        print(f"unhealthy: cannot probe: client_auth_type {tls.client_auth_type} refuses a probe "
+              "without a client certificate", file=sys.stderr)
+        return 1
+    # Every interface (no host, 0.0.0.0, ::) includes loopback.
+    host = listen.host or "127.0.0.1"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    connection: http.client.HTTPConnection
+    if tls is None:
+        connection = http.client.HTTPConnection(host, listen.port, timeout=HEALTHCHECK_TIMEOUT)
+    else:
+        # Not verified: the certificate is for the name Prometheus scrapes, from a CA this host
+        # need not trust; the probe only asks its own process whether it is alive.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        connection = http.client.HTTPSConnection(host, listen.port,
+                                                 timeout=HEALTHCHECK_TIMEOUT, context=context)
+    bracketed = f"[{host}]" if ":" in host else host
+    url = f"{'https' if tls else 'http'}://{bracketed}:{listen.port}/-/healthy"
+    try:
+        connection.request("GET", "/-/healthy")
+        status = connection.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"unhealthy: GET {url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    if status != 200:
+        print(f"unhealthy: GET {url}: {status}", file=sys.stderr)
+        return 1
+    print(f"healthy: GET {url}: {status}")
+    return 0
 
 
 async def _run_demo(args: argparse.Namespace, listen: ListenAddress) -> int:

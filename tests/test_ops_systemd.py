@@ -121,3 +121,11 @@ def test_unit_file_has_the_three_sections() -> None:
     assert parser.sections() == ["Unit", "Service", "Install"]
     assert parser["Install"]["WantedBy"] == "multi-user.target"
     assert "network-online.target" in parser["Unit"]["After"]
+
+
+def test_unit_points_to_no_placeholder_documentation() -> None:
+    """systemd-analyze accepts any URL: a placeholder one passes verify but misleads."""
+    urls = [line.split("=", 1)[1] for line in UNIT.read_text().splitlines()
+            if line.startswith("Documentation=")]
+    placeholders = re.compile(r"//(www\.)?(example\.(com|org|net)|github\.com/example)/")
+    assert not [url for url in " ".join(urls).split() if placeholders.search(url)], urls
