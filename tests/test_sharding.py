@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -14,7 +12,6 @@ from exporter.config import AppConfig, Config, Secret, ZegoConfig
 from exporter.sharding import Shard, room_key, shard_config
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARDED = ROOT / "deploy" / "kubernetes" / "sharded"
 SECRET = Secret("0123456789abcdef0123456789abcdef")
 
 
@@ -93,69 +90,3 @@ def test_bad_shard_flags_are_refused(count: int, index: int, tmp_path: Path,
     assert code == 1
     assert "--shard." in capsys.readouterr().err
 
-
-# -- deploy/kubernetes/sharded -----------------------------------------------------------------
-
-def documents(name: str) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all((SHARDED / name).read_text()) if d]
-
-
-def statefulset() -> dict[str, Any]:
-    (found,) = documents("statefulset.yaml")
-    return found
-
-
-def container() -> dict[str, Any]:
-    (exporter,) = statefulset()["spec"]["template"]["spec"]["containers"]
-    found: dict[str, Any] = exporter
-    return found
-
-
-def arg(name: str) -> str:
-    (value,) = [a.split("=", 1)[1] for a in container()["args"] if a.startswith(f"{name}=")]
-    return value
-
-
-@pytest.mark.parametrize("version", ["1.28.0", kubernetes_validate.latest_version()])
-@pytest.mark.parametrize("name", ["statefulset.yaml", "service-headless.yaml"])
-def test_sharded_manifests_validate_against_the_kubernetes_schema(name: str, version: str
-                                                                  ) -> None:
-    for document in documents(name):
-        kubernetes_validate.validate(document, version, strict=True)
-
-
-def test_the_shard_index_is_the_pod_ordinal_from_the_downward_api() -> None:
-    (env,) = [e for e in container()["env"] if e["name"] == "POD_INDEX"]
-    assert env["valueFrom"]["fieldRef"]["fieldPath"] == (
-        "metadata.labels['apps.kubernetes.io/pod-index']")
-    assert arg("--shard.index") == "$(POD_INDEX)"
-    assert int(arg("--shard.count")) == statefulset()["spec"]["replicas"]
-
-
-def test_each_shard_keeps_its_state_on_its_own_volume() -> None:
-    spec = statefulset()["spec"]
-    (template,) = spec["volumeClaimTemplates"]
-    mounts = {m["name"]: m["mountPath"] for m in container()["volumeMounts"]}
-    assert arg("--storage.path").startswith(mounts[template["metadata"]["name"]] + "/")
-    assert spec["serviceName"] == documents("service-headless.yaml")[0]["metadata"]["name"]
-
-
-def test_each_pod_is_scraped_once_through_the_base_service() -> None:
-    (headless,) = documents("service-headless.yaml")
-    assert headless["spec"]["clusterIP"] == "None"
-    assert not headless["spec"].get("ports"), "a port here would be scraped twice"
-    pod_labels = statefulset()["spec"]["template"]["metadata"]["labels"]
-    base_service = yaml.safe_load((SHARDED.parent / "service.yaml").read_text())
-    assert base_service["spec"]["selector"].items() <= pod_labels.items()
-
-
-def test_the_kustomization_swaps_the_deployment_for_the_statefulset() -> None:
-    kustomization = yaml.safe_load((SHARDED / "kustomization.yaml").read_text())
-    assert set(kustomization["resources"]) == {"..", "statefulset.yaml", "service-headless.yaml"}
-    deleted = {(p["kind"], p["metadata"]["name"])
-               for p in (yaml.safe_load(x["patch"]) for x in kustomization["patches"])
-               if p.get("$patch") == "delete"}
-    assert deleted == {("Deployment", "zego-cloudrecord-exporter"),
-                       ("PersistentVolumeClaim", "zego-cloudrecord-exporter-state")}
-    on_disk = {p.name for p in SHARDED.glob("*.yaml")} - {"kustomization.yaml"}
-    assert on_disk == set(kustomization["resources"]) - {".."}
