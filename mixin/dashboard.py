@@ -34,7 +34,7 @@ ANNOTATION_FORMAT = {"titleFormat": "{{alertname}}", "textFormat": "room {{room_
                      "step": "60s"}
 
 Target = prometheus.Dataquery
-PanelBuilder = Builder[models.Panel]
+PanelBuilder = stat.Panel | timeseries.Panel | heatmap.Panel
 
 
 def target(expr: str, legend: str = "__auto") -> Target:
@@ -362,7 +362,7 @@ def dashboard(config: MixinConfig) -> dict[str, Any]:
         board.with_row(builders.Row(title).id(panel_id))
         for panel in panels:
             panel_id += 1
-            board.with_panel(panel.id(panel_id))  # type: ignore[attr-defined]
+            board.with_panel(panel.id(panel_id))
     document: dict[str, Any] = json.loads(json.dumps(board.build(), cls=JSONEncoder))
     for annotation in document["annotations"]["list"]:
         annotation.update(ANNOTATION_FORMAT)
