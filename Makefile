@@ -21,7 +21,7 @@ demo: venv
 	$(VENV)/bin/zego-cloudrecord-exporter --demo
 
 lint:
-	$(VENV)/bin/ruff check exporter tests bench
+	$(VENV)/bin/ruff check exporter tests bench mixin
 
 typecheck:
 	$(VENV)/bin/mypy

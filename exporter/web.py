@@ -1,4 +1,4 @@
-"""The exporter's HTTP face: /metrics, a landing page, and health and readiness probes.
+"""The exporter's HTTP face: /metrics, a landing page, the runbook, health and readiness probes.
 
 Also what both listeners share at the edge: request limits, 4xx answers counted by reason
 (and logged at a bounded rate, never with a traceback), and a handler's bug contained."""
@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import structlog
@@ -215,13 +216,18 @@ def make_app(
     async def landing(request: web.Request) -> web.Response:
         return web.Response(text=landing_page(state, telemetry_path), content_type="text/html")
 
+    runbook_html = runbook_page()
+
+    async def runbook(request: web.Request) -> web.Response:
+        return web.Response(text=runbook_html, content_type="text/html")
+
     outer, inner = edge.middlewares()
     app = web.Application(middlewares=[outer, *middlewares, body_limit(limits), inner],
                           client_max_size=limits.client_max_size,
                           handler_args=limits.handler_args(edge.server_log()))
     expect = edge.expect_handler(limits)
     for path, handler in ((telemetry_path, metrics), ("/-/healthy", healthy),
-                          ("/-/ready", readiness), ("/", landing)):
+                          ("/-/ready", readiness), ("/", landing), ("/runbook", runbook)):
         app.router.add_get(path, handler, expect_handler=expect)
     return app
 
@@ -253,3 +259,47 @@ Health: <a href="/-/healthy">/-/healthy</a>, <a href="/-/ready">/-/ready</a>.</p
 </table>
 </body></html>
 """
+
+
+def runbook_page() -> str:
+    """exporter/runbook.md as a minimal HTML page whose headings carry GitHub's anchors, so an
+    alert's runbook_url (`/runbook#<alert name in lower case>`) lands on its section. Written
+    here because a Markdown library as a runtime dependency is too much for one static page:
+    headings, links, `code` and **bold** are rendered, the rest shows as text."""
+    markdown = resources.files("exporter").joinpath("runbook.md").read_text(encoding="utf-8")
+    parts: list[str] = []
+    paragraph: list[str] = []
+
+    def flush() -> None:
+        if paragraph:
+            parts.append(f"<p>{_inline(chr(10).join(paragraph))}</p>")
+            paragraph.clear()
+
+    for line in markdown.splitlines():
+        heading = re.fullmatch(r"(#{1,6})\s+(.+?)\s*", line)
+        if heading:
+            flush()
+            level, text = len(heading.group(1)), heading.group(2)
+            parts.append(f'<h{level} id="{html.escape(heading_anchor(text))}">{_inline(text)}'
+                         f"</h{level}>")
+        elif line.strip():
+            paragraph.append(line)
+        else:
+            flush()
+    flush()
+    return ("<!doctype html>\n<html><head><meta charset=\"utf-8\">"
+            "<title>zego-cloudrecord-exporter runbook</title>"
+            "<style>p{white-space:pre-wrap}</style></head>\n<body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading, so links work here and on GitHub alike."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _inline(text: str) -> str:
+    escaped = html.escape(text, quote=True)
+    escaped = re.sub(r"\[([^\]]+)\]\(((?:#|https?://)[^)\s]+)\)", r'<a href="\2">\1</a>', escaped)
+    escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)

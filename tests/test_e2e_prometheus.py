@@ -50,6 +50,9 @@ ALERT_LATENCY_TARGET_S = 60.0
 # Grafana's template variables, as Grafana would expand them with the dashboard's defaults
 # ("All" selected, allValue ".*") and a 1s scrape interval.
 GRAFANA_VARIABLES = {
+    "cluster": ".*",
+    "job": JOB,
+    "instance": ".*",
     "app": ".*",
     "room": ".*",
     "datasource": "prometheus",
@@ -64,6 +67,7 @@ GRAFANA_VARIABLES = {
 # Dashboard queries allowed to return nothing in this run: a regular expression searched in
 # the query, and the reason. A query listed here that does return data is reported, not failed.
 EXPECTED_EMPTY: dict[str, str] = {
+    r"^label_values\(.*, cluster\)$": "no cluster label with one Prometheus: $cluster is All (.*)",
     r"zego_cloudrecord_tasks_ended_abnormally_by_reason_total": (
         "callback-only metric (--callback.listen-address); this run polls only"
     ),

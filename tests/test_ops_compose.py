@@ -6,7 +6,6 @@ promtool/amtool, laid out as the compose file mounts them.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -127,8 +126,8 @@ def test_alertmanager_config_passes_amtool(tmp_path: Path) -> None:
     ("labels", "receiver"),
     [
         (["alertname=ZegoCloudRecordingEndedAbnormally", "severity=critical"], "pager"),
-        (["alertname=ZegoCloudRecordExporterDown", "severity=critical"], "pager"),
-        (["alertname=ZegoCloudRecordRateLimited", "severity=warning"], "team-chat"),
+        (["alertname=ZegoCloudRecordingExporterDown", "severity=critical"], "pager"),
+        (["alertname=ZegoCloudRecordingRateLimited", "severity=warning"], "team-chat"),
     ],
 )
 def test_alertmanager_pages_critical_alerts_only(labels: list[str], receiver: str) -> None:
@@ -202,14 +201,14 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def test_dockerfile_runs_as_non_root_with_a_healthcheck_port_and_volume() -> None:
     instructions = dockerfile_instructions()
     froms = [arg for op, arg in instructions if op == "FROM"]
-    assert froms and all(arg.startswith("python:3.11-slim") for arg in froms)
+    assert froms and all(arg.startswith("python:3.11") and "@sha256:" in arg for arg in froms)
     final_stage = instructions[
         max(i for i, (op, _) in enumerate(instructions) if op == "FROM"):
     ]
     (user,) = [arg for op, arg in final_stage if op == "USER"]
     assert user.split(":")[0] not in {"root", "0"}
     (healthcheck,) = [arg for op, arg in final_stage if op == "HEALTHCHECK"]
-    assert "/-/healthy" in healthcheck and "urllib" in healthcheck
+    assert "--healthcheck" in healthcheck  # the exporter's own probe: follows its flags
     assert "curl" not in healthcheck and "wget" not in healthcheck
     assert ("EXPOSE", "9867") in final_stage
     (volume,) = [arg for op, arg in final_stage if op == "VOLUME"]
@@ -228,8 +227,3 @@ def test_dockerfile_copies_only_what_exists() -> None:
                 assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
 
 
-def test_healthcheck_one_liner_is_valid_python() -> None:
-    (healthcheck,) = [arg for op, arg in dockerfile_instructions() if op == "HEALTHCHECK"]
-    match = re.search(r'"-c", "(.*)"\]', healthcheck)
-    assert match, healthcheck
-    compile(match.group(1), "<healthcheck>", "exec")

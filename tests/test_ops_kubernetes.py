@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import shutil
 import subprocess
 import sysconfig
@@ -21,7 +20,6 @@ KUBERNETES = ROOT / "deploy" / "kubernetes"
 BASE = KUBERNETES / "base"
 SHARDED = KUBERNETES / "overlays" / "sharded"
 KUSTOMIZATIONS = sorted(path.parent for path in KUBERNETES.rglob("kustomization.yaml"))
-RULES_FILE = ROOT / "deploy" / "prometheus" / "rules.yml"
 # The oldest Kubernetes still commonly run, and the newest the validator knows.
 KUBERNETES_VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
 # kubernetes-validate knows the built-in kinds only: the Prometheus Operator's custom resources
@@ -273,21 +271,3 @@ def test_a_shard_runs_the_single_replica_pod_but_for_its_shard_flags_and_state_v
     assert shard == single
     labels = [workload(d)["spec"]["template"]["metadata"]["labels"] for d in (BASE, SHARDED)]
     assert labels[0] == labels[1]
-
-
-def test_prometheus_rule_groups_equal_rules_yml() -> None:
-    rule = one(BASE, "PrometheusRule")
-    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
-    assert set(rule["spec"]) == {"groups"}
-    assert rule["spec"]["groups"] == yaml.safe_load(RULES_FILE.read_text())["groups"]
-
-
-def test_prometheus_rule_file_is_what_the_generator_writes() -> None:
-    spec = importlib.util.spec_from_file_location("gen", KUBERNETES / "gen_prometheusrule.py")
-    assert spec and spec.loader
-    generator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generator)
-    assert (BASE / "prometheusrule.yaml").read_text() == generator.render(), (
-        "deploy/kubernetes/base/prometheusrule.yaml is stale: run "
-        "python deploy/kubernetes/gen_prometheusrule.py"
-    )
