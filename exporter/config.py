@@ -34,7 +34,7 @@ DOCUMENTED_RATE_LIMIT: Final = 10.0
 MAX_APP_ID: Final = 2**32 - 1
 # ZEGO room ids are at most 128 bytes.
 MAX_ROOM_ID_BYTES: Final = 128
-# 100,000 rooms of the longest ids ZEGO allows, one per line, take about 14 MB.
+# Room for 100,000 room ids of the longest length ZEGO allows, one per line.
 MAX_CONFIG_BYTES: Final = 16 << 20
 # A ZEGO secret is 32 characters; room for a PEM-sized surprise, not for /dev/zero.
 MAX_SECRET_FILE_BYTES: Final = 64 << 10
@@ -42,7 +42,7 @@ MAX_SECRET_FILE_BYTES: Final = 64 << 10
 # from Python's recursion limit.
 MAX_YAML_DEPTH: Final = 64
 # Python refuses decimal strings over 4,300 digits and YAML's base-60 form costs quadratic time;
-# no field takes an integer a tenth this long.
+# no field needs more than 10 digits.
 MAX_YAML_INT_CHARS: Final = 100
 
 _SERVER_SECRET_FORMS: Final = ("server_secret", "server_secret_file", "server_secret_env")
@@ -58,7 +58,7 @@ _APP_KEYS: Final = (
     *_CALLBACK_SECRET_FORMS,
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# ZEGO secrets are long hex strings; one pasted into a _file or _env field must not be echoed.
+# ZEGO secrets are long hex strings; a value with such a run in it is never echoed in a message.
 _LOOKS_LIKE_SECRET = re.compile(r"[0-9A-Fa-f]{16,}")
 _NOT_SHOWN: Final = "(value not shown: it looks like a secret)"
 _SHOWN_CHARS: Final = 40
@@ -299,8 +299,9 @@ class _StrictLoader(yaml.SafeLoader):
         merge_keys = 0
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                # PyYAML removes each `<<` key from the middle of a list: quadratic time in their
-                # number. Its values are not checked: merged keys are meant to be overridden.
+                # One `<<` per mapping (`<<: [*a, *b]` merges several): PyYAML deletes each from
+                # the middle of a list, quadratic in their number. Keys merged in are meant to be
+                # overridden, so they are not checked for duplicates.
                 merge_keys += 1
                 if merge_keys > 1:
                     raise yaml.constructor.ConstructorError(
@@ -718,7 +719,11 @@ class _Reader:
         if not name:
             self.error(path, "must be a file path, got an empty string")
             return None
-        file = self.base_dir / Path(name).expanduser()
+        if not name.isprintable():
+            self.error(path, "must be a file path without control characters or invalid Unicode")
+            return None
+        # os.path leaves `~unknown-user` as written, where Path.expanduser raises RuntimeError.
+        file = self.base_dir / os.path.expanduser(name)
         shown = _shown_name(str(file))
         try:
             content, mode = read_regular_file(file, MAX_SECRET_FILE_BYTES)
@@ -763,7 +768,7 @@ def _room_id_problem(room: object) -> str | None:
     if isinstance(room, bool) or not isinstance(room, str):
         hint = (
             "; quote room ids, because YAML reads an unquoted 001 as the number 1"
-            if isinstance(room, int | float)
+            if isinstance(room, int | float) and not isinstance(room, bool)
             else ""
         )
         return f"room ids must be strings, got {_type_name(room)}{hint}"

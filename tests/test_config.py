@@ -680,13 +680,29 @@ def test_secret_file_at_the_size_limit_loads_and_one_byte_more_is_refused(
     ]
 
 
-@pytest.mark.parametrize("name", ['"a\\0b"', '"a\\ud800b"'], ids=["nul", "lone surrogate"])
+@pytest.mark.parametrize(
+    "name",
+    ['"a\\0b"', '"a\\ud800b"', '"~a\\0b/secret"', '"~\\udcff/secret"'],
+    ids=["nul", "lone surrogate", "nul in user", "surrogate in user"],
+)
 def test_secret_file_name_no_file_system_can_hold_is_refused(name: str) -> None:
     errors = errors_of(f'apps: [{{app_id: 7, rooms: ["1"], server_secret_file: {name}}}]')
 
-    assert len(errors) == 1
-    assert errors[0].startswith("config.yml: apps[0].server_secret_file: cannot read '")
-    assert errors[0].endswith("': not a valid file name")
+    assert errors == [
+        "config.yml: apps[0].server_secret_file: must be a file path without control "
+        "characters or invalid Unicode"
+    ]
+
+
+def test_secret_file_under_an_unknown_users_home_is_a_missing_file() -> None:
+    errors = errors_of(
+        'apps: [{app_id: 7, rooms: ["1"], server_secret_file: ~no-such-user-here/secret}]'
+    )
+
+    assert errors == [
+        f"config.yml: apps[0].server_secret_file: cannot read "
+        f"{CONFIGS / '~no-such-user-here/secret'}: No such file or directory"
+    ]
 
 
 # The YAML boundary: bounded nesting and integers, and nothing but a ConfigError comes out.

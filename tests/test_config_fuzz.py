@@ -34,11 +34,13 @@ KEYS = (
 PLAUSIBLE = (
     "15s", "1h30m", "0", "500ms", "*", "https://cloudrecord-api.zego.im/", "http://h:1/",
     "ZEGO_SECRET", "EMPTY", "secret", "/dev/zero", ".", "0.95", "001", "~", "null", "yes",
+    "~no-such-user/secret", "room\u00a0", "\u202e", "\x00",
 )  # fmt: skip
 YAML_PIECES = (
     *KEYS, *PLAUSIBLE, ": ", "\n", "\n  ", "\n    - ", "- ", "[", "]", "{", "}", ", ", "&a ",
     "*a", "!!int ", "!!binary ", "!!timestamp ", "? ", '"', "'", "\\", "|\n  ", "#", "---\n",
     "<<: *a", "\t", "1e999", ".nan", "0x1F", "0o17", "1:30:00", "-1", "2**32",
+    "\\ud800", "\\0", "\\e", "\\x85",
 )  # fmt: skip
 
 secrets = st.from_regex(r"[0-9a-f]{32}", fullmatch=True)
