@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from exporter.files import FileRefused, read_regular_file
+
 DEFAULT_ENDPOINT: Final = "https://cloudrecord-api.zego.im/"
 DEFAULT_TIMEOUT: Final = 10.0
 DEFAULT_PACING: Final = 0.95
@@ -32,6 +34,16 @@ DOCUMENTED_RATE_LIMIT: Final = 10.0
 MAX_APP_ID: Final = 2**32 - 1
 # ZEGO room ids are at most 128 bytes.
 MAX_ROOM_ID_BYTES: Final = 128
+# Room for 100,000 room ids of the longest length ZEGO allows, one per line.
+MAX_CONFIG_BYTES: Final = 16 << 20
+# A ZEGO secret is 32 characters; room for a PEM-sized surprise, not for /dev/zero.
+MAX_SECRET_FILE_BYTES: Final = 64 << 10
+# A config is 5 levels deep; the bound keeps PyYAML's recursive composer and constructor far
+# from Python's recursion limit.
+MAX_YAML_DEPTH: Final = 64
+# Python refuses decimal strings over 4,300 digits and YAML's base-60 form costs quadratic time;
+# no field needs more than 10 digits.
+MAX_YAML_INT_CHARS: Final = 100
 
 _SERVER_SECRET_FORMS: Final = ("server_secret", "server_secret_file", "server_secret_env")
 _CALLBACK_SECRET_FORMS: Final = ("callback_secret", "callback_secret_file", "callback_secret_env")
@@ -46,8 +58,11 @@ _APP_KEYS: Final = (
     *_CALLBACK_SECRET_FORMS,
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# ZEGO secrets are long hex strings; one pasted into a _file or _env field must not be echoed.
+# ZEGO secrets are long hex strings; a value with such a run in it is never echoed in a message.
 _LOOKS_LIKE_SECRET = re.compile(r"[0-9A-Fa-f]{16,}")
+_NOT_SHOWN: Final = "(value not shown: it looks like a secret)"
+_SHOWN_CHARS: Final = 40
+_SHOWN_NAME_CHARS: Final = 256
 _DURATION_HINT: Final = "write e.g. 500ms, 15s or 1h30m: whole numbers with units ms s m h d w y"
 
 
@@ -207,9 +222,9 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> L
     """Read and validate the config file at `path`; raise ConfigError listing every problem."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError([f"{source}: cannot read the config file: {error.strerror}"]) from None
+        text = read_regular_file(path, MAX_CONFIG_BYTES).content.decode("utf-8")
+    except FileRefused as refused:
+        raise ConfigError([f"{source}: cannot read the config file: {refused}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{source}: the config file is not UTF-8 text"]) from None
     return parse_config(text, source, Path(path).parent, environ)
@@ -225,7 +240,7 @@ def parse_config(
     except yaml.MarkedYAMLError as error:
         raise ConfigError([problems.yaml_error(error)]) from None
     except yaml.YAMLError as error:
-        raise ConfigError([f"{source}: invalid YAML: {error}"]) from None
+        raise ConfigError([problems.yaml_error(error)]) from None
     reader = _Reader(problems, base_dir, os.environ if environ is None else environ)
     config = reader.config(document)
     if problems.errors or config is None:
@@ -234,21 +249,76 @@ def parse_config(
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
+    """SafeLoader that refuses duplicate keys, deep nesting and long integers, and lets no error
+    but a YAMLError out."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # Checked while composing, before the recursive constructor ever sees the tree.
+        if self.depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"nested deeper than {MAX_YAML_DEPTH} levels",
+                self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+            )
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except Exception:
+            # PyYAML's scalar constructors raise ValueError, KeyError or AttributeError for a
+            # value its tag cannot hold (`!!bool maybe`, `2020-13-45`); their text may quote it.
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"not a valid YAML {kind}", node.start_mark
+            ) from None
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if len(node.value) > MAX_YAML_INT_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"an integer longer than {MAX_YAML_INT_CHARS} characters",
+                node.start_mark,
+            )
+        return super().construct_yaml_int(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[object] = set()
+        merge_keys = 0
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *defaults` keys are meant to be overridden
+                # One `<<` per mapping (`<<: [*a, *b]` merges several): PyYAML deletes each from
+                # the middle of a list, quadratic in their number. Keys merged in are meant to be
+                # overridden, so they are not checked for duplicates.
+                merge_keys += 1
+                if merge_keys > 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, 'duplicate key "<<" (write <<: [*a, *b])', key_node.start_mark
+                    )
+                continue
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, str | int | float | bool) and key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f'duplicate key "{key}"', key_node.start_mark
+                    None, None, f"duplicate key {_quoted(key)}", key_node.start_mark
                 )
             if isinstance(key, str | int | float | bool):
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 
 
 class _Problems:
@@ -268,10 +338,19 @@ class _Problems:
     def _line(self, path: str, problem: str) -> str:
         return f"{self.source}: {path}: {problem}" if path else f"{self.source}: {problem}"
 
-    def yaml_error(self, error: yaml.MarkedYAMLError) -> str:
-        mark = error.problem_mark or error.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = error.problem or error.context or "syntax error"
+    def yaml_error(self, error: yaml.YAMLError) -> str:
+        if isinstance(error, yaml.MarkedYAMLError):
+            mark = error.problem_mark or error.context_mark
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            problem = error.problem or error.context or "syntax error"
+        elif isinstance(error, yaml.reader.ReaderError):
+            where = f"character {error.position + 1}: "
+            code = ord(error.character) if isinstance(error.character, str) else error.character
+            problem = f"the character U+{code:04X} is not allowed"
+        else:
+            where, problem = "", str(error)
+        # The problem may quote the source (a tag, an anchor, a key); one line, no secrets.
+        problem = " ".join(_LOOKS_LIKE_SECRET.sub(_NOT_SHOWN, problem).split())
         return f"{self.source}: {where}invalid YAML: {problem}"
 
 
@@ -294,6 +373,27 @@ def _type_name(value: object) -> str:
     if isinstance(value, dict):
         return "a mapping"
     return type(value).__name__
+
+
+def _quoted(value: object, limit: int = _SHOWN_CHARS) -> str:
+    """`value` for a message: quoted, escaped, cut short, and withheld if it could be a secret."""
+    text = value if isinstance(value, str) else repr(value)
+    if _LOOKS_LIKE_SECRET.search(text):
+        return _NOT_SHOWN
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f'"{text}"' if text.isprintable() else repr(text)
+
+
+def _shown_name(name: str) -> str:
+    """A key, path or variable name for a message: as written if that is safe, else _quoted."""
+    if (
+        len(name) <= _SHOWN_NAME_CHARS
+        and name.isprintable()
+        and not _LOOKS_LIKE_SECRET.search(name)
+    ):
+        return name
+    return _quoted(name, limit=_SHOWN_NAME_CHARS)
 
 
 def _join(path: str, key: str) -> str:
@@ -348,11 +448,15 @@ class _Reader:
             if key in allowed:
                 continue
             if not isinstance(key, str):
-                self.error(path, f"unexpected key {key!r}: keys must be field names")
+                self.error(path, f"unexpected key {_quoted(key)}: keys must be field names")
                 continue
-            hint = difflib.get_close_matches(key, allowed, n=1)
+            # difflib's cost grows with the key's length; no field name is near this long.
+            hint = difflib.get_close_matches(key, allowed, n=1) if len(key) <= 64 else []
             advice = f'did you mean "{hint[0]}"?' if hint else f"allowed: {', '.join(allowed)}"
-            self.error(_join(path, key), f"unknown key ({advice})")
+            if _shown_name(key) == key:
+                self.error(_join(path, key), f"unknown key ({advice})")
+            else:
+                self.error(path, f"unknown key {_shown_name(key)} ({advice})")
 
     def zego(self, section: object) -> ZegoConfig | None:
         if section is _MISSING:
@@ -392,6 +496,9 @@ class _Reader:
             self.error(path, f"must be an http:// or https:// URL, got {_type_name(value)}")
             return None
         # The URL itself is not echoed: a mistaken one may carry credentials.
+        if not value.isprintable() or " " in value:
+            self.error(path, "must not contain spaces or control characters")
+            return None
         try:
             url = urlsplit(value)
             url.port  # noqa: B018 - raises ValueError on a bad port
@@ -421,8 +528,7 @@ class _Reader:
         try:
             return parse_duration(value)
         except ValueError:
-            shown = value if len(value) <= 40 else value[:40] + "..."
-            self.error(path, f'"{shown}" is not a duration; {_DURATION_HINT}')
+            self.error(path, f"{_quoted(value)} is not a duration; {_DURATION_HINT}")
             return None
 
     def number(self, value: object, path: str) -> float | None:
@@ -529,7 +635,7 @@ class _Reader:
         if value == "*":
             return "*"
         if isinstance(value, str):
-            self.error(path, f'{shape} (for one room write ["{value}"])')
+            self.error(path, f"{shape} (for one room write [{_quoted(value)}])")
             return None
         if not isinstance(value, list) or not value:
             self.error(path, shape)
@@ -537,36 +643,23 @@ class _Reader:
         if value == ["*"]:
             self.error(path, 'write rooms: "*" (not a list) to watch every room of the app')
             return None
-        rooms: list[str] = []
+        first_index: dict[str, int] = {}
         valid = True
         for index, room in enumerate(value):
             room_path = f"{path}[{index}]"
-            if isinstance(room, bool) or not isinstance(room, str):
-                hint = (
-                    "; quote room ids, because YAML reads an unquoted 001 as the number 1"
-                    if isinstance(room, int | float) and not isinstance(room, bool)
-                    else ""
-                )
-                self.error(room_path, f"room ids must be strings, got {_type_name(room)}{hint}")
+            problem = _room_id_problem(room)
+            if problem is not None:
+                self.error(room_path, problem)
                 valid = False
-            elif not room:
-                self.error(room_path, "room ids must not be empty")
-                valid = False
-            elif len(room.encode()) > MAX_ROOM_ID_BYTES:
-                self.error(room_path, f"room ids are at most {MAX_ROOM_ID_BYTES} bytes")
-                valid = False
-            elif room != room.strip() or any(not char.isprintable() for char in room):
+            elif room in first_index:
                 self.error(
-                    room_path, "room ids must not have surrounding spaces or control characters"
+                    room_path,
+                    f"duplicate room id {_quoted(room)} (first at {path}[{first_index[room]}])",
                 )
-                valid = False
-            elif room in rooms:
-                first = value.index(room)
-                self.error(room_path, f'duplicate room id "{room}" (first at {path}[{first}])')
                 valid = False
             else:
-                rooms.append(room)
-        return tuple(rooms) if valid else None
+                first_index[room] = index
+        return tuple(first_index) if valid else None
 
     def secret(
         self, entry: dict[Any, Any], path: str, forms: tuple[str, str, str], required: bool
@@ -614,35 +707,44 @@ class _Reader:
                 "contains spaces or line breaks, which ZEGO secrets never do (a copy-paste slip?)",
             )
             return None
+        if not secret.isprintable():
+            self.error(
+                form_path,
+                "contains control characters or invalid Unicode, which ZEGO secrets never do",
+            )
+            return None
         return Secret(secret)
 
     def secret_from_file(self, name: str, path: str) -> str | None:
         if not name:
             self.error(path, "must be a file path, got an empty string")
             return None
-        file = self.base_dir / Path(name).expanduser()
-        try:
-            with open(file, "rb") as handle:
-                mode = os.fstat(handle.fileno()).st_mode
-                content = handle.read()
-        except OSError as error:
-            self.error(path, f"cannot read {file}: {error.strerror}")
+        if not name.isprintable():
+            self.error(path, "must be a file path without control characters or invalid Unicode")
             return None
-        if stat.S_ISREG(mode) and mode & 0o077:
+        # os.path leaves `~unknown-user` as written, where Path.expanduser raises RuntimeError.
+        file = self.base_dir / os.path.expanduser(name)
+        shown = _shown_name(str(file))
+        try:
+            content, mode = read_regular_file(file, MAX_SECRET_FILE_BYTES)
+        except FileRefused as refused:
+            self.error(path, f"cannot read {shown}: {refused}")
+            return None
+        if mode & 0o077:
             self.problems.warning(
                 path,
-                f"{file} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                f"{shown} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
                 "chmod 600 it",
             )
         try:
             text = content.decode("utf-8")
         except UnicodeDecodeError:
             # The decoder's own message quotes the offending bytes, which belong to the secret.
-            self.error(path, f"{file} is not UTF-8 text")
+            self.error(path, f"{shown} is not UTF-8 text")
             return None
         secret = text.rstrip("\r\n")
         if not secret:
-            self.error(path, f"{file} is empty")
+            self.error(path, f"{shown} is empty")
             return None
         return secret
 
@@ -650,11 +752,31 @@ class _Reader:
         if not _ENV_NAME.fullmatch(name):
             self.error(path, "must be an environment variable name (letters, digits, _)")
             return None
+        shown = _shown_name(name)
         if name not in self.environ:
-            self.error(path, f"environment variable {name} is not set")
+            self.error(path, f"environment variable {shown} is not set")
             return None
         secret = self.environ[name]
         if not secret:
-            self.error(path, f"environment variable {name} is empty")
+            self.error(path, f"environment variable {shown} is empty")
             return None
         return secret
+
+
+def _room_id_problem(room: object) -> str | None:
+    """Why `room` cannot be a room id (it becomes a label value, a log field and a store key)."""
+    if isinstance(room, bool) or not isinstance(room, str):
+        hint = (
+            "; quote room ids, because YAML reads an unquoted 001 as the number 1"
+            if isinstance(room, int | float) and not isinstance(room, bool)
+            else ""
+        )
+        return f"room ids must be strings, got {_type_name(room)}{hint}"
+    if not room:
+        return "room ids must not be empty"
+    if room != room.strip() or not room.isprintable():
+        # isprintable() is False for lone surrogates too, which would not encode for the store.
+        return "room ids must not have surrounding spaces, control characters or invalid Unicode"
+    if len(room.encode()) > MAX_ROOM_ID_BYTES:
+        return f"room ids are at most {MAX_ROOM_ID_BYTES} bytes"
+    return None

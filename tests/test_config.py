@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import shutil
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -14,12 +17,16 @@ from hypothesis import strategies as st
 
 from exporter.config import (
     DEFAULT_ENDPOINT,
+    MAX_CONFIG_BYTES,
+    MAX_SECRET_FILE_BYTES,
     AppConfig,
     Config,
     ConfigError,
     LoadedConfig,
     Secret,
     ZegoConfig,
+    _Problems,  # the reader itself: only to count the duplicate-room check's work
+    _Reader,
     format_duration,
     load_config,
     parse_config,
@@ -563,3 +570,356 @@ def test_loaded_config_carries_config_and_warnings() -> None:
 
     assert isinstance(loaded, LoadedConfig)
     assert loaded.warnings == []
+
+
+# The file boundary: regular files only, bounded in size.
+
+MINIMAL = 'apps: [{app_id: 7, rooms: ["1"], server_secret: x}]\n'
+
+
+@contextmanager
+def fifo(path: Path) -> Iterator[Path]:
+    """A FIFO at `path`. If opening it blocks, a writer comes after 5s and leaves at once, so a
+    reader that waits sees an empty file and the test fails instead of hanging."""
+    os.mkfifo(path)
+    finished = threading.Event()
+
+    def rescue() -> None:
+        if not finished.wait(5):
+            with suppress(OSError):  # nobody was waiting after all
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    rescuer = threading.Thread(target=rescue, daemon=True)
+    rescuer.start()
+    try:
+        yield path
+    finally:
+        finished.set()
+        rescuer.join()
+
+
+def test_config_file_that_is_a_fifo_is_refused_without_waiting_for_a_writer(
+    tmp_path: Path,
+) -> None:
+    with fifo(tmp_path / "config.yml") as path, pytest.raises(ConfigError) as raised:
+        load_config(path, {})
+
+    assert str(raised.value) == (
+        f"{path}: cannot read the config file: it is a FIFO, not a regular file"
+    )
+
+
+def test_config_file_that_is_a_device_is_refused_without_reading_it() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config("/dev/zero", {})
+
+    assert str(raised.value) == (
+        "/dev/zero: cannot read the config file: it is a character device, not a regular file"
+    )
+
+
+def test_config_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_bytes(MINIMAL.encode() + b"#" * (MAX_CONFIG_BYTES - len(MINIMAL)) + b"\n")
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, {})
+
+    assert str(raised.value) == f"{path}: cannot read the config file: it is larger than 16 MiB"
+
+
+def test_size_limit_leaves_room_for_100000_of_the_longest_room_ids() -> None:
+    rooms = "".join(f'      - "{index:0128d}"\n' for index in range(100_000))
+    text = f"apps:\n  - app_id: 7\n    server_secret_file: secret\n    rooms:\n{rooms}"
+
+    assert len(text.encode()) < MAX_CONFIG_BYTES
+
+
+@pytest.mark.parametrize("form", ["server_secret_file", "callback_secret_file"])
+def test_secret_file_that_is_a_fifo_is_refused_naming_field_and_file(
+    form: str, tmp_path: Path
+) -> None:
+    others = "" if form.startswith("server") else "server_secret: x, "
+    with fifo(tmp_path / "secret") as path:
+        errors = errors_of(f'apps: [{{app_id: 7, rooms: ["1"], {others}{form}: {path}}}]')
+
+    assert errors == [
+        f"config.yml: apps[0].{form}: cannot read {path}: it is a FIFO, not a regular file"
+    ]
+
+
+@pytest.mark.parametrize("form", ["server_secret_file", "callback_secret_file"])
+def test_secret_file_that_is_a_device_is_refused_without_reading_it(form: str) -> None:
+    others = "" if form.startswith("server") else "server_secret: x, "
+
+    errors = errors_of(f'apps: [{{app_id: 7, rooms: ["1"], {others}{form}: /dev/zero}}]')
+
+    assert errors == [
+        f"config.yml: apps[0].{form}: cannot read /dev/zero: "
+        "it is a character device, not a regular file"
+    ]
+
+
+def test_secret_file_at_the_size_limit_loads_and_one_byte_more_is_refused(
+    tmp_path: Path,
+) -> None:
+    write_secret(tmp_path / "at-limit", "a" * (MAX_SECRET_FILE_BYTES - 1))
+    write_secret(tmp_path / "over-limit", "a" * MAX_SECRET_FILE_BYTES)
+
+    loaded = parse(
+        f'apps: [{{app_id: 7, rooms: ["1"], server_secret_file: {tmp_path / "at-limit"}}}]'
+    )
+    errors = errors_of(
+        f'apps: [{{app_id: 7, rooms: ["1"], server_secret_file: {tmp_path / "over-limit"}}}]'
+    )
+
+    assert loaded.apps[0].server_secret.reveal() == "a" * (MAX_SECRET_FILE_BYTES - 1)
+    assert errors == [
+        f"config.yml: apps[0].server_secret_file: cannot read {tmp_path / 'over-limit'}: "
+        "it is larger than 64 KiB"
+    ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ['"a\\0b"', '"a\\ud800b"', '"~a\\0b/secret"', '"~\\udcff/secret"'],
+    ids=["nul", "lone surrogate", "nul in user", "surrogate in user"],
+)
+def test_secret_file_name_no_file_system_can_hold_is_refused(name: str) -> None:
+    errors = errors_of(f'apps: [{{app_id: 7, rooms: ["1"], server_secret_file: {name}}}]')
+
+    assert errors == [
+        "config.yml: apps[0].server_secret_file: must be a file path without control "
+        "characters or invalid Unicode"
+    ]
+
+
+def test_secret_file_under_an_unknown_users_home_is_a_missing_file() -> None:
+    errors = errors_of(
+        'apps: [{app_id: 7, rooms: ["1"], server_secret_file: ~no-such-user-here/secret}]'
+    )
+
+    assert errors == [
+        f"config.yml: apps[0].server_secret_file: cannot read "
+        f"{CONFIGS / '~no-such-user-here/secret'}: No such file or directory"
+    ]
+
+
+# The YAML boundary: bounded nesting and integers, and nothing but a ConfigError comes out.
+
+
+@pytest.mark.parametrize("field", ["poll_interval", "app_id"])
+def test_integer_of_5000_digits_is_refused_naming_line_and_column(field: str) -> None:
+    digits = "1" * 5000
+    text = (
+        f"poll_interval: {digits}\n{MINIMAL}"
+        if field == "poll_interval"
+        else f"apps: [{{app_id: {digits}, rooms: ['1'], server_secret: x}}]\n"
+    )
+
+    errors = errors_of(text)
+
+    column = 16 if field == "poll_interval" else 17
+    assert errors == [
+        f"config.yml: line 1, column {column}: invalid YAML: an integer longer than 100 characters"
+    ]
+
+
+@pytest.mark.parametrize(
+    "nested",
+    [
+        "[" * 2000 + "]" * 2000,
+        "{a: " * 2000 + "1" + "}" * 2000,
+        "\n".join(" " * depth + "a:" for depth in range(2000)),
+    ],
+    ids=["flow lists", "flow mappings", "block mappings"],
+)
+def test_nesting_2000_deep_is_refused_as_too_deep(nested: str) -> None:
+    errors = errors_of(f"{MINIMAL}zego:\n {nested.replace(chr(10), chr(10) + ' ')}\n")
+
+    assert len(errors) == 1
+    assert errors[0].startswith("config.yml: line ")
+    assert errors[0].endswith("invalid YAML: nested deeper than 64 levels")
+
+
+def test_nesting_within_the_limit_is_read_as_usual() -> None:
+    errors = errors_of(f"{MINIMAL}extra: {'[' * 60}{']' * 60}\n")
+
+    assert errors == ["config.yml: extra: unknown key (allowed: zego, poll_interval, apps)"]
+
+
+@pytest.mark.parametrize(
+    "value", ["2020-13-45", "!!bool maybe", "!!int abc", "!!float x", "!!timestamp soon"]
+)
+def test_value_its_yaml_tag_cannot_hold_is_a_yaml_error(value: str) -> None:
+    errors = errors_of(f"poll_interval: {value}\n{MINIMAL}")
+
+    assert len(errors) == 1
+    assert errors[0].startswith("config.yml: line 1, column 16: invalid YAML: not a valid YAML ")
+
+
+def test_second_merge_key_in_one_mapping_is_a_duplicate_key() -> None:
+    errors = errors_of(
+        "defaults: &d {rate_limit: 5}\n"
+        'apps: [{<<: *d, <<: *d, app_id: 7, rooms: ["1"], server_secret: x}]\n'
+    )
+
+    assert errors == [
+        'config.yml: line 2, column 17: invalid YAML: duplicate key "<<" (write <<: [*a, *b])'
+    ]
+
+
+def test_control_character_in_the_text_is_one_line_naming_its_position() -> None:
+    errors = errors_of(f"poll_interval: 15s\x01\n{MINIMAL}")
+
+    assert errors == ["config.yml: character 19: invalid YAML: the character U+0001 is not allowed"]
+
+
+# Cost: every check is linear in the size of the config.
+
+
+def test_100000_rooms_load() -> None:
+    rooms = ", ".join(f'"room-{index}"' for index in range(100_000))
+
+    config = parse(f"apps: [{{app_id: 7, server_secret: x, rooms: [{rooms}]}}]")
+
+    assert config.apps[0].rooms is not None
+    assert len(config.apps[0].rooms) == 100_000
+
+
+class CountedRoomId(str):
+    """A room id that counts how often it is compared with another."""
+
+    comparisons = 0
+
+    def __eq__(self, other: object) -> bool:
+        CountedRoomId.comparisons += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_duplicate_room_check_compares_each_room_id_a_bounded_number_of_times() -> None:
+    room_ids = [CountedRoomId(f"room-{index}") for index in range(2000)]
+    reader = _Reader(_Problems("config.yml"), CONFIGS, {})
+    CountedRoomId.comparisons = 0
+
+    rooms = reader.rooms([*room_ids, room_ids[0]], "apps[0].rooms")
+
+    assert rooms is None
+    assert reader.problems.errors == [
+        'config.yml: apps[0].rooms[2000]: duplicate room id "room-0" (first at apps[0].rooms[0])'
+    ]
+    assert CountedRoomId.comparisons <= 2 * len(room_ids)
+
+
+# Room ids become label values, log fields and store keys.
+
+
+@pytest.mark.parametrize(
+    "room",
+    ["\\ud800", "\\udcff", "a\\x01b", "\\e[31mred", "a\\x7fb", "a\\u202eb", "a\\u2028b"],
+    ids=[
+        "lone high surrogate",
+        "lone low surrogate",
+        "control",
+        "escape",
+        "delete",
+        "bidi override",
+        "line separator",
+    ],
+)
+def test_room_id_with_control_characters_or_lone_surrogates_is_refused(room: str) -> None:
+    errors = errors_of(f'apps: [{{app_id: 7, rooms: ["ok", "{room}"], server_secret: x}}]')
+
+    assert errors == [
+        "config.yml: apps[0].rooms[1]: room ids must not have surrounding spaces, control "
+        "characters or invalid Unicode"
+    ]
+
+
+def test_room_ids_in_any_script_are_accepted() -> None:
+    config = parse('apps: [{app_id: 7, rooms: ["会议室-1", "комната"], server_secret: x}]')
+
+    assert config.apps[0].rooms == ("会议室-1", "комната")
+
+
+@pytest.mark.parametrize("secret", ['"ab\\x01cd"', '"ab\\ud800cd"'], ids=["control", "surrogate"])
+def test_secret_with_control_characters_or_lone_surrogates_is_refused(secret: str) -> None:
+    errors = errors_of(f'apps: [{{app_id: 7, rooms: ["1"], server_secret: {secret}}}]')
+
+    assert errors == [
+        "config.yml: apps[0].server_secret: contains control characters or invalid Unicode, "
+        "which ZEGO secrets never do"
+    ]
+
+
+def test_secret_from_the_environment_with_undecodable_bytes_is_refused() -> None:
+    errors = errors_of(
+        'apps: [{app_id: 7, rooms: ["1"], server_secret_env: SECRET}]', {"SECRET": "ab\udcffcd"}
+    )
+
+    assert errors == [
+        "config.yml: apps[0].server_secret_env: contains control characters or invalid "
+        "Unicode, which ZEGO secrets never do"
+    ]
+
+
+def test_endpoint_with_control_characters_is_refused() -> None:
+    errors = errors_of(f'zego: {{endpoint: "https://h\\x01st/"}}\n{MINIMAL}')
+
+    assert errors == ["config.yml: zego.endpoint: must not contain spaces or control characters"]
+
+
+def test_unknown_key_with_control_characters_is_shown_escaped() -> None:
+    errors = errors_of(f'"\\e[31mred": 1\n{MINIMAL}')
+
+    assert errors == ["config.yml: unknown key '\\x1b[31mred' (allowed: zego, poll_interval, apps)"]
+
+
+# Values that could be secrets are never echoed, wherever they were pasted.
+
+NOT_SHOWN = "(value not shown: it looks like a secret)"
+SECRET_AS_VALUE = {
+    "poll_interval": f"poll_interval: {HEX_SECRET}\n{MINIMAL}",
+    "zego.timeout": f"zego: {{timeout: {HEX_SECRET}}}\n{MINIMAL}",
+    "a room id": f'apps: [{{app_id: 7, rooms: "{HEX_SECRET}", server_secret: x}}]',
+    "a duplicate room id": f"apps: [{{app_id: 7, rooms: [{HEX_SECRET}, {HEX_SECRET}], "
+    "server_secret: x}]",
+    "a room id with a prefix": f'apps: [{{app_id: 7, rooms: ["r-{HEX_SECRET}", '
+    f'"r-{HEX_SECRET}"], server_secret: x}}]',
+    "an unknown key": f"{HEX_SECRET}: 1\n{MINIMAL}",
+    "an unknown key in an app": f'apps: [{{app_id: 7, rooms: ["1"], server_secret: x, '
+    f"{HEX_SECRET}: 1}}]",
+    "an unknown key's value": f"pol_interval: {HEX_SECRET}\n{MINIMAL}",
+    "an app_id": f'apps: [{{app_id: "{HEX_SECRET}", rooms: ["1"], server_secret: x}}]',
+    "an unquoted numeric app_id": f'apps: [{{app_id: {"9" * 32}, rooms: ["1"], server_secret: x}}]',
+    "an endpoint": f"zego: {{endpoint: {HEX_SECRET}}}\n{MINIMAL}",
+    "an endpoint's path": f"zego: {{endpoint: 'https://h/{HEX_SECRET}?q'}}\n{MINIMAL}",
+    "a YAML tag": f"poll_interval: !{HEX_SECRET} 1\n{MINIMAL}",
+    "a YAML alias": f"poll_interval: *{HEX_SECRET}\n{MINIMAL}",
+    "a duplicate key": f"{HEX_SECRET}: 1\n{HEX_SECRET}: 2\n{MINIMAL}",
+    "a binary key": f"? !!binary {HEX_SECRET}\n: 1\n{MINIMAL}",
+    "a secret file's directory": f'apps: [{{app_id: 7, rooms: ["1"], '
+    f"server_secret_file: /run/{HEX_SECRET}/secret}}]",
+    "an environment variable name with a prefix": f'apps: [{{app_id: 7, rooms: ["1"], '
+    f"server_secret_env: S_{HEX_SECRET}}}]",
+}
+
+
+@pytest.mark.parametrize("place", sorted(SECRET_AS_VALUE))
+def test_secret_pasted_as_another_value_is_never_echoed(place: str) -> None:
+    errors = errors_of(SECRET_AS_VALUE[place])
+
+    assert errors
+    assert all(HEX_SECRET not in line and "\n" not in line for line in errors)
+    assert all("9" * 16 not in line for line in errors)
+
+
+def test_withheld_value_still_names_its_field() -> None:
+    errors = errors_of(SECRET_AS_VALUE["poll_interval"])
+
+    assert errors == [
+        f"config.yml: poll_interval: {NOT_SHOWN} is not a duration; write e.g. 500ms, 15s or "
+        "1h30m: whole numbers with units ms s m h d w y"
+    ]
