@@ -1,4 +1,8 @@
-"""Structured logging (logfmt or JSON) for our own events and for the libraries' stdlib logs."""
+"""Structured logging (logfmt or JSON) for our own events and for the libraries' stdlib logs.
+
+Lines look like promslog's (the Go exporters' logger): `time=... level=INFO source=... msg=...`,
+levels DEBUG, INFO, WARN and ERROR; `source` is the logger's name (Python has no file:line that
+helps an operator more)."""
 
 from __future__ import annotations
 
@@ -29,20 +33,34 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
           "error": logging.ERROR}
 
 
+_PROMSLOG_LEVELS = {"debug": "DEBUG", "info": "INFO", "warning": "WARN", "error": "ERROR",
+                    "critical": "ERROR", "exception": "ERROR"}
+
+
+def _promslog(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog's keys and levels as promslog names them."""
+    now = time.time()
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now % 1 * 1000):03d}Z",
+            "level": _PROMSLOG_LEVELS.get(event.pop("level", "info"), "INFO"),
+            "source": event.pop("logger", None), "msg": event.pop("event", "")}
+    return {**line, **event}
+
+
 def configure_logging(level: str = "info", fmt: str = "logfmt", stream: TextIO | None = None
                       ) -> None:
     renderer: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.processors.LogfmtRenderer(key_order=["ts", "level", "event"],
-                                                       bool_as_flag=False)
+        renderer = structlog.processors.LogfmtRenderer(
+            key_order=["time", "level", "source", "msg"], bool_as_flag=False, drop_missing=True)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
         structlog.processors.format_exc_info,
+        _promslog,
     ]
     structlog.configure(
         processors=[structlog.stdlib.filter_by_level, *shared,

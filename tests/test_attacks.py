@@ -132,7 +132,7 @@ async def target(rig_factory: Factory, tmp_path: Path, logs: io.StringIO
     await target.cycle()
     yield target
     errors = [line for line in log_lines(logs)
-              if line.get("level") in ("error", "critical") or "exception" in line]
+              if line.get("level") == "ERROR" or "exception" in line]
     assert errors == []
 
 
@@ -279,7 +279,7 @@ async def test_a_malformed_request_line_is_a_counted_400_without_a_traceback(
     refused = {reason: n for (where, reason), n in target.exporter.state.refused.items()
                if where == listener}
     assert sum(refused.values()) == 50
-    warnings = [line for line in log_lines(logs) if line["event"] == "request_refused"]
+    warnings = [line for line in log_lines(logs) if line["msg"] == "request_refused"]
     assert 1 <= len(warnings) <= 2  # at a bounded rate
     await target.check()
 
@@ -363,7 +363,7 @@ async def test_a_bug_in_a_handler_is_contained_counted_and_logged_once(
     for _ in range(20):
         assert (await target.post(target.signed(task, "r1", 201)))[0] == 500
     assert target.exporter.state.internal_errors == {"callbacks_handler": 20}
-    lines = [line for line in log_lines(logs) if line["event"] == "internal_error"]
+    lines = [line for line in log_lines(logs) if line["msg"] == "internal_error"]
     assert sum("exception" in line for line in lines) == 1
     assert len(lines) <= 2
     monkeypatch.undo()

@@ -146,7 +146,7 @@ def test_demo_serves_live_metrics_and_stops_cleanly_on_sigterm() -> None:
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=20)
     assert process.returncode == 0, err
-    assert '"event": "poll_cycle_done"' in err
+    assert '"msg": "poll_cycle_done"' in err
 
 
 def test_free_ports_are_outside_the_ephemeral_range_and_bindable() -> None:

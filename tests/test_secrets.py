@@ -247,9 +247,9 @@ def test_a_working_exporter_never_shows_its_secrets(runs: dict[str, ExporterRun]
     assert log.count("poll_cycle_done") >= 2, log[-2000:]
     if run.log_format == "json":
         lines = [json.loads(line) for line in log.splitlines()]
-        assert any(line["level"] == "debug" for line in lines)
+        assert any(line["level"] == "DEBUG" for line in lines)
     else:
-        assert "level=debug" in log
+        assert "level=DEBUG" in log
     metrics = next(page for page in run.served if page.startswith(b"GET /metrics 200"))
     assert b"zego_cloudrecord_api_requests_total" in metrics
     assert f'zego_cloudrecord_up{{app_id="{APP_ID}"}} 1.0'.encode() in run.everything()
