@@ -12,7 +12,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from exporter import __version__
+from exporter import PYTHON_VERSION, __version__, revision
 from exporter.diff import EventKind
 from exporter.ratelimit import RateLimiter
 from exporter.state import ExporterState
@@ -39,6 +39,7 @@ class ExporterCollector(Collector):
         self._state = state
         self._limiters = limiters
         self._poll_interval = poll_interval
+        self._revision = revision()  # once: it may ask git
 
     def collect(self) -> Iterator[Metric]:
         # This runs in the render thread while callbacks change the state on the event loop, in
@@ -54,8 +55,9 @@ class ExporterCollector(Collector):
         errors.add_metric([], self._state.storage_errors)
         yield errors
         info = GaugeMetricFamily(f"{PREFIX}_exporter_build_info",
-                                 "Exporter version; the value is always 1.", labels=["version"])
-        info.add_metric([__version__], 1)
+                                 "Exporter version, source revision and Python version; always 1.",
+                                 labels=["version", "revision", "pythonversion"])
+        info.add_metric([__version__, self._revision, PYTHON_VERSION], 1)
         yield info
 
     def _tasks(self) -> Iterator[Metric]:

@@ -127,3 +127,16 @@ def test_openmetrics_exposition_is_produced_too() -> None:
     text = generate_openmetrics(registry).decode()
     assert text.endswith("# EOF\n")
     assert 'zego_cloudrecord_tasks_started_total{app_id="7",room_id="a"} 0' in text
+
+
+def test_build_info_names_the_version_the_commit_and_the_python() -> None:
+    import platform
+    from pathlib import Path
+
+    from exporter import __version__
+
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    text = render(ExporterState.for_apps([(7, ("r",), 10)]))
+    assert value(text, "zego_cloudrecord_exporter_build_info", version=__version__,
+                 revision=head, pythonversion=platform.python_version()) == 1
