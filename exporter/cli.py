@@ -22,6 +22,7 @@ from exporter.store import StoreError
 from exporter.webconfig import CLIENT_AUTH_TYPES, WebConfig, WebConfigError, parse_web_config
 
 DEFAULT_LISTEN = ":9867"
+DEMO_LISTEN = "127.0.0.1:9867"
 DEFAULT_STORAGE = "data/zego-cloudrecord-exporter.db"
 HEALTHCHECK_TIMEOUT = 4.0  # seconds; under deploy/Dockerfile's HEALTHCHECK --timeout
 log = structlog.get_logger("exporter")
@@ -35,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config.file", dest="config_file", metavar="PATH",
                         help="YAML configuration file (see README: Configuration)")
-    parser.add_argument("--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN,
+    parser.add_argument("--web.listen-address", dest="listen_address", default=None,
                         metavar="HOST:PORT",
-                        help=f"address for /metrics and the landing page ({DEFAULT_LISTEN})")
+                        help=f"address for /metrics and the landing page ({DEFAULT_LISTEN}; "
+                        f"with --demo, {DEMO_LISTEN})")
     parser.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
                         metavar="PATH", help="path of the metrics endpoint (default /metrics)")
     parser.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
@@ -97,6 +99,14 @@ def _load_web_config(path: str | None) -> WebConfig | None:
     return web_config
 
 
+def listen_address(args: argparse.Namespace) -> str:
+    """--web.listen-address, else the default: loopback only for the demo, which is for this
+    machine's eyes (its simulated secrets are no secret), every interface otherwise."""
+    if args.listen_address is not None:
+        return str(args.listen_address)
+    return DEMO_LISTEN if args.demo else DEFAULT_LISTEN
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
@@ -104,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("--web.telemetry-path: must start with / and not be / itself", file=sys.stderr)
         return 1
     try:
-        listen = ListenAddress.parse(args.listen_address)
+        listen = ListenAddress.parse(listen_address(args))
     except ValueError as exc:
         print(f"--web.listen-address: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.cli import main
+from exporter.cli import build_parser, listen_address, main
 from exporter.clock import SystemClock
 from exporter.daemon import Exporter, ListenAddress
 from exporter.demo import EPHEMERAL_RANGE, free_port
@@ -159,3 +159,13 @@ def test_free_ports_are_outside_the_ephemeral_range_and_bindable() -> None:
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize(("argv", "address"), [
+    (["--demo"], "127.0.0.1:9867"),
+    (["--demo", "--web.listen-address=:9999"], ":9999"),
+    (["--config.file=c.yml"], ":9867"),
+])
+def test_the_demo_listens_on_loopback_unless_told_otherwise(argv: list[str],
+                                                            address: str) -> None:
+    assert listen_address(build_parser().parse_args(argv)) == address
