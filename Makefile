@@ -2,20 +2,22 @@
 # `make test` runs everything CI runs (lint, types, tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The binaries .ci/tools.sh unpacks (when the host lacks them) come first on the tests' PATH.
+TOOLS := $(CURDIR)/.tools
+TOOLS_ENV = PATH="$(TOOLS)/usr/bin:$(TOOLS)/usr/sbin:$$PATH" \
+	LD_LIBRARY_PATH="$$(ls -d $(TOOLS)/usr/lib/*-linux-gnu $(TOOLS)/usr/lib/*-linux-gnu/systemd \
+	  2>/dev/null | paste -sd: -)"
 
-.PHONY: venv demo test lint typecheck unit system-deps
-
-# Real binaries the tests require (promtool, prometheus, alertmanager, redis-server, ...):
-# installed from Debian's packages when one is missing (sudo unless root).
-APT_PACKAGES := $(shell grep -v '^\s*\#' .ci/apt-packages.txt)
-NEEDED_BINARIES := promtool prometheus prometheus-alertmanager amtool redis-server systemd-analyze
+.PHONY: venv demo test lint typecheck unit tools
 
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 
+# From the hashed lock (requirements-test.lock), then the project itself without dependencies.
 venv: $(PY)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --require-hashes -r requirements-test.lock
+	$(PY) -m pip install -q --no-deps -e .
 
 demo: venv
 	$(VENV)/bin/zego-cloudrecord-exporter --demo
@@ -26,15 +28,10 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-unit:
-	$(PY) -m pytest -q
+tools:
+	.ci/tools.sh
 
-system-deps:
-	@for b in $(NEEDED_BINARIES); do command -v $$b >/dev/null || missing=1; done; \
-	if [ -n "$$missing" ]; then \
-	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive \
-	    $$sudo apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
-	fi
+unit: tools
+	$(TOOLS_ENV) $(PY) -m pytest -q
 
-test: system-deps venv lint typecheck unit
+test: venv lint typecheck unit
