@@ -29,7 +29,7 @@ import functools
 import json
 import math
 import sqlite3
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -112,6 +112,13 @@ def _show(value: object) -> str:
     return repr(value)[:40]
 
 
+def _plain(error: object) -> str:
+    """SQLite's message, one line, printable and short: it may quote the file's bytes."""
+    text = " ".join(str(error).split())
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:200])
+    return text + ("…" if len(str(error)) > 200 else "")
+
+
 def _text(value: object, max_bytes: int) -> str:
     # Ids become label values, log fields and keys: printable, valid Unicode, bounded.
     if not isinstance(value, str) or not value:
@@ -159,9 +166,12 @@ def _optional(check: Callable[[object], T]) -> Callable[[object], T | None]:
 
 
 def _live_status(value: object) -> TaskStatus:
-    if isinstance(value, int) and value in {s.value for s in LIVE_STATUSES}:
+    if isinstance(value, int) and value in _LIVE_STATUS_VALUES:
         return TaskStatus(value)
     raise _Invalid(f"status {_show(value)} is not a live ZEGO status (1, 2 or 5)")
+
+
+_LIVE_STATUS_VALUES = frozenset(status.value for status in LIVE_STATUSES)
 
 
 def _one_of(names: Collection[str]) -> Callable[[object], str]:
@@ -173,7 +183,10 @@ def _one_of(names: Collection[str]) -> Callable[[object], str]:
 
 
 def _event_kind(value: object) -> EventKind:
-    return EventKind(_one_of([kind.value for kind in EventKind])(value))
+    return EventKind(_EVENT_KIND(value))
+
+
+_EVENT_KIND = _one_of([kind.value for kind in EventKind])
 
 
 def _json(value: object) -> Any:
@@ -225,16 +238,16 @@ def _histogram(value: object) -> tuple[list[int], float]:
     return _array(value["counts"], _count), _seconds(value["total"])
 
 
-def _live_task(row: list[object]) -> TrackedTask:
+def _live_task(row: Sequence[object]) -> TrackedTask:
     return TrackedTask(check_task_id(row[0]), check_room_id(row[1]), _live_status(row[2]),
                        _count(row[3]))
 
 
-def _finished_task(row: list[object]) -> tuple[str, int]:
+def _finished_task(row: Sequence[object]) -> tuple[str, int]:
     return check_task_id(row[0]), _count(row[1])
 
 
-def _counter(row: list[object]) -> tuple[str, EventKind, int]:
+def _counter(row: Sequence[object]) -> tuple[str, EventKind, int]:
     return check_room_id(row[0]), _event_kind(row[1]), _count(row[2])
 
 
@@ -287,7 +300,7 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a kill -9
             self._migrate(version)
         except sqlite3.DatabaseError as exc:
-            raise self._refusal(f"not a usable state file ({exc})") from None
+            raise self._refusal(f"not a usable state file ({_plain(exc)})") from None
         except OSError as exc:
             raise StoreError(
                 f"{self.path}: cannot open the state file ({exc.strerror}). Make its directory "
@@ -334,7 +347,7 @@ class Store:
                 raise self._refusal(f"damaged: {_difference(_schema(version), tables)}")
             problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
             if problem != "ok":
-                raise self._refusal(f"damaged ({' '.join(str(problem).split())})")
+                raise self._refusal(f"damaged ({_plain(problem)})")
             return version
         finally:
             db.close()
@@ -367,17 +380,24 @@ class Store:
         self._db.close()
 
     def _rows(self, table: str, columns: str, app_id: int) -> list[tuple[Any, ...]]:
+        """The app's rows of `table`: the columns, then the rowid (to name a row refused)."""
         try:
             return self._db.execute(
-                f"SELECT rowid, {columns} FROM {table} WHERE app_id = ?", (app_id,)).fetchall()
+                f"SELECT {columns}, rowid FROM {table} WHERE app_id = ?", (app_id,)).fetchall()
         except sqlite3.Error as exc:
-            raise self._refusal(f"table {table} cannot be read ({exc})") from None
+            raise self._refusal(f"table {table} cannot be read ({_plain(exc)})") from None
 
-    def _checked(self, where: str, check: Callable[[Any], T], value: Any) -> T:
-        try:
-            return check(value)
-        except _Invalid as exc:
-            raise self._refusal(f"{where}: {exc}") from None
+    def _checked_rows(self, table: str, columns: str, app_id: int,
+                      check: Callable[[tuple[Any, ...]], T]) -> list[T]:
+        checked = []
+        for row in self._rows(table, columns, app_id):
+            try:
+                checked.append(check(row))
+            except _Invalid as exc:
+                key = columns.partition(",")[0]
+                raise self._refusal(f"table {table}, rowid {row[-1]} ({key} {_show(row[0])}): "
+                                    f"{exc}") from None
+        return checked
 
     def load(self, app: AppState) -> bool:
         """Fill `app` from the file; False if the file holds nothing for this app.
@@ -392,11 +412,14 @@ class Store:
         values = dict(zip(
             ("ended_since_ms", "baseline_rooms", "last_success_time", "last_observed_ms",
              "durations", "deferred", "ended_by_reason", "upload_failures", "baseline_ms",
-             "room_baselines"), found[0][1:], strict=True))
+             "room_baselines"), found[0][:-1], strict=True))
 
         def column(name: str, check: Callable[[object], T]) -> T:
-            where = f"table apps, row of app {app.app_id}, column {name}"
-            return self._checked(where, check, values[name])
+            try:
+                return check(values[name])
+            except _Invalid as exc:
+                raise self._refusal(f"table apps, row of app {app.app_id}, column {name}: "
+                                    f"{exc}") from None
 
         timestamp = _optional(_count)
         ended_since = column("ended_since_ms", timestamp)
@@ -416,21 +439,16 @@ class Store:
         in_scope = (lambda room: True) if app.rooms is None else set(app.rooms).__contains__
         live_rows: dict[str, object] = {}  # a room no longer configured: gone at the next save
         live: dict[str, TrackedTask] = {}
-        for rowid, *row in self._rows("live_tasks", "task_id, room_id, status, begin_ms",
-                                      app.app_id):
-            task = self._checked(f"table live_tasks, rowid {rowid} (task_id {_show(row[0])})",
-                                 _live_task, row)
+        for task in self._checked_rows("live_tasks", "task_id, room_id, status, begin_ms",
+                                       app.app_id, _live_task):
             live_rows[task.task_id] = None
             if in_scope(task.room_id):
                 live_rows[task.task_id] = live[task.task_id] = task
-        finished = dict(
-            self._checked(f"table finished_tasks, rowid {rowid} (task_id {_show(row[0])})",
-                          _finished_task, row)
-            for rowid, *row in self._rows("finished_tasks", "task_id, learned_ms", app.app_id))
+        finished = dict(self._checked_rows("finished_tasks", "task_id, learned_ms", app.app_id,
+                                           _finished_task))
         counters: dict[str, dict[EventKind, int]] = {}
-        for rowid, *row in self._rows("counters", "room_id, kind, value", app.app_id):
-            room, kind, value = self._checked(
-                f"table counters, rowid {rowid} (room_id {_show(row[0])})", _counter, row)
+        for room, kind, value in self._checked_rows("counters", "room_id, kind, value",
+                                                    app.app_id, _counter):
             if in_scope(room):
                 counters.setdefault(room, dict.fromkeys(EventKind, 0))[kind] = value
 
@@ -506,14 +524,14 @@ class Store:
             self._db.execute(
                 "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (app.app_id, tracking.ended_since_ms,
-                 None if tracking.rooms is None else _dumps(sorted(tracking.rooms)),
+                 None if tracking.rooms is None else json.dumps(sorted(tracking.rooms)),
                  app.last_success_time, app.last_observed_ms,
-                 _dumps({o: {"counts": h.counts, "total": h.total}
-                         for o, h in app.durations.items()}),
-                 _dumps([{"kind": e.kind.value, "task_id": e.task_id, "room_id": e.room_id,
-                          "duration_s": e.duration_s} for e in app.deferred]),
-                 _dumps(app.ended_by_reason), _dumps(app.upload_failures),
-                 tracking.baseline_ms, _dumps(tracking.room_baselines_ms)))
+                 json.dumps({o: {"counts": h.counts, "total": h.total}
+                             for o, h in app.durations.items()}),
+                 json.dumps([{"kind": e.kind.value, "task_id": e.task_id, "room_id": e.room_id,
+                              "duration_s": e.duration_s} for e in app.deferred]),
+                 json.dumps(app.ended_by_reason), json.dumps(app.upload_failures),
+                 tracking.baseline_ms, json.dumps(tracking.room_baselines_ms)))
             self._db.executemany(
                 "INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?)",
                 ((app.app_id, room, kind.value, value) for room in changed_rooms
@@ -535,10 +553,6 @@ class Store:
     def app_ids(self) -> Iterable[int]:
         return [row[0] for row in self._db.execute("SELECT app_id FROM apps")]
 
-
-
-def _dumps(value: object) -> str:
-    return json.dumps(value, allow_nan=False)  # NaN and Infinity are not JSON
 
 
 def _check_saved(app: AppState, changed_rooms: Iterable[str],

@@ -449,22 +449,24 @@ def test_a_dropped_table_is_refused_with_what_to_do(tmp_path: Path) -> None:
         Store(path).load(AppState(7, ("a", "b")))
 
 
-def test_a_corrupted_page_is_refused_with_what_to_do(tmp_path: Path) -> None:
+def test_a_corrupted_page_is_refused_when_the_file_is_opened(tmp_path: Path) -> None:
+    """Before any app is loaded, wherever the damage is: here in another app's rows."""
     path = tmp_path / "state.db"
-    app = busy_app()
-    app.tracking.live.update({f"task-{i:05d}": TrackedTask(f"task-{i:05d}", "a",
-                                                           TaskStatus.RECORDING, i)
-                              for i in range(3000)})
     store = Store(path)
-    store.save(app)
+    store.save(busy_app())
+    other = AppState(8, ("a",))
+    other.tracking.live.update({f"task-{i:05d}": TrackedTask(f"task-{i:05d}", "a",
+                                                             TaskStatus.RECORDING, i)
+                                for i in range(3000)})
+    store.save(other)
     store.close()  # the WAL is folded into the file
     size = path.stat().st_size
     assert size > 40 * 4096
     with path.open("r+b") as file:
         file.seek(size // 2)
         file.write(b"\xa5" * 2048)
-    with pytest.raises(StoreError, match=f"^{path}: .*{MOVE_IT_AWAY}"):
-        Store(path).load(AppState(7, ("a", "b")))
+    with pytest.raises(StoreError, match=f"^{path}: damaged .* {MOVE_IT_AWAY}"):
+        Store(path)
 
 
 def test_cli_exits_1_naming_a_row_it_refuses(tmp_path: Path,
