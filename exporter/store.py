@@ -474,7 +474,11 @@ class Store:
         """Write one app's whole state in one transaction: the rows that changed since the last.
 
         After a cycle every task is compared with what was saved; after callbacks, only the
-        tasks they changed (`AppState.unsaved_tasks`). `python -m bench.store` measures both."""
+        tasks they changed (`AppState.unsaved_tasks`). `python -m bench.store` measures both.
+
+        Raises sqlite3.Error (the file could not be written) or StoreError (a value could not
+        be, or load would refuse it); either way the file keeps its last saved state, and the
+        next save writes everything since. Callers count both as failed saves."""
         tracking = app.tracking
         finished_saved = self._finished_saved.setdefault(app.app_id, set())
         live_saved = self._live_saved.setdefault(app.app_id, {})
