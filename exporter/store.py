@@ -1,21 +1,50 @@
 """SQLite persistence of each app's tracking and counters, so restarts keep counters exact.
 
 One file (WAL mode), written in one transaction per poll cycle. A schema version and ordered
-migrations from day one; a file that is corrupt, from a newer version or unwritable is refused
-with a clear error, never silently replaced by an empty state.
+migrations from day one. The file is outside input: everything in it is checked before it is
+used, and a file that is not usable is refused with a clear error (StoreError: the file, what is
+wrong, what to do), never silently replaced by an empty state nor partly loaded.
+
+What `Store(path)` accepts, before it writes a byte to the file:
+
+- no file: a first start, a new file;
+- a file marked with APPLICATION_ID, of schema 1..SCHEMA_VERSION, holding that schema's tables;
+- an unmarked file (application_id 0) that is either empty of tables and of schema 0 (a blank
+  SQLite file), or holds exactly this exporter's tables of schema 1..SCHEMA_VERSION (written by
+  an exporter from before the mark): it is migrated and marked.
+
+It refuses a 0-byte file (most likely truncated: a full disk, a bad copy; a file meant to start
+from zero is deleted, not emptied), another program's file (another application_id, or tables
+this exporter did not create), a newer schema, and a damaged file. `load` refuses a row it could
+not have written: ids that are empty, too long, not valid Unicode or with control characters,
+statuses that are not live, counts and timestamps that are not integers from 0 to 2^53-1, JSON
+columns of the wrong shape. `save` raises StoreError or sqlite3.Error, and changes nothing, if
+it cannot write, or if a value would be refused on load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
+from exporter.config import MAX_ROOM_ID_BYTES
 from exporter.diff import HORIZON_MS, MAX_RECORD_MS, EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.state import AppState, Histogram
-from exporter.zego.models import TaskStatus
+from exporter.zego.models import LIVE_STATUSES, MAX_SAFE_INT, TaskStatus
+
+# PRAGMA application_id of our files: "ZGCR" in ASCII. It tells them from other programs' files.
+APPLICATION_ID = int.from_bytes(b"ZGCR", "big")  # 0x5A474352
+# ZEGO documents no limit for a TaskId; the ones it issues are a few dozen characters.
+MAX_TASK_ID_BYTES = 256
+MAX_REASON_BYTES = 128  # a callback's quit_reason, kept as a label value
+_WHAT_TO_DO = ("Move it away to start from an empty state (counters restart at 0), or point "
+               "--storage.path elsewhere.")
 
 SCHEMA_VERSION = 3
 MIGRATIONS: dict[int, str] = {
@@ -60,8 +89,197 @@ MIGRATIONS: dict[int, str] = {
 }
 
 
+
+T = TypeVar("T")
+
+
 class StoreError(Exception):
     """The state file cannot be used; the message names the file and what to do."""
+
+
+class _Invalid(ValueError):
+    """A value this exporter never writes; the message says what is wrong with it."""
+
+
+def _show(value: object) -> str:
+    """A value, shortened and escaped: it goes into an error message and a log line."""
+    if isinstance(value, str):
+        return repr(value[:40]) + ("…" if len(value) > 40 else "")
+    if isinstance(value, bytes):
+        return f"a {len(value)}-byte blob"
+    if isinstance(value, list | dict):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    return repr(value)[:40]
+
+
+def _plain(error: object) -> str:
+    """SQLite's message, one line, printable and short: it may quote the file's bytes."""
+    text = " ".join(str(error).split())
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:200])
+    return text + ("…" if len(str(error)) > 200 else "")
+
+
+def _text(value: object, max_bytes: int) -> str:
+    # Ids become label values, log fields and keys: printable, valid Unicode, bounded.
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"{_show(value)} is not a non-empty text")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise _Invalid(f"{_show(value)} is not valid Unicode (a lone surrogate)") from None
+    if size > max_bytes:
+        raise _Invalid(f"{_show(value)} is {size} bytes, more than {max_bytes}")
+    if not value.isprintable():
+        raise _Invalid(f"{_show(value)} has a control character")
+    return value
+
+
+def check_task_id(value: object) -> str:
+    return _text(value, MAX_TASK_ID_BYTES)
+
+
+def check_room_id(value: object) -> str:
+    return _text(value, MAX_ROOM_ID_BYTES)
+
+
+def _reason(value: object) -> str:
+    return _text(value, MAX_REASON_BYTES)
+
+
+def _count(value: object) -> int:
+    """A count or a timestamp (ms): an integer JSON carries exactly, never negative."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SAFE_INT:
+        raise _Invalid(f"{_show(value)} is not an integer from 0 to 2^53-1")
+    return value
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(_count(value))
+    if not isinstance(value, float) or not math.isfinite(value) or value < 0:
+        raise _Invalid(f"{_show(value)} is not a finite number of seconds, 0 or more")
+    return value
+
+
+def _optional(check: Callable[[object], T]) -> Callable[[object], T | None]:
+    return lambda value: None if value is None else check(value)
+
+
+def _live_status(value: object) -> TaskStatus:
+    if isinstance(value, int) and value in _LIVE_STATUS_VALUES:
+        return TaskStatus(value)
+    raise _Invalid(f"status {_show(value)} is not a live ZEGO status (1, 2 or 5)")
+
+
+_LIVE_STATUS_VALUES = frozenset(status.value for status in LIVE_STATUSES)
+
+
+def _one_of(names: Collection[str]) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        if not isinstance(value, str) or value not in names:
+            raise _Invalid(f"{_show(value)} is not one of {', '.join(names)}")
+        return value
+    return check
+
+
+def _event_kind(value: object) -> EventKind:
+    return EventKind(_EVENT_KIND(value))
+
+
+_EVENT_KIND = _one_of([kind.value for kind in EventKind])
+
+
+def _json(value: object) -> Any:
+    if not isinstance(value, str):
+        raise _Invalid(f"{_show(value)} is not JSON text")
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
+        raise _Invalid(f"{_show(value)} is not well-formed JSON") from None
+
+
+def _object(value: object, key: Callable[[object], str], item: Callable[[object], T]
+            ) -> dict[str, T]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"{_show(value)} is not a JSON object")
+    checked = {}
+    for k, v in value.items():
+        try:
+            checked[key(k)] = item(v)
+        except _Invalid as exc:
+            raise _Invalid(f"at key {_show(k)}: {exc}") from None
+    return checked
+
+
+def _array(value: object, item: Callable[[object], T]) -> list[T]:
+    if not isinstance(value, list):
+        raise _Invalid(f"{_show(value)} is not a JSON array")
+    checked = []
+    for i, v in enumerate(value):
+        try:
+            checked.append(item(v))
+        except _Invalid as exc:
+            raise _Invalid(f"at [{i}]: {exc}") from None
+    return checked
+
+
+def _deferred_event(value: object) -> TaskEvent:
+    if not isinstance(value, dict) or not {"kind", "task_id", "room_id"} <= value.keys() \
+            <= {"kind", "task_id", "room_id", "duration_s"}:
+        raise _Invalid(f"{_show(value)} is not an object of kind, task_id, room_id, duration_s")
+    return TaskEvent(_event_kind(value["kind"]), check_task_id(value["task_id"]),
+                     check_room_id(value["room_id"]),
+                     _optional(_seconds)(value.get("duration_s")))
+
+
+def _histogram(value: object) -> tuple[list[int], float]:
+    if not isinstance(value, dict) or value.keys() != {"counts", "total"}:
+        raise _Invalid(f"{_show(value)} is not an object of counts and total")
+    return _array(value["counts"], _count), _seconds(value["total"])
+
+
+def _live_task(row: Sequence[object]) -> TrackedTask:
+    return TrackedTask(check_task_id(row[0]), check_room_id(row[1]), _live_status(row[2]),
+                       _count(row[3]))
+
+
+def _finished_task(row: Sequence[object]) -> tuple[str, int]:
+    return check_task_id(row[0]), _count(row[1])
+
+
+def _counter(row: Sequence[object]) -> tuple[str, EventKind, int]:
+    return check_room_id(row[0]), _event_kind(row[1]), _count(row[2])
+
+
+def _difference(expected: dict[str, tuple[str, ...]], found: dict[str, tuple[str, ...]]
+                ) -> str:
+    """How the tables found differ from a schema's, in words."""
+    parts = [f"{what}: {', '.join(sorted(names))}" for what, names in (
+        ("missing tables", expected.keys() - found.keys()),
+        ("tables it should not have", found.keys() - expected.keys()),
+        ("tables with other columns",
+         {t for t in expected.keys() & found.keys() if expected[t] != found[t]})) if names]
+    return "; ".join(parts)
+
+
+@functools.cache
+def _schema(version: int) -> dict[str, tuple[str, ...]]:
+    """Our tables and their columns at `version`, as the migrations make them."""
+    db = sqlite3.connect(":memory:")
+    for step in range(1, version + 1):
+        db.executescript(MIGRATIONS[step])
+    tables = _tables(db)
+    db.close()
+    return tables
+
+
+def _tables(db: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
+    names = [name for (name,) in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite^_%' "
+        "ESCAPE '^'")]
+    return {name: tuple(col for (col,) in db.execute("SELECT name FROM pragma_table_info(?)",
+                                                     (name,)))
+            for name in names}
 
 
 class Store:
@@ -75,34 +293,77 @@ class Store:
         # The tracking object last saved: while it is the app's, only `unsaved_tasks` changed.
         self._tracking_saved: dict[int, Tracking] = {}
         try:
+            version = self._inspect()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a kill -9
-            self._migrate()
+            self._migrate(version)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"{self.path}: not a usable state file ({exc}). Move it away to start from an "
-                "empty state (counters restart at 0), or point --storage.path elsewhere."
-            ) from None
+            raise self._refusal(f"not a usable state file ({_plain(exc)})") from None
         except OSError as exc:
             raise StoreError(
                 f"{self.path}: cannot open the state file ({exc.strerror}). Make its directory "
                 "writable, choose another --storage.path, or --storage.path='' for no persistence."
             ) from None
 
-    def _migrate(self) -> None:
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: written by a newer exporter (schema {version}, this one knows "
-                f"{SCHEMA_VERSION}). Upgrade the exporter, or point --storage.path elsewhere."
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            self._db.executescript(
-                f"BEGIN;\n{MIGRATIONS[target]}\nPRAGMA user_version={target};\nCOMMIT;"
-            )
-        self._db.execute("SELECT count(*) FROM apps").fetchone()  # reads the pages: corruption
+    def _refusal(self, problem: str, what_to_do: str = _WHAT_TO_DO) -> StoreError:
+        return StoreError(f"{self.path}: {problem}. {what_to_do}")
+
+    def _inspect(self) -> int:
+        """The file's schema version (0: new), once it is known to be ours and sound.
+
+        Read-only: a file refused here is left exactly as it was (opening it in WAL mode, or
+        marking it, would write to it)."""
+        try:
+            if self.path.stat().st_size == 0:
+                raise self._refusal(
+                    "the file is empty (0 bytes), most likely truncated (a full disk, a bad copy)",
+                    "Restore it from a backup; if you meant to start from zero, delete it.")
+        except FileNotFoundError:
+            return 0  # a first start
+        db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            mark = int(db.execute("PRAGMA application_id").fetchone()[0])
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if mark not in (0, APPLICATION_ID):
+                raise self._refusal(
+                    f"another program's SQLite file (application_id {mark:#010x}, this "
+                    f"exporter's is {APPLICATION_ID:#010x})",
+                    "Point --storage.path at a file of the exporter's own.")
+            if version > SCHEMA_VERSION and mark == APPLICATION_ID:
+                raise self._refusal(
+                    f"written by a newer exporter (schema {version}, this one knows "
+                    f"{SCHEMA_VERSION})",
+                    "Upgrade the exporter, or point --storage.path elsewhere.")
+            tables = _tables(db)
+            expected = _schema(version) if version <= SCHEMA_VERSION else None
+            if tables != expected and mark == 0:
+                raise self._refusal(
+                    f"not this exporter's file (schema {version}, tables: "
+                    f"{', '.join(sorted(tables)) or 'none'})",
+                    "Point --storage.path at a file of the exporter's own.")
+            if tables != expected:
+                raise self._refusal(f"damaged: {_difference(_schema(version), tables)}")
+            problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise self._refusal(f"damaged ({_plain(problem)})")
+            return version
+        finally:
+            db.close()
+
+    def _migrate(self, version: int) -> None:
+        if version == SCHEMA_VERSION and self._mark() == APPLICATION_ID:
+            return
+        steps = "".join(f"{MIGRATIONS[target]}\n" for target in range(version + 1,
+                                                                          SCHEMA_VERSION + 1))
+        # One transaction: the file is marked ours exactly when it holds our tables.
+        self._db.executescript(
+            f"BEGIN;\n{steps}PRAGMA user_version={SCHEMA_VERSION};\n"
+            f"PRAGMA application_id={APPLICATION_ID};\nCOMMIT;")
+
+    def _mark(self) -> int:
+        return int(self._db.execute("PRAGMA application_id").fetchone()[0])
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -118,60 +379,106 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    def _rows(self, table: str, columns: str, app_id: int) -> list[tuple[Any, ...]]:
+        """The app's rows of `table`: the columns, then the rowid (to name a row refused)."""
+        try:
+            return self._db.execute(
+                f"SELECT {columns}, rowid FROM {table} WHERE app_id = ?", (app_id,)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._refusal(f"table {table} cannot be read ({_plain(exc)})") from None
+
+    def _checked_rows(self, table: str, columns: str, app_id: int,
+                      check: Callable[[tuple[Any, ...]], T]) -> list[T]:
+        checked = []
+        for row in self._rows(table, columns, app_id):
+            try:
+                checked.append(check(row))
+            except _Invalid as exc:
+                key = columns.partition(",")[0]
+                raise self._refusal(f"table {table}, rowid {row[-1]} ({key} {_show(row[0])}): "
+                                    f"{exc}") from None
+        return checked
+
     def load(self, app: AppState) -> bool:
-        """Fill `app` from the file; False if the file holds nothing for this app."""
-        row = self._db.execute(
-            "SELECT ended_since_ms, baseline_rooms, last_success_time, last_observed_ms, "
-            "durations, deferred, ended_by_reason, upload_failures, baseline_ms, room_baselines "
-            "FROM apps WHERE app_id = ?",
-            (app.app_id,)).fetchone()
-        if row is None:
+        """Fill `app` from the file; False if the file holds nothing for this app.
+
+        Every value is checked first: StoreError, and `app` unchanged, if one is not valid."""
+        found = self._rows(
+            "apps", "ended_since_ms, baseline_rooms, last_success_time, last_observed_ms, "
+            "durations, deferred, ended_by_reason, upload_failures, baseline_ms, room_baselines",
+            app.app_id)
+        if not found:
             return False
-        (ended_since, baseline_rooms, last_success, last_observed, durations, deferred,
-         by_reason, uploads, baseline_ms, room_baselines) = row
+        values = dict(zip(
+            ("ended_since_ms", "baseline_rooms", "last_success_time", "last_observed_ms",
+             "durations", "deferred", "ended_by_reason", "upload_failures", "baseline_ms",
+             "room_baselines"), found[0][:-1], strict=True))
+
+        def column(name: str, check: Callable[[object], T]) -> T:
+            try:
+                return check(values[name])
+            except _Invalid as exc:
+                raise self._refusal(f"table apps, row of app {app.app_id}, column {name}: "
+                                    f"{exc}") from None
+
+        timestamp = _optional(_count)
+        ended_since = column("ended_since_ms", timestamp)
+        baseline_ms = column("baseline_ms", timestamp)
+        last_observed = column("last_observed_ms", timestamp)
+        last_success = column("last_success_time", _optional(_seconds))
+        baseline_rooms = column("baseline_rooms", _optional(
+            lambda v: frozenset(_array(_json(v), check_room_id))))
+        room_baselines = column("room_baselines",
+                                lambda v: _object(_json(v), check_room_id, _count))
+        by_reason = column("ended_by_reason", lambda v: _object(_json(v), _reason, _count))
+        uploads = column("upload_failures", lambda v: _object(_json(v), check_room_id, _count))
+        deferred = column("deferred", lambda v: _array(_json(v), _deferred_event))
+        outcomes = _one_of(app.durations)
+        durations = column("durations", lambda v: _object(_json(v), outcomes, _histogram))
+
         in_scope = (lambda room: True) if app.rooms is None else set(app.rooms).__contains__
-        rows: dict[str, object] = {}  # a room no longer configured: gone at the next save
+        live_rows: dict[str, object] = {}  # a room no longer configured: gone at the next save
         live: dict[str, TrackedTask] = {}
-        for task_id, room, status, begin in self._db.execute(
-                "SELECT task_id, room_id, status, begin_ms FROM live_tasks WHERE app_id = ?",
-                (app.app_id,)):
-            rows[task_id] = None
+        for task in self._checked_rows("live_tasks", "task_id, room_id, status, begin_ms",
+                                       app.app_id, _live_task):
+            live_rows[task.task_id] = None
+            if in_scope(task.room_id):
+                live_rows[task.task_id] = live[task.task_id] = task
+        finished = dict(self._checked_rows("finished_tasks", "task_id, learned_ms", app.app_id,
+                                           _finished_task))
+        counters: dict[str, dict[EventKind, int]] = {}
+        for room, kind, value in self._checked_rows("counters", "room_id, kind, value",
+                                                    app.app_id, _counter):
             if in_scope(room):
-                rows[task_id] = live[task_id] = TrackedTask(task_id, room, TaskStatus(status),
-                                                            begin)
-        self._live_saved[app.app_id] = rows
-        finished = dict(self._db.execute(
-            "SELECT task_id, learned_ms FROM finished_tasks WHERE app_id = ?",
-            (app.app_id,)).fetchall())
+                counters.setdefault(room, dict.fromkeys(EventKind, 0))[kind] = value
+
+        self._live_saved[app.app_id] = live_rows
         self._finished_saved[app.app_id] = set(finished)
-        rooms = None if baseline_rooms is None else frozenset(json.loads(baseline_rooms))
-        app.tracking = Tracking(live, finished, ended_since, rooms, baseline_ms,
-                                {r: ms for r, ms in json.loads(room_baselines).items()
-                                 if in_scope(r)})
+        app.tracking = Tracking(live, finished, ended_since, baseline_rooms, baseline_ms,
+                                {r: ms for r, ms in room_baselines.items() if in_scope(r)})
         app.last_success_time = last_success
         app.last_observed_ms = last_observed
-        app.ended_by_reason = json.loads(by_reason)
-        app.upload_failures = {r: n for r, n in json.loads(uploads).items() if in_scope(r)}
-        for room, kind, value in self._db.execute(
-                "SELECT room_id, kind, value FROM counters WHERE app_id = ?", (app.app_id,)):
-            if in_scope(room):
-                app.counters.setdefault(room, dict.fromkeys(EventKind, 0))[EventKind(kind)] = value
+        app.ended_by_reason = by_reason
+        app.upload_failures = {r: n for r, n in uploads.items() if in_scope(r)}
+        app.counters.update(counters)
         self._counters_saved[app.app_id] = {room: tuple(by_kind.values())
                                             for room, by_kind in app.counters.items()}
-        for outcome, saved in json.loads(durations).items():
+        for outcome, (counts, total) in durations.items():
             histogram = app.durations[outcome]
-            if len(saved["counts"]) == len(histogram.counts):  # buckets unchanged
-                app.durations[outcome] = Histogram(histogram.bounds, saved["counts"],
-                                                   saved["total"])
-        app.deferred = [TaskEvent(EventKind(e["kind"]), e["task_id"], e["room_id"],
-                                  e.get("duration_s")) for e in json.loads(deferred)]
+            if len(counts) == len(histogram.counts):  # buckets unchanged
+                app.durations[outcome] = Histogram(histogram.bounds, counts, total)
+        app.deferred = deferred
         return True
 
     def save(self, app: AppState) -> None:
         """Write one app's whole state in one transaction: the rows that changed since the last.
 
         After a cycle every task is compared with what was saved; after callbacks, only the
-        tasks they changed (`AppState.unsaved_tasks`). `python -m bench.store` measures both."""
+        tasks they changed (`AppState.unsaved_tasks`). `python -m bench.store` measures both.
+
+        Raises sqlite3.Error (the file could not be written) or StoreError (a value could not
+        be, or load would refuse it); either way the file keeps its last saved state, and the
+        next save writes everything since. Callers count both as failed saves."""
         tracking = app.tracking
         finished_saved = self._finished_saved.setdefault(app.app_id, set())
         live_saved = self._live_saved.setdefault(app.app_id, {})
@@ -191,13 +498,19 @@ class Store:
         changed_rooms = {room: values for room, by_kind in app.counters.items()
                          if counters_saved.get(room) != (values := tuple(by_kind.values()))}
         try:
+            _check_saved(app, changed_rooms, changed_live, new_finished)
             self._write(app, changed_rooms, changed_live, gone_live, new_finished, gone_finished)
-        except BaseException:
+        except BaseException as exc:
             # The file is as it was, and so are the mirrors: the next save compares everything
             # (and the changed tasks need not be kept, however long the file stays unwritable).
             self._tracking_saved.pop(app.app_id, None)
             app.unsaved_tasks.clear()
-            raise
+            if isinstance(exc, sqlite3.Error) or not isinstance(exc, Exception):
+                raise
+            # Anything else (a value load would refuse, one SQLite or JSON cannot take) is a
+            # failed save too, for the caller to count: never a half-written or poisoned file.
+            raise StoreError(f"{self.path}: app {app.app_id}'s state not saved, the file keeps "
+                             f"the last saved state ({type(exc).__name__}: {exc})") from exc
         finished_saved -= gone_finished
         finished_saved |= new_finished
         for task_id in gone_live:
@@ -244,3 +557,31 @@ class Store:
     def app_ids(self) -> Iterable[int]:
         return [row[0] for row in self._db.execute("SELECT app_id FROM apps")]
 
+
+
+def _check_saved(app: AppState, changed_rooms: Iterable[str],
+                 changed_live: Iterable[TrackedTask], new_finished: Iterable[str]) -> None:
+    """What a save writes, load accepts: a refused value fails the save, not the next start.
+
+    Only what changed is checked (the cost of a save follows the change); room baselines are
+    configured rooms, checked by the config; counts only grow from 0 in AppState."""
+    for task in changed_live:
+        _live_task([task.task_id, task.room_id, int(task.status), task.begin_ms])
+    for tid in new_finished:
+        _finished_task([tid, app.tracking.finished[tid]])
+    for room in changed_rooms:
+        check_room_id(room)
+        _array(list(app.counters[room].values()), _count)
+    for event in app.deferred:
+        check_task_id(event.task_id)
+        check_room_id(event.room_id)
+        _optional(_seconds)(event.duration_s)
+    _object(app.ended_by_reason, _reason, _count)
+    for room in app.upload_failures.keys() - app.counters.keys():  # counters' rooms: checked
+        check_room_id(room)
+    for histogram in app.durations.values():
+        _array(histogram.counts, _count), _seconds(histogram.total)
+    tracking = app.tracking
+    for ms in (tracking.ended_since_ms, tracking.baseline_ms, app.last_observed_ms):
+        _optional(_count)(ms)
+    _optional(_seconds)(app.last_success_time)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from exporter.daemon import Exporter
 from exporter.demo import free_port
 from exporter.diff import HORIZON_MS, EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.state import AppState
-from exporter.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
+from exporter.store import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 from exporter.zego.models import TaskStatus
 from tests.conftest import APP_ID, SECRET, Rig, make_config
 
@@ -191,6 +192,7 @@ def test_corrupt_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
 def test_file_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer exporter"):
         Store(path)
@@ -202,11 +204,12 @@ def test_unwritable_location_is_refused(tmp_path: Path) -> None:
         Store(tmp_path / "file" / "state.db")
 
 
-def test_wal_mode_and_schema_version_are_set(tmp_path: Path) -> None:
+def test_wal_mode_schema_version_and_our_mark_are_set(tmp_path: Path) -> None:
     Store(tmp_path / "state.db").close()
     with sqlite3.connect(tmp_path / "state.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
 
 
 def test_cli_exits_1_naming_the_corrupt_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -342,3 +345,251 @@ async def test_a_room_added_to_the_config_is_a_baseline_not_starts(
     rig.engine.start(APP_ID, "r2")
     await rig.cycle()
     assert rig.counters("r2")[EventKind.STARTED] == 1
+
+
+# What the loader refuses: everything it reads is outside input.
+
+def saved_file(path: Path) -> Path:
+    store = Store(path)
+    store.save(busy_app())
+    store.close()
+    return path
+
+
+def file_state(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+MOVE_IT_AWAY = r"Move it away to start from an empty state \(counters restart at 0\)"
+
+
+@pytest.mark.parametrize(("sql", "where", "problem"), [
+    ("UPDATE live_tasks SET status = 9", r"table live_tasks, rowid \d+ \(task_id 't2'\)",
+     "status 9 is not a live ZEGO status"),
+    ("UPDATE live_tasks SET status = 3", r"table live_tasks, rowid \d+ \(task_id 't2'\)",
+     "status 3 is not a live ZEGO status"),
+    ("UPDATE live_tasks SET begin_ms = 'soon'", "table live_tasks",
+     "'soon' is not an integer"),
+    ("UPDATE live_tasks SET task_id = 'a' || char(0) || 'b'", "table live_tasks",
+     r"'a\\x00b' has a control character"),
+    ("UPDATE live_tasks SET task_id = char(27) || '[31m'", "table live_tasks",
+     "has a control character"),
+    ("UPDATE live_tasks SET task_id = CAST(X'EDA080' AS TEXT)", "table live_tasks",
+     "cannot be read"),
+    ("UPDATE live_tasks SET task_id = X'00'", "table live_tasks", "1-byte blob is not a"),
+    ("UPDATE live_tasks SET task_id = ''", "table live_tasks", "'' is not a non-empty text"),
+    ("UPDATE live_tasks SET task_id = printf('%.257c', 'x')", "table live_tasks",
+     "is 257 bytes, more than 256"),
+    ("UPDATE live_tasks SET room_id = printf('%.129c', 'x')", "table live_tasks",
+     "is 129 bytes, more than 128"),
+    ("UPDATE finished_tasks SET learned_ms = -1", "table finished_tasks", "-1 is not an integer"),
+    ("UPDATE counters SET kind = 'bogus' WHERE kind = 'lost'",
+     r"table counters, rowid \d+ \(room_id '[ab]'\)",
+     "'bogus' is not one of started, paused"),
+    ("UPDATE counters SET value = -3", "table counters", "-3 is not an integer from 0"),
+    ("UPDATE counters SET value = 1.5", "table counters", "1.5 is not an integer"),
+    ("UPDATE counters SET value = 9007199254740992", "table counters", "is not an integer"),
+    ("UPDATE apps SET durations = '{'", "table apps, row of app 7, column durations",
+     "is not well-formed JSON"),
+    ("UPDATE apps SET durations = json_replace(durations, '$.normal.total', 'x')",
+     "table apps, row of app 7, column durations", "at key 'normal': 'x' is not a finite number"),
+    ("""UPDATE apps SET durations = '{"normal": {"counts": [0], "total": NaN}}'""",
+     "table apps, row of app 7, column durations", "nan is not a finite number"),
+    ("""UPDATE apps SET durations = '{"normal": {"counts": [-1], "total": 0}}'""",
+     "table apps, row of app 7, column durations", r"at \[0\]: -1 is not an integer"),
+    ("""UPDATE apps SET durations = '{"odd": {"counts": [], "total": 0}}'""",
+     "table apps, row of app 7, column durations", "'odd' is not one of normal, abnormal"),
+    ("UPDATE apps SET deferred = '{}'", "table apps, row of app 7, column deferred",
+     "is not a JSON array"),
+    ("""UPDATE apps SET deferred = '[{"kind": "lost", "task_id": "\\ud800", "room_id": "b"}]'""",
+     "table apps, row of app 7, column deferred", "not valid Unicode"),
+    ("""UPDATE apps SET deferred = '[{"kind": "gone", "task_id": "t", "room_id": "b"}]'""",
+     "table apps, row of app 7, column deferred", "'gone' is not one of started"),
+    ("""UPDATE apps SET ended_by_reason = '{"1": -1}'""",
+     "table apps, row of app 7, column ended_by_reason",
+     "at key '1': -1 is not an integer"),
+    ("UPDATE apps SET upload_failures = '[]'",
+     "table apps, row of app 7, column upload_failures", "not a JSON object"),
+    ("""UPDATE apps SET room_baselines = '{"\\u0007": 1}'""",
+     "table apps, row of app 7, column room_baselines",
+     "has a control character"),
+    ("UPDATE apps SET baseline_rooms = printf('%.100000c', '[')",
+     "table apps, row of app 7, column baseline_rooms",
+     "not well-formed JSON"),
+    ("UPDATE apps SET last_success_time = 'yesterday'",
+     "table apps, row of app 7, column last_success_time",
+     "'yesterday' is not a finite number"),
+    ("UPDATE apps SET ended_since_ms = -1",
+     "table apps, row of app 7, column ended_since_ms", "-1 is not an integer"),
+], ids=lambda v: v if isinstance(v, str) and v.startswith("UPDATE") else "")
+def test_a_value_this_exporter_never_writes_is_refused_naming_where(
+        tmp_path: Path, sql: str, where: str, problem: str) -> None:
+    path = saved_file(tmp_path / "state.db")
+    with sqlite3.connect(path) as db:
+        db.execute(sql)
+    with pytest.raises(StoreError, match=f"^{path}: {where}.*{problem}.*{MOVE_IT_AWAY}"):
+        Store(path).load(AppState(7, ("a", "b")))
+
+
+def test_a_refused_load_leaves_the_app_untouched(tmp_path: Path) -> None:
+    path = saved_file(tmp_path / "state.db")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE counters SET kind = 'bogus' WHERE room_id = 'b' AND kind = 'lost'")
+    app = AppState(7, ("a", "b"))
+    with pytest.raises(StoreError):
+        Store(path).load(app)
+    assert app == AppState(7, ("a", "b"))
+
+
+def test_a_dropped_table_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    path = saved_file(tmp_path / "state.db")
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE live_tasks")
+    with pytest.raises(StoreError, match=f"damaged: missing tables: live_tasks. {MOVE_IT_AWAY}"):
+        Store(path).load(AppState(7, ("a", "b")))
+
+
+def test_a_corrupted_page_is_refused_when_the_file_is_opened(tmp_path: Path) -> None:
+    """Before any app is loaded, wherever the damage is: here in another app's rows."""
+    path = tmp_path / "state.db"
+    store = Store(path)
+    store.save(busy_app())
+    other = AppState(8, ("a",))
+    other.tracking.live.update({f"task-{i:05d}": TrackedTask(f"task-{i:05d}", "a",
+                                                             TaskStatus.RECORDING, i)
+                                for i in range(3000)})
+    store.save(other)
+    store.close()  # the WAL is folded into the file
+    size = path.stat().st_size
+    assert size > 40 * 4096
+    with path.open("r+b") as file:
+        file.seek(size // 2)
+        file.write(b"\xa5" * 2048)
+    with pytest.raises(StoreError, match=f"^{path}: damaged .* {MOVE_IT_AWAY}"):
+        Store(path)
+
+
+def test_cli_exits_1_naming_a_row_it_refuses(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text('apps: [{app_id: 7, rooms: ["a", "b"], server_secret: "abc"}]\n')
+    path = saved_file(tmp_path / "state.db")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE live_tasks SET status = 9")
+    assert main([f"--config.file={config}", f"--storage.path={path}",
+                 "--web.listen-address=127.0.0.1:0"]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: table live_tasks" in err and "status 9" in err and "Move it away" in err
+
+
+# Whose file it is: ours (marked, or from before the mark), new, or another program's.
+
+def foreign_tables(db: sqlite3.Connection) -> None:
+    db.execute("CREATE TABLE foo (bar TEXT)")
+    db.execute("INSERT INTO foo VALUES ('theirs')")
+
+
+def our_tables_and_theirs(db: sqlite3.Connection) -> None:
+    db.executescript(f"{MIGRATIONS[1]}\n{MIGRATIONS[2]}\n{MIGRATIONS[3]}\nPRAGMA user_version=3;")
+    foreign_tables(db)
+
+
+def our_tables_without_a_version(db: sqlite3.Connection) -> None:
+    db.executescript(f"{MIGRATIONS[1]}\n{MIGRATIONS[2]}\n{MIGRATIONS[3]}")
+
+
+@pytest.mark.parametrize(("make", "mark", "problem"), [
+    (foreign_tables, 0x12345678, "another program's SQLite file .application_id 0x12345678"),
+    (our_tables_and_theirs, 0x12345678, "another program's SQLite file"),
+    (foreign_tables, 0, r"not this exporter's file \(schema 0, tables: foo\)"),
+    (our_tables_and_theirs, 0, "not this exporter's file"),
+    (our_tables_without_a_version, 0, "not this exporter's file"),
+])
+def test_another_programs_file_is_refused_and_left_as_it_was(
+        tmp_path: Path, make: Callable[[sqlite3.Connection], None], mark: int,
+        problem: str) -> None:
+    path = tmp_path / "theirs.db"
+    with sqlite3.connect(path) as db:
+        make(db)
+        db.execute(f"PRAGMA application_id={mark}")
+    db.close()
+    before = file_state(path)
+    time.sleep(0.01)  # a write now would change the mtime
+    with pytest.raises(StoreError, match=f"{problem}.*a file of the exporter's own"):
+        Store(path)
+    assert file_state(path) == before
+
+
+def test_a_file_from_before_the_mark_is_adopted_and_marked(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(f"{MIGRATIONS[1]}\n{MIGRATIONS[2]}\n{MIGRATIONS[3]}\n"
+                         "PRAGMA user_version=3;")
+        db.execute("INSERT INTO apps VALUES "
+                   "(7, 1, NULL, NULL, NULL, '{}', '[]', '{}', '{}', NULL, '{}')")
+        db.execute("INSERT INTO counters VALUES (7, 'a', 'started', 4)")
+    db.close()
+    loaded = AppState(7, ("a",))
+    assert Store(path).load(loaded)
+    assert loaded.counters["a"][EventKind.STARTED] == 4
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+
+
+def test_a_schema_1_file_from_before_the_mark_is_migrated_and_marked(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(f"{MIGRATIONS[1]}\nPRAGMA user_version=1;")
+    db.close()
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_blank_sqlite_file_is_a_first_start(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE scratch (x)")
+        db.execute("DROP TABLE scratch")
+    db.close()
+    assert path.stat().st_size > 0
+    store = Store(path)
+    assert not store.load(AppState(7, ("a",)))
+    store.save(busy_app())
+
+
+def test_an_empty_file_is_refused_not_started_from_zero(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.touch()
+    with pytest.raises(StoreError, match=r"the file is empty \(0 bytes\).*delete it"):
+        Store(path)
+    assert path.stat().st_size == 0
+
+
+# Saves: a value that cannot be written, or would be refused on load, fails the save whole.
+
+@pytest.mark.parametrize("spoil", [
+    pytest.param(lambda app: app.tracking.live.update(
+        {"\ud800": TrackedTask("\ud800", "a", TaskStatus.RECORDING, 1)}), id="lone surrogate"),
+    pytest.param(lambda app: app.tracking.live.update(
+        {"t\x07": TrackedTask("t\x07", "a", TaskStatus.RECORDING, 1)}), id="control character"),
+    pytest.param(lambda app: app.tracking.finished.update({"t5": 2**64}), id="huge timestamp"),
+    pytest.param(lambda app: setattr(app.durations["normal"], "total", math.nan), id="nan"),
+    pytest.param(lambda app: app.ended_by_reason.update({"x" * 200: 1}), id="long reason"),
+])
+def test_a_value_that_cannot_be_written_fails_the_save_and_changes_nothing(
+        tmp_path: Path, spoil: Callable[[AppState], None]) -> None:
+    path = saved_file(tmp_path / "state.db")
+    store = Store(path)
+    app = AppState(7, ("a", "b"))
+    store.load(app)
+    before = AppState(7, ("a", "b"))
+    Store(path).load(before)
+    spoil(app)
+    app.counters["a"][EventKind.STARTED] += 1
+    with pytest.raises(StoreError, match=f"^{path}: app 7's state not saved"):
+        store.save(app)
+    after = AppState(7, ("a", "b"))
+    Store(path).load(after)
+    assert after == before
