@@ -2,9 +2,10 @@
 
 One file configures every HTTP server of the exporter. `WebConfig` holds the file's current,
 valid reading and re-reads it (and the certificate, key and CA files it names) when any of them
-changes, so certificates and users rotate without a restart; a broken new version is logged and
-the last good one stays in force. Servers use it through `WebConfig.ssl_context()` (handed to
-aiohttp's `TCPSite`) and `WebConfig.middlewares()` (basic auth and the extra headers).
+changes, so certificates and users rotate without a restart. Reloads fail closed: a broken new
+version, or one that would weaken security (see `reload_refusals`), is logged once and the last
+good one stays in force. Servers use it through `WebConfig.ssl_context()` (handed to aiohttp's
+`TCPSite`) and `WebConfig.middlewares()` (basic auth and the extra headers).
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ import binascii
 import difflib
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import ssl
+import stat
 import threading
 import time
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import bcrypt
 import structlog
@@ -82,11 +86,18 @@ _UNSUPPORTED: Final = {
 }
 # $2a$, $2b$ or $2y$, a two-digit cost, 22 characters of salt and 31 of hash.
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
-# bcrypt of a random password nobody knows: checked for unknown users so that a wrong user name
-# costs as much time as a wrong password (no user enumeration by timing).
-_DUMMY_HASH: Final = b"$2b$10$IeJdrK3w5yvZnGdX4Y3CB..5TJqcM/SlvnDpsQ558/3gxxjCvkj0u"
+# The salt and digest of a bcrypt hash of a random password nobody knows, checked for unknown
+# users at the configured users' cost so that a wrong user name costs as much time as a wrong
+# password (no user enumeration by timing). bcrypt's work depends on the cost, not on the salt
+# or digest, so no hash is computed per cost.
+_DUMMY_SALT_AND_DIGEST: Final = b"IeJdrK3w5yvZnGdX4Y3CB..5TJqcM/SlvnDpsQ558/3gxxjCvkj0u"
 # bcrypt only uses the first 72 bytes; htpasswd and Go hash just those, so check just those.
 _BCRYPT_MAX_PASSWORD: Final = 72
+# The web config and the files it names are small; anything bigger is not one of them.
+MAX_FILE_BYTES: Final = 1024 * 1024
+# The format needs 3 levels; PyYAML builds nested values recursively, so a deeper file is
+# refused before it is built.
+_MAX_DEPTH: Final = 32
 
 
 class WebConfigError(Exception):
@@ -119,6 +130,14 @@ class TLSServerConfig:
     def build_ssl_context(self, source: str) -> ssl.SSLContext:
         """A server context for these settings; reads the files. Raises WebConfigError."""
         problems = _Problems(source)
+        # ssl opens these itself: a FIFO would block it and /dev/zero would never end.
+        for name, path in (("cert_file", self.cert_file), ("key_file", self.key_file),
+                           ("client_ca_file", self.client_ca_file)):
+            problem = _unusable_file(path) if path is not None else None
+            if problem is not None:
+                problems.error(f"tls_server_config.{name}", problem)
+        if problems.errors:
+            raise WebConfigError(problems.errors)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         with warnings.catch_warnings():
             # TLS 1.0/1.1 are deprecated; a config that asks for them gets a load-time warning.
@@ -164,23 +183,110 @@ def parse_web_config(path: str | Path) -> WebSettings:
     """Read and validate the file's fields (not the files it names). Raises WebConfigError."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise WebConfigError([f"{source}: cannot read the web config file: {error.strerror}"]
-                             ) from None
+        text = _read_regular_file(Path(path), source).decode("utf-8")
     except UnicodeDecodeError:
         raise WebConfigError([f"{source}: the web config file is not UTF-8 text"]) from None
     problems = _Problems(source)
     try:
+        _check_depth(text)
         document = yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as error:
         raise WebConfigError([problems.yaml_error(error)]) from None
     except yaml.YAMLError as error:
-        raise WebConfigError([f"{source}: invalid YAML: {error}"]) from None
+        # e.g. a NUL character: PyYAML's message spans lines; an error is one line.
+        raise WebConfigError([f"{source}: invalid YAML: {' '.join(str(error).split())}"]
+                             ) from None
+    except (ValueError, RecursionError) as error:
+        # PyYAML's constructors raise these for values they cannot build (an integer of over
+        # 4300 digits, 2026-13-45); the first clause names the problem, not the value.
+        raise WebConfigError([f"{source}: invalid YAML: {str(error).split(';')[0]}"]) from None
     settings = _Reader(problems, Path(path)).settings(document)
     if problems.errors or settings is None:
         raise WebConfigError(problems.errors)
     return settings
+
+
+def _read_regular_file(path: Path, source: str) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_FILE_BYTES. O_NONBLOCK: opening
+    a FIFO does not wait for a writer; fstat: the file checked is the file read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as error:
+        raise WebConfigError([f"{source}: cannot read the web config file: {error.strerror}"]
+                             ) from None
+    chunks: list[bytes] = []
+    left = MAX_FILE_BYTES + 1
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise WebConfigError([f"{source}: the web config file is not a regular file"])
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as error:
+        raise WebConfigError([f"{source}: cannot read the web config file: {error.strerror}"]
+                             ) from None
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise WebConfigError([f"{source}: the web config file is larger than 1 MiB"])
+    return b"".join(chunks)
+
+
+def _unusable_file(path: Path) -> str | None:
+    """Why a file the web config names must not be handed to ssl, if it must not. A missing or
+    unreadable one is left to ssl, whose error names it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_size > MAX_FILE_BYTES:
+        return f"{path} is larger than 1 MiB"
+    return None
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than _MAX_DEPTH; PyYAML's parser, unlike its composer, is not
+    recursive, so this walk cannot overflow the stack itself."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_StrictLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > _MAX_DEPTH:
+                mark = cast(yaml.Mark, event.start_mark)  # SafeLoader's pure-Python parser's
+                raise yaml.MarkedYAMLError(problem=f"nested more than {_MAX_DEPTH} levels deep",
+                                           problem_mark=mark)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def reload_refusals(old: WebSettings, new: WebSettings) -> list[str]:
+    """Why `new` may not replace `old` while the exporter runs (empty: it may).
+
+    Reloads fail closed: a new version that is valid but would weaken security is refused like
+    a broken one, and `old` stays in force until a restart. Weakening is: removing every
+    basic_auth_users entry (an empty file, `{}` or only comments included), adding or removing
+    tls_server_config (the listener is HTTP or HTTPS), lowering min_version, or asking less of
+    client certificates (client_auth_type from required to optional to none; client_ca_file
+    goes with it). Users, passwords, headers, certificates, keys and client CAs change live.
+    """
+    refusals: list[str] = []
+    if old.users and not new.users:
+        refusals.append("basic_auth_users: removing every user would turn basic auth off")
+    if (old.tls is None) != (new.tls is None):
+        refusals.append("tls_server_config: adding or removing it needs a restart (the "
+                        "listener is HTTP or HTTPS)")
+    if old.tls is not None and new.tls is not None:
+        if TLS_VERSIONS[new.tls.min_version] < TLS_VERSIONS[old.tls.min_version]:
+            refusals.append(f"tls_server_config.min_version: lowering it from "
+                            f"{old.tls.min_version} to {new.tls.min_version}")
+        # Ranked by what this server does: none < optional (verified if given) < required.
+        if (CLIENT_AUTH_TYPES[new.tls.client_auth_type]
+                < CLIENT_AUTH_TYPES[old.tls.client_auth_type]):
+            refusals.append(f"tls_server_config.client_auth_type: weakening it from "
+                            f"{old.tls.client_auth_type} to {new.tls.client_auth_type}")
+    return refusals
 
 
 def load_web_config(path: str | Path) -> tuple[WebSettings, ssl.SSLContext | None]:
@@ -223,7 +329,7 @@ class _Reader:
                    "http_server_config": _HTTP_KEYS}.get(where)
         result: dict[str, Any] = {}
         for key, item in value.items():
-            name = f"{where}.{key}" if where else str(key)
+            name = _field(where, key)
             if not isinstance(key, str):
                 self.problems.error(name, "keys must be strings")
             elif name in _UNSUPPORTED:
@@ -248,6 +354,9 @@ class _Reader:
             return None
         if not text:
             self.problems.error(where, "must not be empty")
+            return None
+        if "\0" in text:
+            self.problems.error(where, "must not contain a NUL character")
             return None
         # Relative paths are relative to the web config file, as in the toolkit.
         return self.path.parent / text
@@ -327,7 +436,7 @@ class _Reader:
             return {}
         headers: dict[str, str] = {}
         for name, header_value in raw.items():
-            here = f"{headers_where}.{name}"
+            here = _field(headers_where, name)
             if name not in EXTRA_HEADERS:
                 same = [h for h in EXTRA_HEADERS if h.lower() == str(name).lower()]
                 hint = f" (write it {same[0]})" if same else (
@@ -357,7 +466,7 @@ class _Reader:
             return {}
         users: dict[str, bytes] = {}
         for name, hashed in value.items():
-            here = f"{where}.{name}"
+            here = _field(where, name)
             if not isinstance(name, str) or not name or ":" in name:
                 self.problems.error(here, "user names must be non-empty strings without ':'")
                 continue
@@ -375,6 +484,15 @@ class _Reader:
         return users
 
 
+def _field(where: str, key: object) -> str:
+    """A field's name for a problem line: a key that would break the line (a newline, or just
+    too long) is shown quoted and cut."""
+    text = str(key)
+    if not text.isprintable() or len(text) > 64:
+        text = repr(text[:64]) + ("..." if len(text) > 64 else "")
+    return f"{where}.{text}" if where else text
+
+
 def _ssl_reason(error: OSError) -> str:
     if isinstance(error, ssl.SSLError):
         return error.reason or str(error)
@@ -387,7 +505,7 @@ def _stamp(paths: Iterable[Path]) -> tuple[object, ...]:
     for path in paths:
         try:
             st = os.stat(path)
-        except OSError:
+        except (OSError, ValueError):
             out.append((str(path), None))
             continue
         out.append((str(path), st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
@@ -405,11 +523,14 @@ class WebConfig:
         self.check_interval = check_interval
         self._lock = threading.Lock()
         self._settings, self._context = load_web_config(self.path)
-        self._stamp = _stamp(self._settings.watched_files())
+        self._watched = self._settings.watched_files()
+        self._stamp = _stamp(self._watched)
         self._checked = time.monotonic()
         self._passwords = _PasswordCheck(auth_cache_ttl)
         # Told each reload's result: "applied", "invalid" or "refused" (it would weaken security).
         self.on_reload: Callable[[str], None] = lambda result: None
+        # Told each request refused before its handler, by reason ("auth_busy": 429).
+        self.on_refused: Callable[[str], None] = lambda reason: None
 
     @property
     def settings(self) -> WebSettings:
@@ -422,38 +543,60 @@ class WebConfig:
         return self._settings.tls is not None
 
     def reload_if_changed(self, force: bool = False) -> bool:
-        """Re-read the file if it or a file it names changed; True if new settings apply."""
+        """Re-read the file if it or a file it names changed; True if new settings apply.
+
+        Never raises: it runs inside requests and TLS handshakes. Each changed version is tried,
+        logged and reported to `on_reload` once: "applied", "invalid" (it cannot be used) or
+        "refused" (`reload_refusals`); the last good settings stay in force unless applied."""
         now = time.monotonic()
         if not force and now - self._checked < self.check_interval:
             return False
         with self._lock:
             self._checked = now
-            watched = self._settings.watched_files()
-            stamp = _stamp(watched)
+            stamp = _stamp(self._watched)
             if stamp == self._stamp:
                 return False
-            try:
-                settings = parse_web_config(self.path)
-                # A failed reading also watches the files it names, so fixing them is seen.
-                stamp = _stamp(dict.fromkeys((*watched, *settings.watched_files())))
-                context = (settings.tls.build_ssl_context(str(self.path))
-                           if settings.tls is not None else None)
-                if (settings.tls is None) != (self._settings.tls is None):
-                    raise WebConfigError([f"{self.path}: tls_server_config: adding or removing "
-                                          "it needs a restart (the listener is HTTP or HTTPS)"])
-            except WebConfigError as error:
-                self._stamp = stamp  # log a broken version once, not on every request
-                for line in error.errors:
-                    log.error("web_config_reload_failed", problem=line,
-                              kept="the previous web config")
-                return False
-            self._settings, self._context = settings, context
-            self._stamp = _stamp(settings.watched_files())
-        for warning in settings.warnings:
-            log.warning("web_config_warning", problem=warning)
-        log.info("web_config_reloaded", path=str(self.path), tls=settings.tls is not None,
-                 users=len(settings.users), headers=sorted(settings.headers))
-        return True
+            self._stamp = stamp
+            result, problems = self._reload()
+        if result == "invalid":
+            for line in problems:
+                log.error("web_config_reload_failed", problem=line,
+                          kept="the previous web config")
+        elif result == "refused":
+            log.warning("web_config_reload_refused",
+                        problem=f"{self.path}: " + "; ".join(problems),
+                        kept="the previous web config: restart the exporter to apply this one")
+        else:
+            for warning in problems:
+                log.warning("web_config_warning", problem=warning)
+            log.info("web_config_reloaded", path=str(self.path), tls=self.tls_enabled,
+                     users=len(self._settings.users), headers=sorted(self._settings.headers))
+        self.on_reload(result)
+        return result == "applied"
+
+    def _reload(self) -> tuple[str, list[str]]:
+        """Under the lock: the result of reading the changed files, and its problems (or, when
+        applied, its warnings)."""
+        old = self._settings
+        try:
+            settings = parse_web_config(self.path)
+            # Watch the files the new version names too, so that fixing one of them is seen.
+            self._watched = tuple(dict.fromkeys((*old.watched_files(),
+                                                 *settings.watched_files())))
+            self._stamp = _stamp(self._watched)
+            context = (settings.tls.build_ssl_context(str(self.path))
+                       if settings.tls is not None else None)
+            refusals = reload_refusals(old, settings)
+        except WebConfigError as error:
+            return "invalid", error.errors
+        except Exception as error:  # a bug or an OS surprise: contained like a broken file
+            return "invalid", [f"{self.path}: {type(error).__name__}: {error}"]
+        if refusals:
+            return "refused", refusals
+        self._settings, self._context = settings, context
+        self._watched = settings.watched_files()
+        self._stamp = _stamp(self._watched)
+        return "applied", list(settings.warnings)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """For a server's `ssl_context`: each new TLS connection uses the current certificate,
@@ -492,8 +635,15 @@ class WebConfig:
             if not users or (resource is not None and resource.canonical in open_set):
                 return await handler(request)
             credentials = _basic_credentials(request.headers.get(hdrs.AUTHORIZATION))
-            if credentials is not None and await self._passwords.check(users, *credentials):
-                return await handler(request)
+            if credentials is not None:
+                try:
+                    good = await self._passwords.check(users, *credentials,
+                                                       client=request.remote or "")
+                except AuthBusy:
+                    self.on_refused("auth_busy")
+                    raise web.HTTPTooManyRequests(headers={hdrs.RETRY_AFTER: "1"}) from None
+                if good:
+                    return await handler(request)
             raise web.HTTPUnauthorized(headers={
                 hdrs.WWW_AUTHENTICATE: 'Basic realm="zego-cloudrecord-exporter", charset="UTF-8"'
             })
@@ -546,43 +696,87 @@ def _basic_credentials(header: str | None) -> tuple[str, bytes] | None:
         return None
 
 
+class AuthBusy(Exception):
+    """A password check that could not be queued: refused at once (429), not made to wait."""
+
+
 class _PasswordCheck:
-    """bcrypt checks, one at a time off the event loop, successes remembered for `ttl` seconds.
+    """bcrypt checks off the event loop, bounded and fair; good credentials remembered.
 
     bcrypt is slow on purpose (tens of ms at cost 10); Prometheus sends the same credentials on
-    every scrape, so, like the toolkit, a good check is cached. The cache key is an HMAC (with a
-    key made at start-up) of user, hash and password: no password is kept in memory in clear,
-    and a changed hash misses the cache at once.
+    every scrape, so, like the toolkit, a good check is cached, for `ttl` seconds after its last
+    use: a scraper never waits for bcrypt again while it keeps scraping. The cache key is an
+    HMAC (with a key made at start-up) of user, hash and password: no password is kept in memory
+    in clear, and a changed hash misses the cache at once.
+
+    A flood of wrong passwords must not starve a real login: `workers` threads run the checks
+    (bcrypt releases the GIL), at most `queue` more wait in arrival order, and each client (an
+    IPv4 address, an IPv6 /64) has at most one check running or waiting. Any other check is
+    refused at once (AuthBusy) rather than queued, so a new login waits for at most one check
+    per other client, and never for one client's flood.
     """
 
     MAX_ENTRIES: Final = 256
+    # At most half the CPUs, so that serving and polling keep running through a flood.
+    WORKERS: Final = max(1, min(4, (os.cpu_count() or 2) // 2))
+    # At cost 12 (about 0.25 s a check) on one worker, a login that gets a place is answered in
+    # about 4 s, inside Prometheus's default 10 s scrape timeout.
+    QUEUE: Final = 16
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, *, workers: int = WORKERS, queue: int = QUEUE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
+        self.workers = workers
+        self.capacity = workers + queue  # checks running or waiting
+        self._clock = clock
         self._key = os.urandom(32)
         self._good: OrderedDict[bytes, float] = OrderedDict()
-        self._lock: asyncio.Lock | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._clients: set[str] = set()  # each with one check running or waiting
+        self._refused = 0  # since the queue was last empty: a busy spell is logged, not each
 
-    async def check(self, users: Mapping[str, bytes], user: str, password: bytes) -> bool:
+    async def check(self, users: Mapping[str, bytes], user: str, password: bytes,
+                    client: str = "") -> bool:
+        """True if `password` is `user`'s. Raises AuthBusy if the check cannot be queued."""
         hashed = users.get(user)
         known = hashed is not None
-        hashed = hashed if hashed is not None else _DUMMY_HASH
+        hashed = hashed if hashed is not None else _dummy_hash(users)
         password = password[:_BCRYPT_MAX_PASSWORD]
         key = self._cache_key(user, hashed, password)
         expires = self._good.get(key)
-        if known and expires is not None and expires > time.monotonic():
+        if known and expires is not None and expires > self._clock():
+            self._remember(key)
             return True
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:  # bcrypt is CPU-bound: one check at a time, as the toolkit
-            good = await asyncio.to_thread(_bcrypt_matches, password, hashed)
+        good = await self._bcrypt(password, hashed, _client_group(client))
         if not (good and known):
             return False
-        self._good[key] = time.monotonic() + self.ttl
+        self._remember(key)
+        return True
+
+    async def _bcrypt(self, password: bytes, hashed: bytes, client: str) -> bool:
+        if client in self._clients or len(self._clients) >= self.capacity:
+            if not self._refused:
+                log.warning("basic_auth_busy", client=client, pending=len(self._clients),
+                            note="password checks are refused with 429 until none is pending")
+            self._refused += 1
+            raise AuthBusy
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="bcrypt")
+        self._clients.add(client)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, _bcrypt_matches, password, hashed)
+        finally:
+            self._clients.discard(client)
+            if not self._clients and self._refused:
+                log.info("basic_auth_busy_ended", refused=self._refused)
+                self._refused = 0
+
+    def _remember(self, key: bytes) -> None:
+        self._good[key] = self._clock() + self.ttl
         self._good.move_to_end(key)
         while len(self._good) > self.MAX_ENTRIES:
             self._good.popitem(last=False)
-        return True
 
     def _cache_key(self, user: str, hashed: bytes, password: bytes) -> bytes:
         mac = hmac.new(self._key, digestmod=hashlib.sha256)
@@ -590,6 +784,28 @@ class _PasswordCheck:
             mac.update(len(part).to_bytes(4, "big"))
             mac.update(part)
         return mac.digest()
+
+
+def _dummy_hash(users: Mapping[str, bytes]) -> bytes:
+    """The hash checked for an unknown user: the most common cost among `users` (the higher on
+    a tie), so that as many user names as possible cost the same."""
+    costs = Counter(hashed[4:6] for hashed in users.values())
+    cost = max(costs, key=lambda c: (costs[c], c), default=b"10")
+    return b"$2b$" + cost + b"$" + _DUMMY_SALT_AND_DIGEST
+
+
+def _client_group(address: str) -> str:
+    """Who a request counts as for fairness: its IPv4 address, or its IPv6 /64 (what one host
+    is usually given)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # e.g. "" for a Unix socket
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _bcrypt_matches(password: bytes, hashed: bytes) -> bool:

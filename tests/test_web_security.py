@@ -10,10 +10,13 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import bcrypt
@@ -22,6 +25,7 @@ import structlog
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter import webconfig
 from exporter.cli import main
 from exporter.config import Secret
 from exporter.daemon import Exporter, ListenAddress
@@ -33,8 +37,8 @@ from tests.conftest import make_config
 METRIC = "zego_cloudrecord_exporter_build_info"
 
 
-def bcrypt_hash(password: str) -> str:
-    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()  # cost 4: fast tests
+def bcrypt_hash(password: str, cost: int = 4) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()  # 4: fast tests
 
 
 def write_pem(blob: trustme.Blob, path: Path) -> Path:
@@ -131,13 +135,16 @@ def with_users(base: str, **users: str) -> str:
 
 async def fetch(url: str, context: ssl.SSLContext | None = None,
                 auth: tuple[str, str] | None = None, method: str = "GET",
-                data: bytes | None = None) -> tuple[int, dict[str, str], str]:
+                data: bytes | None = None, source: str | None = None
+                ) -> tuple[int, dict[str, str], str]:
+    """One request on a new connection, from the loopback address `source` if given."""
     headers = {}
     if auth is not None:
         user, password = auth
         headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()
                                                                ).decode()
-    async with aiohttp.ClientSession() as http, http.request(
+    connector = aiohttp.TCPConnector(local_addr=(source, 0) if source else None)
+    async with aiohttp.ClientSession(connector=connector) as http, http.request(
             method, url, ssl=context if context is not None else True, headers=headers,
             data=data) as response:
         return response.status, dict(response.headers), await response.text()
@@ -340,6 +347,282 @@ async def test_a_broken_new_file_keeps_the_old_config_and_logs_an_error(
     assert "key_file" in failures[1]["problem"]
 
 
+# Reloads fail closed
+
+
+async def refused_over_tls(port: int, context: ssl.SSLContext) -> bool:
+    """True if a client with `context` gets no metrics: the handshake fails or no answer."""
+    try:
+        answer = await tls_exchange(port, context)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    return not answer.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("text", ["", "{}\n", "basic_auth_users: {}\n",
+                                  "# users moved elsewhere\n"],
+                         ids=["empty", "empty mapping", "no users", "comments only"])
+async def test_a_reload_that_would_turn_basic_auth_off_is_refused(
+        text: str, tmp_path: Path, serve: StartExporter) -> None:
+    path = web_config_file(tmp_path, with_users("", prometheus="pw"))
+    exporter = await serve(WebConfig(path, check_interval=0))
+    url = f"http://127.0.0.1:{exporter.bound_port}/metrics"
+    with structlog.testing.capture_logs() as logs:
+        replace_file(path, text)
+        for _ in range(3):
+            assert (await fetch(url))[0] == 401
+        assert (await fetch(url, auth=("prometheus", "pw")))[0] == 200
+    assert exporter.state.web_config_reloads == {("metrics", "refused"): 1}
+    refusals = [e for e in logs if e["event"] == "web_config_reload_refused"]
+    assert len(refusals) == 1  # once per file version, not once per request
+    assert refusals[0]["log_level"] == "warning"
+    assert "basic_auth_users" in refusals[0]["problem"]
+
+
+WEAKER_TLS = {  # old, new, a client the old file refuses
+    "min_version lowered": (TLS_ONLY + "  min_version: TLS13\n", TLS_ONLY,
+                            {"max_version": ssl.TLSVersion.TLSv1_2}),
+    "client certificates dropped": (MUTUAL_TLS, TLS_ONLY, {}),
+    "client certificates optional": (
+        MUTUAL_TLS, MUTUAL_TLS.replace("RequireAndVerifyClientCert", "VerifyClientCertIfGiven"),
+        {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WEAKER_TLS))
+async def test_a_reload_that_would_weaken_tls_is_refused(
+        case: str, pki: Pki, serve: StartExporter) -> None:
+    old, new, client = WEAKER_TLS[case]
+    path = web_config_file(pki.dir, old)
+    web_config = WebConfig(path, check_interval=0)
+    exporter = await serve(web_config)
+    port = exporter.bound_port or 0
+    before = web_config.settings
+    replace_file(path, new)
+    assert await refused_over_tls(port, pki.client_context(**client))
+    assert web_config.settings == before
+    assert exporter.state.web_config_reloads == {("metrics", "refused"): 1}
+    assert await refused_over_tls(port, pki.client_context(**client))  # still, on a new look
+
+
+async def test_a_reload_that_would_remove_tls_is_refused(pki: Pki, serve: StartExporter) -> None:
+    path = web_config_file(pki.dir, TLS_ONLY)
+    exporter = await serve(WebConfig(path, check_interval=0))
+    replace_file(path, "")
+    assert (await fetch(f"https://localhost:{exporter.bound_port}/metrics",
+                        pki.client_context()))[0] == 200
+    assert exporter.state.web_config_reloads == {("metrics", "refused"): 1}
+
+
+STRONGER_OR_EQUAL = {  # old, new: applied live
+    "min_version raised": (TLS_ONLY, TLS_ONLY + "  min_version: TLS13\n"),
+    "client certificates required": (TLS_ONLY, MUTUAL_TLS),
+    "basic auth added": (TLS_ONLY, with_users(TLS_ONLY, prometheus="pw")),
+    "users changed": (with_users(TLS_ONLY, prometheus="pw"), with_users(TLS_ONLY, grafana="x")),
+    "headers dropped": (TLS_ONLY + "http_server_config:\n  headers:\n    X-Frame-Options: deny\n",
+                        TLS_ONLY),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRONGER_OR_EQUAL))
+async def test_a_reload_that_does_not_weaken_security_is_applied_live(
+        case: str, pki: Pki, serve: StartExporter) -> None:
+    old, new = STRONGER_OR_EQUAL[case]
+    path = web_config_file(pki.dir, old)
+    web_config = WebConfig(path, check_interval=0)
+    exporter = await serve(web_config)
+    replace_file(path, new)
+    assert web_config.settings.users.keys() == parse_web_config(path).users.keys()
+    assert web_config.settings.tls == parse_web_config(path).tls
+    assert web_config.settings.headers == parse_web_config(path).headers
+    assert exporter.state.web_config_reloads == {("metrics", "applied"): 1}
+
+
+async def test_basic_auth_added_by_a_reload_is_enforced(tmp_path: Path,
+                                                         serve: StartExporter) -> None:
+    path = web_config_file(tmp_path, "")
+    exporter = await serve(WebConfig(path, check_interval=0))
+    url = f"http://127.0.0.1:{exporter.bound_port}/metrics"
+    assert (await fetch(url))[0] == 200
+    replace_file(path, with_users("", prometheus="pw"))
+    assert (await fetch(url))[0] == 401
+    assert (await fetch(url, auth=("prometheus", "pw")))[0] == 200
+
+
+async def test_each_changed_file_is_counted_once_as_applied_invalid_or_refused(
+        tmp_path: Path, serve: StartExporter) -> None:
+    path = web_config_file(tmp_path, with_users("", prometheus="pw"))
+    web_config = WebConfig(path, check_interval=0)
+    exporter = await serve(web_config)
+    for text in (with_users("", prometheus="new"), "basic_auth_users: [\n", "",
+                 with_users("", prometheus="newer")):
+        replace_file(path, text)
+        for _ in range(2):
+            web_config.reload_if_changed()
+    assert exporter.state.web_config_reloads == {
+        ("metrics", "applied"): 2, ("metrics", "invalid"): 1, ("metrics", "refused"): 1}
+
+
+async def test_an_unexpected_error_while_reloading_keeps_the_last_good_config(
+        pki: Pki, serve: StartExporter, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = web_config_file(pki.dir, with_users(TLS_ONLY, prometheus="pw"))
+    exporter = await serve(WebConfig(path, check_interval=0))
+    url = f"https://localhost:{exporter.bound_port}/metrics"
+
+    def broken(path: str | Path) -> webconfig.WebSettings:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(webconfig, "parse_web_config", broken)
+    with structlog.testing.capture_logs() as logs:
+        replace_file(path, with_users(TLS_ONLY, prometheus="pw"))
+        # The first look at the changed file happens in a TLS handshake, then in a handler.
+        assert (await fetch(url, pki.client_context(), ("prometheus", "pw")))[0] == 200
+        assert (await fetch(url, pki.client_context()))[0] == 401
+    assert exporter.state.web_config_reloads == {("metrics", "invalid"): 1}
+    failures = [e for e in logs if e["event"] == "web_config_reload_failed"]
+    assert [f["problem"] for f in failures] == [f"{path}: RuntimeError: disk on fire"]
+
+
+# Basic auth under a flood of wrong passwords
+
+GOOD = b"right horse"
+
+
+@dataclass
+class HeldBcrypt:
+    """Password checks in arrival order (`arrivals`) and bcrypt runs in order (`calls`);
+    a wrong password's bcrypt run waits for `release`, so a flood stays in flight."""
+
+    arrivals: int = 0
+    calls: list[bytes] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+@pytest.fixture
+def held_bcrypt(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldBcrypt]:
+    held = HeldBcrypt()
+    real_matches, real_check = webconfig._bcrypt_matches, _PasswordCheck.check
+
+    def matches(password: bytes, hashed: bytes) -> bool:
+        held.calls.append(password)
+        if password != GOOD:
+            held.release.wait(timeout=60)
+        return real_matches(password, hashed)
+
+    async def check(self: _PasswordCheck, *args: Any, **kwargs: Any) -> bool:
+        held.arrivals += 1
+        return await real_check(self, *args, **kwargs)
+
+    monkeypatch.setattr(webconfig, "_bcrypt_matches", matches)
+    monkeypatch.setattr(_PasswordCheck, "check", check)
+    yield held
+    held.release.set()  # never leave a worker thread waiting
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for `condition`; the limit only stops a broken test from hanging."""
+    for _ in range(6000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never became true")
+
+
+@pytest.mark.parametrize("flooders", [1, 10])
+async def test_a_flood_of_wrong_passwords_does_not_queue_ahead_of_a_new_login(
+        flooders: int, tmp_path: Path, serve: StartExporter, held_bcrypt: HeldBcrypt) -> None:
+    path = web_config_file(tmp_path, with_users("", prometheus=GOOD.decode()))
+    exporter = await serve(WebConfig(path))
+    url = f"http://127.0.0.1:{exporter.bound_port}/metrics"
+    flood = [asyncio.create_task(fetch(url, auth=("prometheus", f"guess {i}"),
+                                       source=f"127.0.0.{2 + i % flooders}"))
+             for i in range(200)]
+    await until(lambda: held_bcrypt.arrivals == 200)
+    login = asyncio.create_task(fetch(url, auth=("prometheus", GOOD.decode())))
+    await until(lambda: held_bcrypt.arrivals == 201)
+    held_bcrypt.release.set()
+    assert (await login)[0] == 200
+    statuses = Counter(status for status, _, _ in await asyncio.gather(*flood))
+    # Each flooding address has at most one check running or waiting; its others are refused
+    # at once, so the new login waits for at most one check per flooding address.
+    assert held_bcrypt.calls.index(GOOD) <= flooders
+    assert statuses == {401: flooders, 429: 200 - flooders}
+
+
+async def test_a_new_login_is_refused_at_once_when_the_bcrypt_queue_is_full(
+        tmp_path: Path, serve: StartExporter, held_bcrypt: HeldBcrypt) -> None:
+    path = web_config_file(tmp_path, with_users("", prometheus=GOOD.decode()))
+    web_config = WebConfig(path)
+    exporter = await serve(web_config)
+    refusals: list[str] = []
+    web_config.on_refused = refusals.append
+    capacity = web_config._passwords.capacity
+    url = f"http://127.0.0.1:{exporter.bound_port}/metrics"
+    flood = [asyncio.create_task(fetch(url, auth=("prometheus", f"guess {i}"),
+                                       source=f"127.0.1.{i}"))
+             for i in range(capacity + 10)]
+    await until(lambda: held_bcrypt.arrivals == capacity + 10)
+    status, headers, _ = await fetch(url, auth=("prometheus", GOOD.decode()))
+    assert status == 429
+    assert headers["Retry-After"] == "1"
+    held_bcrypt.release.set()
+    statuses = Counter(status for status, _, _ in await asyncio.gather(*flood))
+    assert statuses == {401: capacity, 429: 10}
+    assert refusals == ["auth_busy"] * 11
+    assert GOOD not in held_bcrypt.calls
+
+
+async def test_a_cached_login_never_waits_for_bcrypt_during_a_flood(
+        tmp_path: Path, serve: StartExporter, held_bcrypt: HeldBcrypt) -> None:
+    path = web_config_file(tmp_path, with_users("", prometheus=GOOD.decode()))
+    exporter = await serve(WebConfig(path))
+    url = f"http://127.0.0.1:{exporter.bound_port}/metrics"
+    assert (await fetch(url, auth=("prometheus", GOOD.decode())))[0] == 200
+    # The flood comes from the login's own address and holds the bcrypt worker.
+    flood = [asyncio.create_task(fetch(url, auth=("prometheus", f"guess {i}")))
+             for i in range(200)]
+    await until(lambda: held_bcrypt.arrivals == 201)
+    assert (await fetch(url, auth=("prometheus", GOOD.decode())))[0] == 200
+    assert not held_bcrypt.release.is_set()
+    held_bcrypt.release.set()
+    await asyncio.gather(*flood)
+    assert held_bcrypt.calls.count(GOOD) == 1
+
+
+async def test_a_cached_login_stays_cached_while_it_is_used(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    check = _PasswordCheck(ttl=60, clock=lambda: now[0])
+    users = {"prometheus": bcrypt_hash("pw").encode()}
+    runs: list[float] = []
+    real = webconfig._bcrypt_matches
+    monkeypatch.setattr(webconfig, "_bcrypt_matches",
+                        lambda p, h: runs.append(now[0]) or real(p, h))
+    # Every scrape within the ttl of the one before, then idle for longer than the ttl.
+    for at in (0, 50, 100, 150, 300):
+        now[0] = at
+        assert await check.check(users, "prometheus", b"pw")
+    assert runs == [0, 300]
+
+
+# Unknown users
+
+
+@pytest.mark.parametrize(("costs", "expected"), [((5,), 5), ((6, 5, 6), 6), ((5, 6), 6)])
+async def test_an_unknown_user_costs_a_bcrypt_check_at_the_users_cost(
+        costs: tuple[int, ...], expected: int, tmp_path: Path, serve: StartExporter,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = "".join(f"  user{i}: {bcrypt_hash('pw', cost)}\n" for i, cost in enumerate(costs))
+    path = web_config_file(tmp_path, f"basic_auth_users:\n{lines}")
+    exporter = await serve(WebConfig(path))
+    checked: list[bytes] = []
+    real = bcrypt.checkpw
+    monkeypatch.setattr(bcrypt, "checkpw", lambda p, h: checked.append(h) or real(p, h))
+    url = f"http://127.0.0.1:{exporter.bound_port}/metrics"
+    assert (await fetch(url, auth=("nobody", "pw")))[0] == 401
+    assert [h[:7] for h in checked] == [f"$2b${expected:02d}$".encode()]
+
+
 # Bad files at start-up
 
 
@@ -368,6 +651,16 @@ BAD_FILES = {
                    "basic_auth_users.prometheus: is not a bcrypt hash"),
     "unsupported": ("rate_limit:\n  interval: 1s\n", "rate_limit: is not supported"),
     "yaml": ("basic_auth_users: [\n", "line 2, column 1: invalid YAML"),
+    "nested too deep": ("basic_auth_users: " + "[" * 5000 + "]" * 5000 + "\n",
+                        "line 1, column 50: invalid YAML: nested more than 32 levels deep"),
+    "huge integer": ("basic_auth_users:\n  prometheus: " + "9" * 5000 + "\n",
+                     "invalid YAML: Exceeds the limit (4300 digits) for integer string "
+                     "conversion"),
+    "impossible date": ("basic_auth_users:\n  prometheus: 2026-13-45\n",
+                        "invalid YAML: month must be in 1..12"),
+    "too large": ("#" * (1 << 20) + "\n", "the web config file is larger than 1 MiB"),
+    "nul in a path": (TLS_ONLY.replace("server.key", '"server\\0.key"'),
+                      "tls_server_config.key_file: must not contain a NUL character"),
 }
 
 
@@ -379,11 +672,55 @@ def test_a_bad_web_config_file_is_one_clear_line_and_exit_1(
     config = pki.dir / "config.yml"
     config.write_text('apps: [{app_id: 7, rooms: ["1"], server_secret: "abc"}]\n')
     assert main([f"--web.config.file={path}", f"--config.file={config}",
-                 "--web.listen-address=127.0.0.1:0", "--storage.path="]) == 1
+                 "--web.listen-address=127.0.0.1:0", "--storage.path=", "--config.check"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"{path}: {expected}" or err.startswith(f"{path}: {expected}")
     assert len(err.splitlines()) == 1
     assert "hunter2" not in err  # a would-be secret is never echoed
+
+
+# Files that are not web configs
+
+
+def check_in_child(web_config: Path) -> subprocess.CompletedProcess[str]:
+    """`--config.check` with `web_config` in a child process with 1 GiB of address space and a
+    time limit, so a reader that blocks or reads forever fails the test instead of the run."""
+    config = web_config.parent / "config.yml"
+    config.write_text('apps: [{app_id: 7, rooms: ["1"], server_secret: "abc"}]\n')
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+            "from exporter.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.run(
+        [sys.executable, "-c", code, f"--web.config.file={web_config}",
+         f"--config.file={config}", "--config.check"],
+        capture_output=True, text=True, timeout=60, check=False)
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+NOT_REGULAR = {  # what the web config file names, made in tmp_path
+    "web config is a FIFO": lambda d: fifo(d / "web.yml"),
+    "web config is /dev/zero": lambda d: Path("/dev/zero"),
+    "web config is a directory": lambda d: d,
+    "cert_file is a FIFO": lambda d: web_config_file(d, TLS_ONLY.replace(
+        "server.crt", str(fifo(d / "cert.fifo")))),
+    "key_file is /dev/zero": lambda d: web_config_file(d, TLS_ONLY.replace(
+        "server.key", "/dev/zero")),
+    "client_ca_file is a FIFO": lambda d: web_config_file(d, MUTUAL_TLS.replace(
+        "client-ca.crt", str(fifo(d / "ca.fifo")))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_REGULAR))
+def test_a_file_that_is_not_a_regular_file_is_refused_at_once_in_one_line(
+        case: str, pki: Pki) -> None:
+    path = NOT_REGULAR[case](pki.dir)
+    result = check_in_child(path)
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "is not a regular file" in result.stderr
 
 
 # Request limits
