@@ -29,7 +29,7 @@ from exporter.state import QUIT_REASONS, AppState, ExporterState
 from exporter.text import text_problem
 from exporter.web import Edge, ServerLimits, body_limit
 from exporter.zego.callback_signing import verify_callback_signature
-from exporter.zego.models import TaskStatus
+from exporter.zego.models import MAX_ROOM_ID_BYTES, MAX_TASK_ID_BYTES, TaskStatus
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_CLOCK_SKEW_S = 600  # ZEGO's own signatures are valid for 10 minutes
@@ -49,8 +49,6 @@ log = structlog.get_logger("exporter.callbacks")
 
 
 # What a callback may hold: ZEGO's ids and numbers with room to spare, never more.
-MAX_TASK_ID_BYTES = 256
-MAX_ROOM_ID_BYTES = 128  # ZEGO's room id limit
 MAX_NONCE_CHARS = 64
 MAX_DEPTH = 8  # ZEGO's bodies nest 3 deep (detail.file_info[].field)
 MAX_FILES = 1000

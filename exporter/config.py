@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from exporter.files import FileRefused, read_regular_file
+from exporter.zego.models import MAX_ROOM_ID_BYTES  # ZEGO's limit
 
 DEFAULT_ENDPOINT: Final = "https://cloudrecord-api.zego.im/"
 DEFAULT_TIMEOUT: Final = 10.0
@@ -32,8 +33,6 @@ MIN_POLL_INTERVAL: Final = 1.0
 QUERY_WINDOW: Final = 3 * 86400.0
 DOCUMENTED_RATE_LIMIT: Final = 10.0
 MAX_APP_ID: Final = 2**32 - 1
-# ZEGO room ids are at most 128 bytes.
-MAX_ROOM_ID_BYTES: Final = 128
 # Room for 100,000 room ids of the longest length ZEGO allows, one per line.
 MAX_CONFIG_BYTES: Final = 16 << 20
 # A ZEGO secret is 32 characters; room for a PEM-sized surprise, not for /dev/zero.

@@ -33,15 +33,20 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exporter.config import MAX_ROOM_ID_BYTES
 from exporter.diff import HORIZON_MS, MAX_RECORD_MS, EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.state import AppState, Histogram
-from exporter.zego.models import LIVE_STATUSES, MAX_SAFE_INT, TaskStatus
+from exporter.text import text_problem
+from exporter.zego.models import (
+    LIVE_STATUSES,
+    MAX_ROOM_ID_BYTES,
+    MAX_SAFE_INT,
+    MAX_TASK_ID_BYTES,
+    TaskStatus,
+)
 
 # PRAGMA application_id of our files: "ZGCR" in ASCII. It tells them from other programs' files.
 APPLICATION_ID = int.from_bytes(b"ZGCR", "big")  # 0x5A474352
 # ZEGO documents no limit for a TaskId; the ones it issues are a few dozen characters.
-MAX_TASK_ID_BYTES = 256
 MAX_REASON_BYTES = 128  # a callback's quit_reason, kept as a label value
 _WHAT_TO_DO = ("Move it away to start from an empty state (counters restart at 0), or point "
                "--storage.path elsewhere.")
@@ -121,16 +126,10 @@ def _plain(error: object) -> str:
 
 def _text(value: object, max_bytes: int) -> str:
     # Ids become label values, log fields and keys: printable, valid Unicode, bounded.
-    if not isinstance(value, str) or not value:
-        raise _Invalid(f"{_show(value)} is not a non-empty text")
-    try:
-        size = len(value.encode())
-    except UnicodeEncodeError:
-        raise _Invalid(f"{_show(value)} is not valid Unicode (a lone surrogate)") from None
-    if size > max_bytes:
-        raise _Invalid(f"{_show(value)} is {size} bytes, more than {max_bytes}")
-    if not value.isprintable():
-        raise _Invalid(f"{_show(value)} has a control character")
+    problem = text_problem(value, max_bytes)
+    if problem is not None:
+        raise _Invalid(f"{_show(value)} {problem}")
+    assert isinstance(value, str)
     return value
 
 

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
-# C0 and C1 controls (a log line or label split in two, a terminal escape) and lone surrogates
-# (not encodable: the render, the log writer and SQLite would raise on them).
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-
 
 def text_problem(value: object, max_bytes: int) -> str | None:
     """Why `value` cannot be used as an id (a label, a log field, a key), or None if it can."""
@@ -17,7 +11,10 @@ def text_problem(value: object, max_bytes: int) -> str | None:
         return "is empty"
     if len(value) > max_bytes:  # before encoding it: a huge string costs nothing more
         return f"is longer than {max_bytes} bytes"
-    if _UNSAFE.search(value):
+    # Controls split a log line or a label, or move a terminal's cursor; lone surrogates cannot
+    # be encoded (the render, the log writer and SQLite would raise); format characters such as
+    # U+202E reverse the text around them. Every edge and the state file use this one rule.
+    if not value.isprintable():
         return "contains control characters or invalid Unicode"
     if len(value.encode("utf-8")) > max_bytes:
         return f"is longer than {max_bytes} bytes"

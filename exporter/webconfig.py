@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import bcrypt
 import structlog
@@ -38,6 +38,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from exporter.config import _Problems, _StrictLoader, _type_name  # the same one-line errors
+from exporter.files import FileRefused, read_regular_file
 
 log = structlog.get_logger("exporter.webconfig")
 
@@ -97,7 +98,6 @@ _BCRYPT_MAX_PASSWORD: Final = 72
 MAX_FILE_BYTES: Final = 1024 * 1024
 # The format needs 3 levels; PyYAML builds nested values recursively, so a deeper file is
 # refused before it is built.
-_MAX_DEPTH: Final = 32
 
 
 class WebConfigError(Exception):
@@ -183,53 +183,20 @@ def parse_web_config(path: str | Path) -> WebSettings:
     """Read and validate the file's fields (not the files it names). Raises WebConfigError."""
     source = str(path)
     try:
-        text = _read_regular_file(Path(path), source).decode("utf-8")
+        text = read_regular_file(path, MAX_FILE_BYTES).content.decode("utf-8")
+    except FileRefused as refused:
+        raise WebConfigError([f"{source}: cannot read the web config file: {refused}"]) from None
     except UnicodeDecodeError:
         raise WebConfigError([f"{source}: the web config file is not UTF-8 text"]) from None
     problems = _Problems(source)
     try:
-        _check_depth(text)
-        document = yaml.load(text, Loader=_StrictLoader)
-    except yaml.MarkedYAMLError as error:
-        raise WebConfigError([problems.yaml_error(error)]) from None
+        document = yaml.load(text, Loader=_StrictLoader)  # bounded depth and integers
     except yaml.YAMLError as error:
-        # e.g. a NUL character: PyYAML's message spans lines; an error is one line.
-        raise WebConfigError([f"{source}: invalid YAML: {' '.join(str(error).split())}"]
-                             ) from None
-    except (ValueError, RecursionError) as error:
-        # PyYAML's constructors raise these for values they cannot build (an integer of over
-        # 4300 digits, 2026-13-45); the first clause names the problem, not the value.
-        raise WebConfigError([f"{source}: invalid YAML: {str(error).split(';')[0]}"]) from None
+        raise WebConfigError([problems.yaml_error(error)]) from None
     settings = _Reader(problems, Path(path)).settings(document)
     if problems.errors or settings is None:
         raise WebConfigError(problems.errors)
     return settings
-
-
-def _read_regular_file(path: Path, source: str) -> bytes:
-    """The file's bytes, if it is a regular file of at most MAX_FILE_BYTES. O_NONBLOCK: opening
-    a FIFO does not wait for a writer; fstat: the file checked is the file read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as error:
-        raise WebConfigError([f"{source}: cannot read the web config file: {error.strerror}"]
-                             ) from None
-    chunks: list[bytes] = []
-    left = MAX_FILE_BYTES + 1
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise WebConfigError([f"{source}: the web config file is not a regular file"])
-        while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
-            chunks.append(chunk)
-            left -= len(chunk)
-    except OSError as error:
-        raise WebConfigError([f"{source}: cannot read the web config file: {error.strerror}"]
-                             ) from None
-    finally:
-        os.close(fd)
-    if left <= 0:
-        raise WebConfigError([f"{source}: the web config file is larger than 1 MiB"])
-    return b"".join(chunks)
 
 
 def _unusable_file(path: Path) -> str | None:
@@ -244,21 +211,6 @@ def _unusable_file(path: Path) -> str | None:
     if st.st_size > MAX_FILE_BYTES:
         return f"{path} is larger than 1 MiB"
     return None
-
-
-def _check_depth(text: str) -> None:
-    """Refuse nesting deeper than _MAX_DEPTH; PyYAML's parser, unlike its composer, is not
-    recursive, so this walk cannot overflow the stack itself."""
-    depth = 0
-    for event in yaml.parse(text, Loader=_StrictLoader):
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > _MAX_DEPTH:
-                mark = cast(yaml.Mark, event.start_mark)  # SafeLoader's pure-Python parser's
-                raise yaml.MarkedYAMLError(problem=f"nested more than {_MAX_DEPTH} levels deep",
-                                           problem_mark=mark)
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
 
 
 def reload_refusals(old: WebSettings, new: WebSettings) -> list[str]:
@@ -529,8 +481,6 @@ class WebConfig:
         self._passwords = _PasswordCheck(auth_cache_ttl)
         # Told each reload's result: "applied", "invalid" or "refused" (it would weaken security).
         self.on_reload: Callable[[str], None] = lambda result: None
-        # Told each request refused before its handler, by reason ("auth_busy": 429).
-        self.on_refused: Callable[[str], None] = lambda reason: None
 
     @property
     def settings(self) -> WebSettings:
@@ -639,8 +589,7 @@ class WebConfig:
                 try:
                     good = await self._passwords.check(users, *credentials,
                                                        client=request.remote or "")
-                except AuthBusy:
-                    self.on_refused("auth_busy")
+                except AuthBusy:  # counted with every 429 by the listener's edge
                     raise web.HTTPTooManyRequests(headers={hdrs.RETRY_AFTER: "1"}) from None
                 if good:
                     return await handler(request)

@@ -554,8 +554,6 @@ async def test_a_new_login_is_refused_at_once_when_the_bcrypt_queue_is_full(
     path = web_config_file(tmp_path, with_users("", prometheus=GOOD.decode()))
     web_config = WebConfig(path)
     exporter = await serve(web_config)
-    refusals: list[str] = []
-    web_config.on_refused = refusals.append
     capacity = web_config._passwords.capacity
     url = f"http://127.0.0.1:{exporter.bound_port}/metrics"
     flood = [asyncio.create_task(fetch(url, auth=("prometheus", f"guess {i}"),
@@ -568,7 +566,7 @@ async def test_a_new_login_is_refused_at_once_when_the_bcrypt_queue_is_full(
     held_bcrypt.release.set()
     statuses = Counter(status for status, _, _ in await asyncio.gather(*flood))
     assert statuses == {401: capacity, 429: 10}
-    assert refusals == ["auth_busy"] * 11
+    assert exporter.state.refused[("metrics", "rate_limited")] == 11
     assert GOOD not in held_bcrypt.calls
 
 
@@ -652,13 +650,13 @@ BAD_FILES = {
     "unsupported": ("rate_limit:\n  interval: 1s\n", "rate_limit: is not supported"),
     "yaml": ("basic_auth_users: [\n", "line 2, column 1: invalid YAML"),
     "nested too deep": ("basic_auth_users: " + "[" * 5000 + "]" * 5000 + "\n",
-                        "line 1, column 50: invalid YAML: nested more than 32 levels deep"),
+                        "line 1, column 82: invalid YAML: nested deeper than 64 levels"),
     "huge integer": ("basic_auth_users:\n  prometheus: " + "9" * 5000 + "\n",
-                     "invalid YAML: Exceeds the limit (4300 digits) for integer string "
-                     "conversion"),
+                     "line 2, column 15: invalid YAML: an integer longer than 100 characters"),
     "impossible date": ("basic_auth_users:\n  prometheus: 2026-13-45\n",
-                        "invalid YAML: month must be in 1..12"),
-    "too large": ("#" * (1 << 20) + "\n", "the web config file is larger than 1 MiB"),
+                        "line 2, column 15: invalid YAML: not a valid YAML timestamp"),
+    "too large": ("#" * (1 << 20) + "\n",
+                  "cannot read the web config file: it is larger than 1 MiB"),
     "nul in a path": (TLS_ONLY.replace("server.key", '"server\\0.key"'),
                       "tls_server_config.key_file: must not contain a NUL character"),
 }
@@ -720,7 +718,7 @@ def test_a_file_that_is_not_a_regular_file_is_refused_at_once_in_one_line(
     result = check_in_child(path)
     assert result.returncode == 1, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "is not a regular file" in result.stderr
+    assert "not a regular file" in result.stderr
 
 
 # Request limits
