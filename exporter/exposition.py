@@ -57,7 +57,10 @@ class Rendered:
     gzipped: bytes  # the body, gzip-compressed
 
 
-class SplitCollector(Collector, Protocol):
+class SplitCollector(Protocol):
+    # Its own protocol: prometheus_client's Collector is one only in its newer versions.
+    def collect(self) -> Iterable[Metric]: ...
+
     def request_families(self) -> Iterator[Metric]: ...
 
 
