@@ -18,12 +18,14 @@ for binary in "${!package[@]}"; do
   command -v "$binary" >/dev/null || wanted+=(${package[$binary]})
 done
 [ ${#wanted[@]} -eq 0 ] && exit 0
-# redis-tools' libraries, when the host lacks them (only missing ones: none shadows the host's).
-if [[ " ${wanted[*]} " == *" redis-tools "* ]]; then
-  for lib in libjemalloc2 liblzf1 libatomic1; do
+# Their libraries, when the host lacks them (only missing ones: none shadows the host's).
+declare -A libraries=([redis-tools]="libjemalloc2 liblzf1 libatomic1" [systemd]=libsystemd-shared)
+for owner in "${!libraries[@]}"; do
+  [[ " ${wanted[*]} " == *" $owner "* ]] || continue
+  for lib in ${libraries[$owner]}; do
     dpkg -s "$lib" >/dev/null 2>&1 || wanted+=("$lib")
   done
-fi
+done
 download=$(mktemp -d)
 trap 'rm -rf "$download"' EXIT
 echo "unpacking into $dest/: $(printf '%s\n' "${wanted[@]}" | sort -u | xargs)"

@@ -25,8 +25,8 @@ def require_binary(name: str, package: str) -> str:
     """The path of a real binary a test needs; fails (never skips) naming its Debian package."""
     path = shutil.which(name)
     assert path, (
-        f"`{name}` is not on PATH: install the Debian package `{package}` "
-        f"(listed in .ci/apt-packages.txt)"
+        f"`{name}` is not on PATH: run the tests with `make unit`, which unpacks the Debian "
+        f"package `{package}` into .tools/ (.ci/tools.sh), or install that package"
     )
     return path
 APP_ID = 1234567890

@@ -7,7 +7,8 @@ reaches Alertmanager's webhook within a minute, for room-2 only, that every rule
 deploy/prometheus/rules.yml evaluates cleanly against the real exporter, and that every query of
 the Grafana dashboard returns data (or is listed below as expected to be empty, with why).
 
-Needs the Debian packages `prometheus` and `prometheus-alertmanager` (.ci/apt-packages.txt).
+Needs the Debian packages `prometheus` and `prometheus-alertmanager` (unpacked into .tools/ by
+.ci/tools.sh).
 """
 
 from __future__ import annotations
