@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
+from pathlib import Path
 
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
+from exporter import __version__
 from exporter.clock import ManualClock
 from exporter.collector import ExporterCollector
 from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
@@ -130,11 +133,6 @@ def test_openmetrics_exposition_is_produced_too() -> None:
 
 
 def test_build_info_names_the_version_the_commit_and_the_python() -> None:
-    import platform
-    from pathlib import Path
-
-    from exporter import __version__
-
     head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
                           capture_output=True, text=True, check=True).stdout.strip()
     text = render(ExporterState.for_apps([(7, ("r",), 10)]))
