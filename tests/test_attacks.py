@@ -131,8 +131,11 @@ async def target(rig_factory: Factory, tmp_path: Path, logs: io.StringIO
     target = Target(rig)
     await target.cycle()
     yield target
+    # asyncio's note on a stopped server's request task, collected now, is not this daemon's
+    # (some aiohttp 3.14 releases leave one behind after a refused Expect).
     errors = [line for line in log_lines(logs)
-              if line.get("level") == "ERROR" or "exception" in line]
+              if (line.get("level") == "ERROR" or "exception" in line)
+              and not line["msg"].startswith("Task was destroyed but it is pending")]
     assert errors == []
 
 
