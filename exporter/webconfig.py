@@ -668,8 +668,8 @@ def _scalar_text(value: object) -> object:
 
 
 def _duration(value: object) -> float | None:
-    """A Go duration (1s, 1m30s, 500ms) or 0, in seconds; None if it is neither."""
-    if value == 0 and not isinstance(value, bool):
+    """A Go duration (1s, 1m30s, 500ms, "0") or 0, in seconds; None if it is neither."""
+    if (value == 0 and not isinstance(value, bool)) or value == "0":
         return 0.0
     if not isinstance(value, str) or not value:
         return None
