@@ -1,14 +1,13 @@
-"""--web.config.file (the Prometheus exporter-toolkit format): TLS, basic auth, response headers.
+"""--web.config.file (the Prometheus exporter-toolkit format): TLS, basic auth, headers, rate limit.
 
 One file configures every HTTP server of the exporter, and a file node_exporter accepts works
 here (tests/test_webconfig_toolkit.py holds the toolkit's own cases and the few differences).
 `WebConfig` holds the file's current, valid reading and re-reads it (and the certificate, key
 and CA files it names) when any of them changes, so certificates and users rotate without a
-restart. Reloads fail closed: a broken new
-version, or one that would weaken security (see `reload_refusals`), is logged once and the last
-good one stays in force. Servers use it through `WebConfig.ssl_context()` (handed to aiohttp's
-`TCPSite`) and `WebConfig.middlewares()` (client_allowed_sans, rate_limit, basic auth and the
-extra headers).
+restart. Reloads fail closed: a broken new version, or one that would weaken security (see
+`reload_refusals`), is logged once and the last good one stays in force. Servers use it through
+`WebConfig.ssl_context()` (handed to aiohttp's `TCPSite`) and `WebConfig.middlewares()`
+(client_allowed_sans, rate_limit, basic auth and the extra headers).
 """
 
 from __future__ import annotations

@@ -155,8 +155,8 @@ def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         low = draw(st.sampled_from(VERSIONS))
         high = draw(st.sampled_from(VERSIONS[VERSIONS.index(low):]))
-        tls = {"cert_file": "server.crt", "key_file": "server.key", "min_version": low,
-               "max_version": high}
+        tls: dict[str, Any] = {"cert_file": "server.crt", "key_file": "server.key",
+                               "min_version": low, "max_version": high}
         auth = draw(st.sampled_from(sorted(DEMANDS)))
         if auth != "NoClientCert":
             tls |= {"client_auth_type": auth, "client_ca_file": "client-ca.crt"}
