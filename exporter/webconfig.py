@@ -1,11 +1,13 @@
-"""--web.config.file (the Prometheus exporter-toolkit format): TLS, basic auth, response headers.
+"""--web.config.file (the Prometheus exporter-toolkit format): TLS, basic auth, headers, rate limit.
 
-One file configures every HTTP server of the exporter. `WebConfig` holds the file's current,
-valid reading and re-reads it (and the certificate, key and CA files it names) when any of them
-changes, so certificates and users rotate without a restart. Reloads fail closed: a broken new
-version, or one that would weaken security (see `reload_refusals`), is logged once and the last
-good one stays in force. Servers use it through `WebConfig.ssl_context()` (handed to aiohttp's
-`TCPSite`) and `WebConfig.middlewares()` (basic auth and the extra headers).
+One file configures every HTTP server of the exporter, and a file node_exporter accepts works
+here (tests/test_webconfig_toolkit.py holds the toolkit's own cases and the few differences).
+`WebConfig` holds the file's current, valid reading and re-reads it (and the certificate, key
+and CA files it names) when any of them changes, so certificates and users rotate without a
+restart. Reloads fail closed: a broken new version, or one that would weaken security (see
+`reload_refusals`), is logged once and the last good one stays in force. Servers use it through
+`WebConfig.ssl_context()` (handed to aiohttp's `TCPSite`) and `WebConfig.middlewares()`
+(client_allowed_sans, rate_limit, basic auth and the extra headers).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import difflib
 import hashlib
 import hmac
@@ -21,13 +24,15 @@ import os
 import re
 import ssl
 import stat
+import tempfile
 import threading
 import time
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
@@ -49,7 +54,7 @@ TLS_VERSIONS: Final = {
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
 # Python's ssl module (OpenSSL) cannot ask for a client certificate without verifying it, so the
-# two toolkit types that accept any certificate verify it against client_ca_file here.
+# two toolkit types that accept any certificate verify it against the client CAs here.
 CLIENT_AUTH_TYPES: Final = {
     "NoClientCert": ssl.CERT_NONE,
     "RequestClientCert": ssl.CERT_OPTIONAL,
@@ -58,6 +63,34 @@ CLIENT_AUTH_TYPES: Final = {
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
 _UNVERIFIED_IN_GO: Final = ("RequestClientCert", "RequireAnyClientCert")
+# Go's names for the cipher suites the toolkit accepts (crypto/tls CipherSuites()), as OpenSSL
+# names them; None for the TLS 1.3 suites, which neither Go nor OpenSSL's cipher list configures.
+CIPHER_SUITES: Final[Mapping[str, str | None]] = {
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_AES_128_GCM_SHA256": None,
+    "TLS_AES_256_GCM_SHA384": None,
+    "TLS_CHACHA20_POLY1305_SHA256": None,
+}
+# HTTP/2 (RFC 7540, 9.2.2) needs one of these; with http2 on (the toolkit's default) Go's server
+# refuses to start on a TLS 1.2 suite list without one, so the file is refused here too.
+_HTTP2_SUITES: Final = ("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+                        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256")
+# Go's curve names and OpenSSL's.
+CURVES: Final = {"CurveP256": "prime256v1", "CurveP384": "secp384r1", "CurveP521": "secp521r1",
+                 "X25519": "X25519", "X25519MLKEM768": "X25519MLKEM768"}
 # The headers (and, for some, the values) the exporter-toolkit lets a config set; it refuses
 # others so that every Prometheus component behaves the same.
 EXTRA_HEADERS: Final[Mapping[str, tuple[str, ...] | None]] = {
@@ -70,21 +103,16 @@ EXTRA_HEADERS: Final[Mapping[str, tuple[str, ...] | None]] = {
 # Probes must work for kubelets and load balancers that hold no password.
 OPEN_PATHS: Final = ("/-/healthy", "/-/ready")
 
-_TOP_KEYS: Final = ("tls_server_config", "http_server_config", "basic_auth_users")
-_TLS_KEYS: Final = ("cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
-                    "max_version", "prefer_server_cipher_suites")
+_TOP_KEYS: Final = ("tls_server_config", "http_server_config", "basic_auth_users", "rate_limit")
+_TLS_KEYS: Final = ("cert_file", "key_file", "cert", "key", "client_auth_type", "client_ca_file",
+                    "client_ca", "min_version", "max_version", "prefer_server_cipher_suites",
+                    "cipher_suites", "curve_preferences", "client_allowed_sans")
 _HTTP_KEYS: Final = ("headers", "http2")
-# Toolkit settings this exporter does not implement: refused rather than silently ignored.
-_UNSUPPORTED: Final = {
-    "rate_limit": "is not supported by this exporter",
-    "tls_server_config.cert": "is not supported: put the certificate in a file, use cert_file",
-    "tls_server_config.key": "is not supported: put the key in a file, use key_file",
-    "tls_server_config.client_ca": "is not supported: put the CAs in a file, use client_ca_file",
-    "tls_server_config.client_allowed_sans": "is not supported by this exporter",
-    "tls_server_config.cipher_suites": "is not supported: Go cipher suite names do not map to "
-    "OpenSSL's; the OpenSSL defaults apply",
-    "tls_server_config.curve_preferences": "is not supported: the OpenSSL defaults apply",
-}
+_RATE_LIMIT_KEYS: Final = ("interval", "burst")
+# A Go duration (time.ParseDuration), e.g. 1s, 1m30s, 500ms.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS: Final = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+                          "h": 3600.0}
 # $2a$, $2b$ or $2y$, a two-digit cost, 22 characters of salt and 31 of hash.
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 # The salt and digest of a bcrypt hash of a random password nobody knows, checked for unknown
@@ -113,19 +141,30 @@ class WebConfigError(Exception):
 
 @dataclass(frozen=True)
 class TLSServerConfig:
-    """`tls_server_config`, paths already resolved against the web config file's directory."""
+    """`tls_server_config`, paths already resolved against the web config file's directory.
 
-    cert_file: Path
-    key_file: Path
+    The certificate, key and client CAs come from a file or inline (`cert`, `key`, `client_ca`,
+    PEM text); the file wins when both are set, as in the toolkit. Without client CAs, client
+    certificates are verified against the system CAs, as Go does."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
     client_auth_type: str = "NoClientCert"
     client_ca_file: Path | None = None
     min_version: str = "TLS12"
     max_version: str = "TLS13"
     prefer_server_cipher_suites: bool = True
+    cert: str | None = field(default=None, repr=False)
+    key: str | None = field(default=None, repr=False)
+    client_ca: str | None = field(default=None, repr=False)
+    cipher_suites: tuple[str, ...] = ()  # Go's names; empty: OpenSSL's defaults
+    ecdh_curve: str | None = None  # OpenSSL's name; None: OpenSSL's defaults
+    # None: no check; otherwise a verified client certificate needs one of these SANs.
+    client_allowed_sans: tuple[str, ...] | None = None
 
     def files(self) -> tuple[Path, ...]:
-        ca = (self.client_ca_file,) if self.client_ca_file is not None else ()
-        return (self.cert_file, self.key_file, *ca)
+        return tuple(path for path in (self.cert_file, self.key_file, self.client_ca_file)
+                     if path is not None)
 
     def build_ssl_context(self, source: str) -> ssl.SSLContext:
         """A server context for these settings; reads the files. Raises WebConfigError."""
@@ -146,22 +185,103 @@ class TLSServerConfig:
             context.maximum_version = TLS_VERSIONS[self.max_version]
         if self.prefer_server_cipher_suites:
             context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        self._restrict_ciphers(context, problems)
+        if self.ecdh_curve is not None:
+            context.set_ecdh_curve(self.ecdh_curve)  # checked when the file was read
         try:
-            context.load_cert_chain(self.cert_file, self.key_file)
+            with self._key_pair_files() as (cert, key):
+                context.load_cert_chain(cert, key)
         except OSError as error:  # ssl.SSLError is an OSError
             problems.error("tls_server_config",
-                           f"cannot load cert_file {self.cert_file} with key_file "
-                           f"{self.key_file}: {_ssl_reason(error)}")
-        if self.client_ca_file is not None:
-            try:
-                context.load_verify_locations(cafile=self.client_ca_file)
-            except OSError as error:
-                problems.error("tls_server_config.client_ca_file",
-                               f"cannot load {self.client_ca_file}: {_ssl_reason(error)}")
+                           f"cannot load {self._named('cert')} with {self._named('key')}: "
+                           f"{_ssl_reason(error)}")
         context.verify_mode = CLIENT_AUTH_TYPES[self.client_auth_type]
+        try:
+            if self.client_ca_file is not None:
+                context.load_verify_locations(cafile=self.client_ca_file)
+            elif self.client_ca is not None:
+                context.load_verify_locations(cadata=self.client_ca)
+            elif context.verify_mode != ssl.CERT_NONE:
+                context.load_default_certs(ssl.Purpose.CLIENT_AUTH)
+        except (OSError, ValueError) as error:
+            problems.error("tls_server_config.client_ca_file" if self.client_ca_file else
+                           "tls_server_config.client_ca",
+                           f"cannot load {self._named('client_ca')}: {_ssl_reason(error)}")
         if problems.errors:
             raise WebConfigError(problems.errors)
         return context
+
+    def _restrict_ciphers(self, context: ssl.SSLContext, problems: _Problems) -> None:
+        """TLS 1.2 and below: only the configured suites (TLS 1.3's are not configurable)."""
+        if not self.cipher_suites:
+            return
+        wanted = {name: CIPHER_SUITES[name] for name in self.cipher_suites
+                  if CIPHER_SUITES[name] is not None}
+        if not wanted:
+            # Only TLS 1.3 suites named: as in Go, no TLS 1.2 suite is left.
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            return
+        with contextlib.suppress(ssl.SSLError):  # none available: named below
+            context.set_ciphers(":".join(str(openssl) for openssl in wanted.values()))
+        available = {cipher["name"] for cipher in context.get_ciphers()}
+        missing = [name for name, openssl in wanted.items() if openssl not in available]
+        if missing:
+            problems.error("tls_server_config.cipher_suites",
+                           f"not available in this OpenSSL: {', '.join(missing)}")
+
+    def _named(self, what: str) -> str:
+        path = {"cert": self.cert_file, "key": self.key_file,
+                "client_ca": self.client_ca_file}[what]
+        return f"{what}_file {path}" if path is not None else f"the inline {what}"
+
+    @contextlib.contextmanager
+    def _key_pair_files(self) -> Iterator[tuple[Path, Path]]:
+        """The certificate and key as files: ssl loads a key pair only from files, so inline
+        ones are written to a private directory (0700, files 0600) deleted once loaded."""
+        if self.cert_file is not None and self.key_file is not None:
+            yield self.cert_file, self.key_file
+            return
+        with tempfile.TemporaryDirectory(prefix="exporter-webconfig-") as private:
+            cert = self.cert_file or _private_file(Path(private) / "cert.pem", self.cert or "")
+            key = self.key_file or _private_file(Path(private) / "key.pem", self.key or "")
+            yield cert, key
+
+
+def _private_file(path: Path, text: str) -> Path:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+        out.write(text)
+    return path
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """`rate_limit`: a token bucket over all requests, as the toolkit's (golang.org/x/time/rate):
+    one token every `interval` seconds, at most `burst` held; an interval of 0 is no limit."""
+
+    interval: float
+    burst: int
+
+
+class _TokenBucket:
+    """The toolkit's limiter, by hand: a dozen lines, and the project's RateLimiter paces
+    outgoing calls rather than refusing incoming ones."""
+
+    def __init__(self, limit: RateLimit, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._tokens = float(limit.burst)
+        self._at = clock()
+
+    def allow(self) -> bool:
+        now = self._clock()
+        self._tokens = min(float(self.limit.burst),
+                           self._tokens + (now - self._at) / self.limit.interval)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 @dataclass(frozen=True)
@@ -174,6 +294,7 @@ class WebSettings:
     users: Mapping[str, bytes] = field(default_factory=dict, repr=False)
     headers: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    rate_limit: RateLimit | None = None
 
     def watched_files(self) -> tuple[Path, ...]:
         return (self.path, *(self.tls.files() if self.tls is not None else ()))
@@ -221,7 +342,8 @@ def reload_refusals(old: WebSettings, new: WebSettings) -> list[str]:
     basic_auth_users entry (an empty file, `{}` or only comments included), adding or removing
     tls_server_config (the listener is HTTP or HTTPS), lowering min_version, or asking less of
     client certificates (client_auth_type from required to optional to none; client_ca_file
-    goes with it). Users, passwords, headers, certificates, keys and client CAs change live.
+    goes with it), or dropping client_allowed_sans. Users, passwords, headers, certificates,
+    keys, client CAs, allowed SANs, cipher suites, curves and rate_limit change live.
     """
     refusals: list[str] = []
     if old.users and not new.users:
@@ -238,6 +360,9 @@ def reload_refusals(old: WebSettings, new: WebSettings) -> list[str]:
                 < CLIENT_AUTH_TYPES[old.tls.client_auth_type]):
             refusals.append(f"tls_server_config.client_auth_type: weakening it from "
                             f"{old.tls.client_auth_type} to {new.tls.client_auth_type}")
+        if old.tls.client_allowed_sans is not None and new.tls.client_allowed_sans is None:
+            refusals.append("tls_server_config.client_allowed_sans: removing it would accept "
+                            "any verified client certificate")
     return refusals
 
 
@@ -260,32 +385,40 @@ class _Reader:
         if top is None:
             return None
         tls = self.tls(top.get("tls_server_config"))
-        headers = self.http(top.get("http_server_config"))
+        headers, http2 = self.http(top.get("http_server_config"))
         users = self.users(top.get("basic_auth_users"))
+        rate_limit = self.rate_limit(top.get("rate_limit"))
         if tls is not None and tls.client_auth_type in _UNVERIFIED_IN_GO:
             self.problems.warning(
                 "tls_server_config.client_auth_type",
-                f"{tls.client_auth_type}: client certificates are verified against "
-                "client_ca_file here (the Go toolkit accepts any certificate)")
+                f"{tls.client_auth_type}: client certificates are verified against the client "
+                "CAs here (the Go toolkit accepts any certificate)")
+        if (tls is not None and http2 and tls.cipher_suites
+                and TLS_VERSIONS[tls.min_version] < ssl.TLSVersion.TLSv1_3
+                and not set(_HTTP2_SUITES) & set(tls.cipher_suites)):
+            self.problems.error(
+                "tls_server_config.cipher_suites",
+                "TLSConfig.CipherSuites is missing an HTTP/2-required AES_128_GCM_SHA256 cipher "
+                f"(one of {' or '.join(_HTTP2_SUITES)}): node_exporter refuses this file with "
+                "http2 on, its default; add one, or set http_server_config.http2: false")
         if tls is not None and TLS_VERSIONS[tls.min_version] < ssl.TLSVersion.TLSv1_2:
             self.problems.warning(
                 "tls_server_config.min_version",
                 f"{tls.min_version} is deprecated and may be refused by OpenSSL's policy")
-        return WebSettings(self.path, tls, users, headers, tuple(self.problems.warnings))
+        return WebSettings(self.path, tls, users, headers, tuple(self.problems.warnings),
+                           rate_limit)
 
     def mapping(self, value: object, where: str) -> dict[str, Any] | None:
         if not isinstance(value, dict):
             self.problems.error(where, f"must be a mapping, got {_type_name(value)}")
             return None
         allowed = {"": _TOP_KEYS, "tls_server_config": _TLS_KEYS,
-                   "http_server_config": _HTTP_KEYS}.get(where)
+                   "http_server_config": _HTTP_KEYS, "rate_limit": _RATE_LIMIT_KEYS}.get(where)
         result: dict[str, Any] = {}
         for key, item in value.items():
             name = _field(where, key)
             if not isinstance(key, str):
                 self.problems.error(name, "keys must be strings")
-            elif name in _UNSUPPORTED:
-                self.problems.error(name, _UNSUPPORTED[name])
             elif allowed is not None and key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
@@ -330,27 +463,28 @@ class _Reader:
         section = self.mapping(value, where)
         if section is None:
             return None
-        cert = key = None
-        for name in ("cert_file", "key_file"):
-            if section.get(name) is None:
-                self.problems.error(f"{where}.{name}", "is required with tls_server_config")
-        if section.get("cert_file") is not None:
-            cert = self.file(section["cert_file"], f"{where}.cert_file")
-        if section.get("key_file") is not None:
-            key = self.file(section["key_file"], f"{where}.key_file")
+        cert_file, cert = self.file_or_inline(section, "cert", required=True)
+        key_file, key = self.file_or_inline(section, "key", required=True)
+        ca_file, ca = self.file_or_inline(section, "client_ca", required=False)
         auth = self.choice(section.get("client_auth_type"), f"{where}.client_auth_type",
                            CLIENT_AUTH_TYPES, "NoClientCert")
-        ca = None
-        if section.get("client_ca_file") is not None:
-            ca = self.file(section["client_ca_file"], f"{where}.client_ca_file")
-        if ca is not None and auth == "NoClientCert":
+        has_ca = ca_file is not None or ca is not None
+        if has_ca and auth == "NoClientCert":
             self.problems.error(f"{where}.client_ca_file",
-                                "is set but client_auth_type is NoClientCert: set "
+                                "is set but client_auth_type is NoClientCert (client CA's have "
+                                "been configured without a Client Auth Policy): set "
                                 "client_auth_type (RequireAndVerifyClientCert to authenticate)")
-        if auth != "NoClientCert" and section.get("client_ca_file") is None:
+        if auth == "RequireAnyClientCert" and not has_ca:
+            # Go accepts any certificate here; OpenSSL can only require a verified one.
             self.problems.error(f"{where}.client_ca_file",
-                                f"is required with client_auth_type {auth} (client "
-                                "certificates are verified against it)")
+                                "is required with client_auth_type RequireAnyClientCert: "
+                                "Python's ssl cannot ask for a certificate without verifying "
+                                "it, so set the CA that issued your clients' certificates")
+        elif auth == "RequireAndVerifyClientCert" and not has_ca:
+            self.problems.warning(f"{where}.client_ca_file",
+                                  "not set: client certificates are verified against the "
+                                  "system CAs, so any certificate a public CA issued is "
+                                  "accepted; set client_ca_file to trust only your CA")
         low = self.choice(section.get("min_version"), f"{where}.min_version", TLS_VERSIONS,
                           "TLS12")
         high = self.choice(section.get("max_version"), f"{where}.max_version", TLS_VERSIONS,
@@ -363,29 +497,116 @@ class _Reader:
             self.problems.error(f"{where}.prefer_server_cipher_suites",
                                 f"must be true or false, got {_type_name(prefer)}")
             prefer = True
-        if cert is None or key is None:
+        suites = self.string_list(section.get("cipher_suites"), f"{where}.cipher_suites")
+        for name in suites or ():
+            if name not in CIPHER_SUITES:
+                self.problems.error(f"{where}.cipher_suites", f"unknown cipher: {_shown(name)}")
+        curve = self.curve(section.get("curve_preferences"), f"{where}.curve_preferences")
+        sans = self.string_list(section.get("client_allowed_sans"),
+                                f"{where}.client_allowed_sans")
+        if sans is not None and auth not in ("RequireAnyClientCert",
+                                             "RequireAndVerifyClientCert"):
+            self.problems.error(f"{where}.client_allowed_sans",
+                                "client_allowed_sans requires client_auth_type to be one of "
+                                "RequireAnyClientCert or RequireAndVerifyClientCert")
+        if (cert_file is None and cert is None) or (key_file is None and key is None):
             return None
-        return TLSServerConfig(cert, key, auth, ca, low, high, prefer)
+        return TLSServerConfig(
+            cert_file=cert_file, key_file=key_file, client_auth_type=auth,
+            client_ca_file=ca_file, min_version=low, max_version=high,
+            prefer_server_cipher_suites=prefer, cert=cert, key=key, client_ca=ca,
+            cipher_suites=tuple(name for name in suites or () if name in CIPHER_SUITES),
+            ecdh_curve=curve, client_allowed_sans=sans)
 
-    def http(self, value: object) -> dict[str, str]:
+    def file_or_inline(self, section: Mapping[str, Any], name: str,
+                       required: bool) -> tuple[Path | None, str | None]:
+        """`<name>_file` (a path) or `<name>` (PEM text); empty counts as unset, as in the
+        toolkit, and the file wins when both are set."""
+        where = f"tls_server_config.{name}"
+        path = text = None
+        if section.get(f"{name}_file") not in (None, ""):
+            path = self.file(section[f"{name}_file"], f"{where}_file")
+        if section.get(name) not in (None, ""):
+            text = self.string(section[name], where)
+            if path is not None:
+                self.problems.warning(where, f"ignored: {name}_file is set")
+                text = None
+        if required and section.get(f"{name}_file") in (None, "") and section.get(name) in (
+                None, ""):
+            self.problems.error(f"{where}_file", f"missing one of {name} or {name}_file")
+        return path, text
+
+    def string_list(self, value: object, where: str) -> tuple[str, ...] | None:
         if value is None:
-            return {}
+            return None
+        if not isinstance(value, list):
+            self.problems.error(where, f"must be a list of strings, got {_type_name(value)}")
+            return None
+        items = [self.string(item, where) for item in value]
+        return tuple(item for item in items if item is not None)
+
+    def curve(self, value: object, where: str) -> str | None:
+        """The one curve applied: Python's ssl (3.11) sets a single curve (set_ecdh_curve), so
+        the first one this OpenSSL supports stands for the list."""
+        names = self.string_list(value, where)
+        if not names:
+            return None
+        unknown = [name for name in names if name not in CURVES]
+        for name in unknown:
+            self.problems.error(where, f"unknown curve: {_shown(name)}")
+        supported = [name for name in names if name in CURVES and _openssl_has_curve(CURVES[name])]
+        if unknown:
+            return None
+        if not supported:
+            self.problems.error(where, f"none of {', '.join(names)} is supported by this "
+                                "OpenSSL")
+            return None
+        if len(names) > 1:
+            skipped = [name for name in names if name not in supported]
+            note = f" ({', '.join(skipped)} not supported by this OpenSSL)" if skipped else ""
+            self.problems.warning(where, f"only {supported[0]} applies: Python's ssl sets one "
+                                  f"curve, so clients that do not offer it cannot connect{note}")
+        return CURVES[supported[0]]
+
+    def rate_limit(self, value: object) -> RateLimit | None:
+        if value is None:
+            return None
+        section = self.mapping(value, "rate_limit")
+        if section is None:
+            return None
+        interval = _duration(section.get("interval", 0))
+        if interval is None:
+            self.problems.error("rate_limit.interval",
+                                "must be a duration such as 1s, 500ms or 1m30s, or 0")
+        burst = section.get("burst", 0)
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
+            self.problems.error("rate_limit.burst", "must be a whole number, 0 or more")
+            return None
+        if not interval:
+            return None  # as in the toolkit: an interval of 0 is no limit
+        return RateLimit(interval, burst)
+
+    def http(self, value: object) -> tuple[dict[str, str], bool]:
+        """The headers, and whether http2 is on (the toolkit's default)."""
+        if value is None:
+            return {}, True
         where = "http_server_config"
         section = self.mapping(value, where)
         if section is None:
-            return {}
-        http2 = section.get("http2", False)
+            return {}, True
+        http2 = section.get("http2", True)
         if not isinstance(http2, bool):
             self.problems.error(f"{where}.http2", f"must be true or false, got {_type_name(http2)}")
-        elif http2:
+            http2 = True
+        elif section.get("http2") is True:
             self.problems.warning(f"{where}.http2", "ignored: this exporter serves HTTP/1.1 only")
         raw = section.get("headers")
         if raw is None:
-            return {}
+            return {}, http2
         headers_where = f"{where}.headers"
         if not isinstance(raw, dict):
             self.problems.error(headers_where, f"must be a mapping, got {_type_name(raw)}")
-            return {}
+            return {}, http2
         headers: dict[str, str] = {}
         for name, header_value in raw.items():
             here = _field(headers_where, name)
@@ -395,7 +616,7 @@ class _Reader:
                     f": only {', '.join(EXTRA_HEADERS)} can be set")
                 self.problems.error(here, f"cannot be configured{hint}")
                 continue
-            text = self.string(header_value, here)
+            text = self.string(_scalar_text(header_value), here)
             if text is None or text == "":
                 continue  # blank: unset, as the toolkit documents
             if any(c in text for c in "\r\n\0"):
@@ -406,7 +627,7 @@ class _Reader:
                 self.problems.error(here, f"{text!r} is not one of {', '.join(allowed)}")
                 continue
             headers[name] = text
-        return headers
+        return headers, http2
 
     def users(self, value: object) -> dict[str, bytes]:
         if value is None:
@@ -436,16 +657,54 @@ class _Reader:
         return users
 
 
+def _scalar_text(value: object) -> object:
+    """A YAML scalar as the toolkit reads it into a string (`X-XSS-Protection: 1` is "1")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+def _duration(value: object) -> float | None:
+    """A Go duration (1s, 1m30s, 500ms, "0") or 0, in seconds; None if it is neither."""
+    if (value == 0 and not isinstance(value, bool)) or value == "0":
+        return 0.0
+    if not isinstance(value, str) or not value:
+        return None
+    parts = _DURATION_PART.findall(value)
+    if "".join(number + unit for number, unit in parts) != value:
+        return None
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+@cache
+def _openssl_has_curve(name: str) -> bool:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ecdh_curve(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _field(where: str, key: object) -> str:
     """A field's name for a problem line: a key that would break the line (a newline, or just
     too long) is shown quoted and cut."""
-    text = str(key)
-    if not text.isprintable() or len(text) > 64:
-        text = repr(text[:64]) + ("..." if len(text) > 64 else "")
+    text = _shown(str(key))
     return f"{where}.{text}" if where else text
 
 
-def _ssl_reason(error: OSError) -> str:
+def _shown(text: str) -> str:
+    """Text from the file as a problem line shows it: quoted and cut if it would break the line
+    (a newline, or just too long)."""
+    if not text.isprintable() or len(text) > 64:
+        return repr(text[:64]) + ("..." if len(text) > 64 else "")
+    return text
+
+
+def _ssl_reason(error: OSError | ValueError) -> str:
+    if isinstance(error, ValueError):  # e.g. cadata that is not PEM text
+        return str(error)
     if isinstance(error, ssl.SSLError):
         return error.reason or str(error)
     return error.strerror or str(error)
@@ -479,6 +738,7 @@ class WebConfig:
         self._stamp = _stamp(self._watched)
         self._checked = time.monotonic()
         self._passwords = _PasswordCheck(auth_cache_ttl)
+        self._bucket: _TokenBucket | None = None  # rate_limit's, kept while it is unchanged
         # Told each reload's result: "applied", "invalid" or "refused" (it would weaken security).
         self.on_reload: Callable[[str], None] = lambda result: None
 
@@ -560,10 +820,36 @@ class WebConfig:
         assert self._context is not None  # TLS cannot be removed by a reload
         return self._context
 
+    def _rate_limited(self, limit: RateLimit | None) -> bool:
+        """True if rate_limit refuses this request; a changed rate_limit starts a full bucket."""
+        if limit is None:
+            return False
+        if self._bucket is None or self._bucket.limit != limit:
+            self._bucket = _TokenBucket(limit)
+        return not self._bucket.allow()
+
     def middlewares(self, open_paths: Iterable[str] = OPEN_PATHS) -> list[Middleware]:
         """aiohttp middlewares, outermost first: the configured response headers (on every
-        response, errors included), then basic auth for every route but `open_paths`."""
+        response, errors included), client_allowed_sans (403 for a certificate without one of
+        them; Go refuses it in the handshake), rate_limit (429 for every route, as the
+        toolkit), then basic auth for every route but `open_paths`."""
         open_set = frozenset(open_paths)
+
+        @web.middleware
+        async def allowed_sans(request: web.Request, handler: Handler) -> web.StreamResponse:
+            tls = self.settings.tls
+            if tls is not None and tls.client_allowed_sans is not None:
+                transport = request.transport
+                peer = transport.get_extra_info("peercert") if transport is not None else None
+                if not _has_allowed_san(peer, tls.client_allowed_sans):
+                    raise web.HTTPForbidden(text="client certificate has no allowed SAN\n")
+            return await handler(request)
+
+        @web.middleware
+        async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if self._rate_limited(self.settings.rate_limit):
+                raise web.HTTPTooManyRequests()  # counted with every 429 by the listener's edge
+            return await handler(request)
 
         @web.middleware
         async def extra_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -597,7 +883,7 @@ class WebConfig:
                 hdrs.WWW_AUTHENTICATE: 'Basic realm="zego-cloudrecord-exporter", charset="UTF-8"'
             })
 
-        return [extra_headers, basic_auth]
+        return [extra_headers, allowed_sans, rate_limit, basic_auth]
 
 
 class _ReloadingSSLContext(ssl.SSLContext):
@@ -627,6 +913,25 @@ class _ReloadingSSLContext(ssl.SSLContext):
         return self._web_config._current_ssl_context().wrap_socket(
             sock, server_side, do_handshake_on_connect, suppress_ragged_eofs, server_hostname,
             session)
+
+
+def _has_allowed_san(peer: object, allowed: Iterable[str]) -> bool:
+    """Whether a verified client certificate (ssl's getpeercert() form) has one of `allowed`
+    among its DNS, IP, email and URI SANs; IP addresses compare as addresses."""
+    if not isinstance(peer, dict):
+        return False  # no certificate, or one ssl did not verify
+    wanted = {_san_key(name) for name in allowed}
+    for kind, value in peer.get("subjectAltName", ()):
+        if kind in ("DNS", "email", "URI", "IP Address") and _san_key(value) in wanted:
+            return True
+    return False
+
+
+def _san_key(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        return value
 
 
 def _basic_credentials(header: str | None) -> tuple[str, bytes] | None:

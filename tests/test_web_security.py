@@ -631,14 +631,16 @@ BAD_FILES = {
     "client auth type": (TLS_ONLY + "  client_auth_type: Always\n",
                          "tls_server_config.client_auth_type: 'Always' is not one of"),
     "missing key": ("tls_server_config:\n  cert_file: server.crt\n",
-                    "tls_server_config.key_file: is required"),
+                    "tls_server_config.key_file: missing one of key or key_file"),
     "missing cert file": ("tls_server_config:\n  cert_file: nope.crt\n  key_file: server.key\n",
                           "tls_server_config: cannot load cert_file"),
     "ca without auth": (TLS_ONLY + "  client_ca_file: client-ca.crt\n",
                         "tls_server_config.client_ca_file: is set but client_auth_type is "
                         "NoClientCert"),
-    "auth without ca": (TLS_ONLY + "  client_auth_type: RequireAndVerifyClientCert\n",
-                        "tls_server_config.client_ca_file: is required with client_auth_type"),
+    "any cert without ca": (TLS_ONLY + "  client_auth_type: RequireAnyClientCert\n",
+                            "tls_server_config.client_ca_file: is required with client_auth_type "
+                            "RequireAnyClientCert: Python's ssl cannot ask for a certificate "
+                            "without verifying it"),
     "versions": (TLS_ONLY + "  min_version: TLS13\n  max_version: TLS12\n",
                  "tls_server_config.min_version: TLS13 is above max_version TLS12"),
     "header": ("http_server_config:\n  headers:\n    Server: nginx\n",
@@ -647,7 +649,13 @@ BAD_FILES = {
                      "http_server_config.headers.X-Frame-Options: 'allow' is not one of"),
     "not bcrypt": ("basic_auth_users:\n  prometheus: hunter2\n",
                    "basic_auth_users.prometheus: is not a bcrypt hash"),
-    "unsupported": ("rate_limit:\n  interval: 1s\n", "rate_limit: is not supported"),
+    "rate limit interval": ("rate_limit:\n  interval: soon\n",
+                            "rate_limit.interval: must be a duration such as 1s"),
+    "unknown cipher": (TLS_ONLY + "  cipher_suites: [TLS_RSA_WITH_RC4_128_SHA]\n",
+                       "tls_server_config.cipher_suites: unknown cipher: TLS_RSA_WITH_RC4_128_SHA"),
+    "sans without a required certificate": (
+        TLS_ONLY + "  client_allowed_sans: [prometheus]\n",
+        "tls_server_config.client_allowed_sans: client_allowed_sans requires client_auth_type"),
     "yaml": ("basic_auth_users: [\n", "line 2, column 1: invalid YAML"),
     "nested too deep": ("basic_auth_users: " + "[" * 5000 + "]" * 5000 + "\n",
                         "line 1, column 82: invalid YAML: nested deeper than 64 levels"),
@@ -790,6 +798,212 @@ async def test_a_client_sending_a_body_slowly_gets_408(serve: StartExporter) -> 
     finally:
         writer.close()
     assert answer.startswith(b"HTTP/1.1 408")
+
+
+# The exporter-toolkit settings (see also test_webconfig_toolkit.py)
+
+
+def client_with_cert(pki: Pki, *identities: str, **options: Any) -> ssl.SSLContext:
+    """A client trusting the server, showing a certificate from the client CA for `identities`."""
+    context = pki.client_context(**options)
+    pki.client_ca.issue_cert(*identities).configure_cert(context)
+    return context
+
+
+def only_suite(context: ssl.SSLContext, openssl_name: str) -> ssl.SSLContext:
+    context.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.3 suites are not configurable
+    context.set_ciphers(openssl_name)
+    return context
+
+
+async def test_cipher_suites_refuse_a_client_offering_only_an_excluded_suite(
+        pki: Pki, serve: StartExporter) -> None:
+    # trustme's keys are ECDSA, so the ECDSA suites are the ones that can be negotiated.
+    text = TLS_ONLY + "  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]\n"
+    exporter = await serve(WebConfig(web_config_file(pki.dir, text)))
+    port = exporter.bound_port or 0
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await tls_exchange(port, only_suite(pki.client_context(),
+                                            "ECDHE-ECDSA-AES256-GCM-SHA384"))
+    answer = await tls_exchange(port, only_suite(pki.client_context(),
+                                                 "ECDHE-ECDSA-AES128-GCM-SHA256"))
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+async def test_curve_preferences_refuse_a_client_offering_only_another_curve(
+        pki: Pki, serve: StartExporter) -> None:
+    text = TLS_ONLY + "  min_version: TLS13\n  curve_preferences: [CurveP521]\n"
+    exporter = await serve(WebConfig(web_config_file(pki.dir, text)))
+    port = exporter.bound_port or 0
+    p384, p521 = pki.client_context(), pki.client_context()
+    p384.set_ecdh_curve("secp384r1")
+    p521.set_ecdh_curve("secp521r1")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await tls_exchange(port, p384)
+    assert (await tls_exchange(port, p521)).startswith(b"HTTP/1.1 200")
+
+
+async def test_an_inline_certificate_and_key_are_served(pki: Pki, serve: StartExporter) -> None:
+    def inline(name: str) -> str:
+        return (pki.dir / name).read_text().strip().replace("\n", "\n    ")
+
+    text = (f"tls_server_config:\n  cert: |\n    {inline('server.crt')}\n"
+            f"  key: |\n    {inline('server.key')}\n")
+    (pki.dir / "server.key").unlink()  # nothing is read from the files
+    (pki.dir / "server.crt").unlink()
+    exporter = await serve(WebConfig(web_config_file(pki.dir, text)))
+    status, _, body = await fetch(f"https://localhost:{exporter.bound_port}/metrics",
+                                  pki.client_context())
+    assert status == 200
+    assert METRIC in metric_names(body)
+
+
+def test_an_inline_key_is_loaded_from_a_private_file_that_is_then_removed(
+        pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = (pki.dir / "server.key").read_text().strip().replace("\n", "\n    ")
+    text = TLS_ONLY.replace("  key_file: server.key\n", f"  key: |\n    {key}\n")
+    seen: list[tuple[int, int]] = []
+    real = ssl.SSLContext.load_cert_chain
+
+    def load_cert_chain(self: ssl.SSLContext, certfile: Any, keyfile: Any = None,
+                        password: Any = None) -> None:
+        seen.append((os.stat(keyfile).st_mode & 0o777, os.stat(Path(keyfile).parent).st_mode
+                     & 0o777))
+        seen_paths.append(Path(keyfile))
+        real(self, certfile, keyfile, password)
+
+    seen_paths: list[Path] = []
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", load_cert_chain)
+    webconfig.load_web_config(web_config_file(pki.dir, text))
+    assert seen == [(0o600, 0o700)]
+    assert not seen_paths[0].exists()
+    assert not seen_paths[0].parent.exists()
+
+
+SANS = """  client_allowed_sans:
+    - prometheus@example.com
+    - scraper.example
+    - 127.0.0.9
+    - 2001:db8::9
+"""
+
+
+@pytest.mark.parametrize("identity", ["prometheus@example.com", "scraper.example", "127.0.0.9",
+                                      "2001:db8::9"], ids=["email", "DNS", "IPv4", "IPv6"])
+async def test_a_client_certificate_with_an_allowed_san_is_served(
+        identity: str, pki: Pki, serve: StartExporter) -> None:
+    exporter = await serve(WebConfig(web_config_file(pki.dir, MUTUAL_TLS + SANS)))
+    status, _, body = await fetch(f"https://localhost:{exporter.bound_port}/metrics",
+                                  client_with_cert(pki, identity))
+    assert status == 200
+    assert METRIC in metric_names(body)
+
+
+async def test_a_client_certificate_without_an_allowed_san_gets_403(
+        pki: Pki, serve: StartExporter) -> None:
+    exporter = await serve(WebConfig(web_config_file(pki.dir, MUTUAL_TLS + SANS)))
+    base = f"https://localhost:{exporter.bound_port}"
+    for path in ("/metrics", "/-/healthy"):
+        status, _, body = await fetch(base + path, client_with_cert(pki, "grafana@example.com",
+                                                                    "127.0.0.1"))
+        assert status == 403
+        assert METRIC not in body
+
+
+RATE_LIMITED = "rate_limit:\n  interval: 1h\n  burst: 2\n"
+
+
+async def test_requests_beyond_the_rate_limit_burst_get_429(
+        tmp_path: Path, serve: StartExporter) -> None:
+    exporter = await serve(WebConfig(web_config_file(tmp_path, RATE_LIMITED)))
+    base = f"http://127.0.0.1:{exporter.bound_port}"
+    statuses = [(await fetch(base + path))[0] for path in ("/metrics", "/-/healthy",
+                                                           "/metrics", "/-/healthy")]
+    assert statuses == [200, 200, 429, 429]  # one bucket for every route; 1h: no refill here
+    assert exporter.state.refused[("metrics", "rate_limited")] == 2
+
+
+def test_the_rate_limit_bucket_refills_one_token_per_interval() -> None:
+    now = [0.0]
+    bucket = webconfig._TokenBucket(webconfig.RateLimit(interval=10.0, burst=2),
+                                    clock=lambda: now[0])
+    assert [bucket.allow() for _ in range(3)] == [True, True, False]
+    now[0] = 9.0
+    assert not bucket.allow()
+    now[0] = 10.0
+    assert [bucket.allow(), bucket.allow()] == [True, False]
+    now[0] = 1000.0  # never more than burst
+    assert [bucket.allow() for _ in range(3)] == [True, True, False]
+
+
+async def test_a_rate_limit_with_burst_0_refuses_every_request(
+        tmp_path: Path, serve: StartExporter) -> None:
+    # The toolkit's web_config_rate_limiter_one_second.yaml: golang.org/x/time/rate allows
+    # nothing with a burst of 0.
+    path = web_config_file(tmp_path, 'rate_limit:\n  interval: "1s"\n  burst: 0\n')
+    exporter = await serve(WebConfig(path))
+    assert (await fetch(f"http://127.0.0.1:{exporter.bound_port}/metrics"))[0] == 429
+
+
+async def test_a_header_value_that_yaml_reads_as_a_number_is_sent_as_written(
+        tmp_path: Path, serve: StartExporter) -> None:
+    path = web_config_file(tmp_path, "http_server_config:\n  headers:\n    X-XSS-Protection: 1\n")
+    exporter = await serve(WebConfig(path))
+    status, headers, _ = await fetch(f"http://127.0.0.1:{exporter.bound_port}/metrics")
+    assert status == 200
+    assert headers["X-XSS-Protection"] == "1"
+
+
+async def test_verify_client_cert_if_given_without_a_ca_uses_the_system_cas(
+        pki: Pki, serve: StartExporter, monkeypatch: pytest.MonkeyPatch) -> None:
+    # OpenSSL's system CAs, here the client CA alone.
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.dir / "client-ca.crt"))
+    monkeypatch.setenv("SSL_CERT_DIR", str(pki.dir / "no-such-dir"))
+    text = TLS_ONLY + "  client_auth_type: VerifyClientCertIfGiven\n"
+    exporter = await serve(WebConfig(web_config_file(pki.dir, text)))
+    port = exporter.bound_port or 0
+    assert (await tls_exchange(port, pki.client_context())).startswith(b"HTTP/1.1 200")
+    system_issued = client_with_cert(pki, "prometheus@example.com")
+    assert (await tls_exchange(port, system_issued)).startswith(b"HTTP/1.1 200")
+    other = pki.client_context(cert_from=trustme.CA())  # verified if given, and refused
+    assert await refused_over_tls(port, other)
+
+
+async def test_a_reload_that_drops_client_allowed_sans_is_refused(
+        pki: Pki, serve: StartExporter) -> None:
+    path = web_config_file(pki.dir, MUTUAL_TLS + SANS)
+    exporter = await serve(WebConfig(path, check_interval=0))
+    url = f"https://localhost:{exporter.bound_port}/metrics"
+    outsider = client_with_cert(pki, "grafana@example.com")
+    assert (await fetch(url, outsider))[0] == 403
+    replace_file(path, MUTUAL_TLS)
+    assert (await fetch(url, outsider))[0] == 403
+    assert exporter.state.web_config_reloads == {("metrics", "refused"): 1}
+
+
+async def test_a_new_rate_limit_applies_live(tmp_path: Path, serve: StartExporter) -> None:
+    path = web_config_file(tmp_path, RATE_LIMITED)
+    exporter = await serve(WebConfig(path, check_interval=0))
+    url = f"http://127.0.0.1:{exporter.bound_port}/metrics"
+    assert [(await fetch(url))[0] for _ in range(3)] == [200, 200, 429]
+    replace_file(path, RATE_LIMITED.replace("burst: 2", "burst: 3"))
+    assert [(await fetch(url))[0] for _ in range(4)] == [200, 200, 200, 429]
+    replace_file(path, "")
+    assert [(await fetch(url))[0] for _ in range(4)] == [200] * 4
+    assert exporter.state.web_config_reloads == {("metrics", "applied"): 2}
+
+
+async def test_widened_cipher_suites_apply_live(pki: Pki, serve: StartExporter) -> None:
+    narrow = TLS_ONLY + "  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]\n"
+    path = web_config_file(pki.dir, narrow)
+    exporter = await serve(WebConfig(path, check_interval=0))
+    port = exporter.bound_port or 0
+    aes256 = only_suite(pki.client_context(), "ECDHE-ECDSA-AES256-GCM-SHA384")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await tls_exchange(port, aes256)
+    replace_file(path, narrow.replace("]", ", TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384]"))
+    assert (await tls_exchange(port, aes256)).startswith(b"HTTP/1.1 200")
+    assert exporter.state.web_config_reloads == {("metrics", "applied"): 1}
 
 
 # The command line, end to end

@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.webconfig import (
+    CIPHER_SUITES,
     CLIENT_AUTH_TYPES,
+    CURVES,
     EXTRA_HEADERS,
     TLS_VERSIONS,
     WebConfig,
@@ -57,7 +59,9 @@ def replace_file(path: Path, data: str | bytes) -> None:
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
 NAMES = ["server.crt", "server.key", "client-ca.crt", "missing.crt", "fifo", "dir", "/dev/zero",
          "", ".", *TLS_VERSIONS, *CLIENT_AUTH_TYPES, *EXTRA_HEADERS, "deny", "nosniff", HASH,
-         HASH.replace("$04$", "$99$"), HASH[:-1]]
+         HASH.replace("$04$", "$99$"), HASH[:-1], *CIPHER_SUITES, *CURVES, "CurveP257", "1s",
+         "0", "1m30s", "500ms", "-1s", "1.5h", "prometheus@example.com", "127.0.0.1",
+         "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), TEXT,
                     st.sampled_from(NAMES))
 KEYS = st.one_of(st.none(), st.booleans(), st.integers(), TEXT, st.sampled_from(NAMES))
@@ -75,15 +79,30 @@ def section(keys: list[str]) -> st.SearchStrategy[Any]:
 TLS_KEYS = ["cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
             "max_version", "prefer_server_cipher_suites", "cipher_suites", "curve_preferences",
             "cert", "key", "client_ca", "client_allowed_sans"]
+# Pieces that make a well-formed value of a toolkit key likely, so the checks past the types run.
+TLS_VALUES = st.fixed_dictionaries({}, optional={
+    "cert_file": st.just("server.crt"), "key_file": st.just("server.key"),
+    "client_auth_type": st.sampled_from(list(CLIENT_AUTH_TYPES)),
+    "client_ca_file": st.sampled_from(["client-ca.crt", "missing.crt", ""]),
+    "cipher_suites": st.lists(st.sampled_from([*CIPHER_SUITES, "TLS_NOT_A_SUITE"]), max_size=4),
+    "curve_preferences": st.lists(st.sampled_from([*CURVES, "CurveP257"]), max_size=3),
+    "client_allowed_sans": st.lists(st.sampled_from(NAMES), max_size=3),
+    "min_version": st.sampled_from(list(TLS_VERSIONS)),
+    "max_version": st.sampled_from(list(TLS_VERSIONS)),
+    "cert": st.sampled_from(NAMES), "key": st.sampled_from(NAMES),
+    "client_ca": st.sampled_from(NAMES)})
+RATE_LIMITS = st.one_of(section(["interval", "burst"]), st.fixed_dictionaries({}, optional={
+    "interval": st.one_of(st.sampled_from(NAMES), st.integers(-2, 2)),
+    "burst": st.one_of(st.integers(-2, 5), SCALARS)}))
 DOCUMENTS = st.one_of(VALUES, st.fixed_dictionaries({}, optional={
-    "tls_server_config": section(TLS_KEYS),
+    "tls_server_config": st.one_of(section(TLS_KEYS), TLS_VALUES),
     "http_server_config": st.one_of(
         section(["http2"]),
         st.fixed_dictionaries({"headers": st.dictionaries(
             st.one_of(st.sampled_from([*EXTRA_HEADERS, "Server", "x-frame-options"]), KEYS),
             VALUES, max_size=4)})),
     "basic_auth_users": st.one_of(st.dictionaries(KEYS, SCALARS, max_size=3), VALUES),
-    "rate_limit": VALUES,
+    "rate_limit": st.one_of(VALUES, RATE_LIMITS),
 }))
 
 
@@ -127,18 +146,30 @@ DEMANDS = {"NoClientCert": 0, "RequestClientCert": 1, "VerifyClientCertIfGiven":
            "RequireAnyClientCert": 2, "RequireAndVerifyClientCert": 2}
 
 
+OTHER_SUITES = ["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]
+
+
 @st.composite
 def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
     document: dict[str, Any] = {}
     if draw(st.booleans()):
         low = draw(st.sampled_from(VERSIONS))
         high = draw(st.sampled_from(VERSIONS[VERSIONS.index(low):]))
-        tls = {"cert_file": "server.crt", "key_file": "server.key", "min_version": low,
-               "max_version": high}
+        tls: dict[str, Any] = {"cert_file": "server.crt", "key_file": "server.key",
+                               "min_version": low, "max_version": high}
         auth = draw(st.sampled_from(sorted(DEMANDS)))
         if auth != "NoClientCert":
             tls |= {"client_auth_type": auth, "client_ca_file": "client-ca.crt"}
+        if DEMANDS[auth] == 2 and draw(st.booleans()):
+            tls["client_allowed_sans"] = draw(st.lists(st.sampled_from(["a.example", "b"]),
+                                                       max_size=2))
+        if draw(st.booleans()):  # with the suite HTTP/2 needs, as the toolkit requires
+            tls["cipher_suites"] = ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", *draw(
+                st.lists(st.sampled_from(OTHER_SUITES), unique=True, max_size=2))]
         document["tls_server_config"] = tls
+    if draw(st.booleans()):
+        document["rate_limit"] = {"interval": draw(st.sampled_from(["0", "1s", "1h"])),
+                                  "burst": draw(st.integers(0, 3))}
     users = draw(st.sets(st.sampled_from(["prometheus", "grafana"])))
     if users or draw(st.booleans()):
         document["basic_auth_users"] = {user: HASH for user in sorted(users)}
@@ -149,7 +180,8 @@ def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
 
 def weakens(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """The rule, stated on the documents: users all removed, TLS added or removed, a lower
-    min_version, or less asked of client certificates."""
+    min_version, less asked of client certificates, or client_allowed_sans dropped (rate_limit
+    and cipher_suites change live)."""
     if old.get("basic_auth_users") and not new.get("basic_auth_users"):
         return True
     if ("tls_server_config" in old) != ("tls_server_config" in new):
@@ -159,7 +191,8 @@ def weakens(old: dict[str, Any], new: dict[str, Any]) -> bool:
     was, now = old["tls_server_config"], new["tls_server_config"]
     return (VERSIONS.index(now["min_version"]) < VERSIONS.index(was["min_version"])
             or DEMANDS[now.get("client_auth_type", "NoClientCert")]
-            < DEMANDS[was.get("client_auth_type", "NoClientCert")])
+            < DEMANDS[was.get("client_auth_type", "NoClientCert")]
+            or ("client_allowed_sans" in was and "client_allowed_sans" not in now))
 
 
 def as_text(document: dict[str, Any], empty: str) -> str:
