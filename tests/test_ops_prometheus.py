@@ -7,7 +7,6 @@ import base64
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,12 @@ import bcrypt
 import pytest
 import yaml
 
-from exporter.daemon import Exporter, ListenAddress
 from exporter.web import heading_anchor
 from exporter.webconfig import WebConfig
 from mixin.config import ConfigError, MixinConfig, load_config, parse_config
 from mixin.generate import CONFIG_FILE, PROMETHEUS_RULE, RULES, main, outputs
 from mixin.rules import exporter_address, runbook_url
-from tests.conftest import make_config, require_binary
+from tests.conftest import StartExporter, require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -274,20 +272,6 @@ def test_a_bad_config_is_one_line_naming_the_key(change: dict[str, Any], message
 # The runbook the links lead to, served by the exporter
 
 
-@pytest.fixture
-async def start_exporter() -> AsyncIterator[Callable[..., Awaitable[Exporter]]]:
-    """An Exporter (not polling) on loopback, optionally behind a web config."""
-    started: list[Exporter] = []
-
-    async def start(web_config: WebConfig | None = None) -> Exporter:
-        exporter = Exporter(make_config("http://127.0.0.1:9/", ("a",)), web_config=web_config)
-        await exporter.start(ListenAddress("127.0.0.1", 0), schedule=False)
-        started.append(exporter)
-        return exporter
-
-    yield start
-    for exporter in started:
-        await exporter.stop()
 
 
 async def get(url: str, password: str | None = None) -> tuple[int, str, str]:
@@ -300,8 +284,8 @@ async def get(url: str, password: str | None = None) -> tuple[int, str, str]:
 
 
 async def test_every_alert_link_leads_to_its_section_on_the_exporter_that_fired(
-        start_exporter: Callable[..., Awaitable[Exporter]]) -> None:
-    exporter = await start_exporter()
+        serve: StartExporter) -> None:
+    exporter = await serve()
     instance = f"127.0.0.1:{exporter.bound_port}"
     for alert in alerts():
         # What Prometheus renders when this exporter is the target that is up.
@@ -313,11 +297,11 @@ async def test_every_alert_link_leads_to_its_section_on_the_exporter_that_fired(
 
 
 async def test_the_runbook_needs_the_same_password_as_the_metrics(
-        tmp_path: Path, start_exporter: Callable[..., Awaitable[Exporter]]) -> None:
+        tmp_path: Path, serve: StartExporter) -> None:
     web_config = tmp_path / "web-config.yml"
     hashed = bcrypt.hashpw(b"right horse", bcrypt.gensalt(4)).decode()
     web_config.write_text(f"basic_auth_users:\n  prometheus: {hashed}\n")
-    exporter = await start_exporter(WebConfig(web_config))
+    exporter = await serve(WebConfig(web_config))
     base = f"http://127.0.0.1:{exporter.bound_port}"
     for path in ("/metrics", "/runbook"):
         assert (await get(base + path))[0] == 401, path

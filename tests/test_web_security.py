@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from exporter.daemon import Exporter, ListenAddress
 from exporter.demo import free_port
 from exporter.web import ServerLimits
 from exporter.webconfig import WebConfig, _PasswordCheck, parse_web_config
-from tests.conftest import make_config
+from tests.conftest import StartExporter, make_config
 
 METRIC = "zego_cloudrecord_exporter_build_info"
 
@@ -87,25 +87,6 @@ def pki(tmp_path: Path) -> Pki:
     return pki
 
 
-StartExporter = Callable[..., Awaitable[Exporter]]
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[StartExporter]:
-    """Start an Exporter (not polling) on loopback with the given web config and limits."""
-    started: list[Exporter] = []
-
-    async def start(web_config: WebConfig | None = None,
-                    limits: ServerLimits | None = None) -> Exporter:
-        exporter = Exporter(make_config("http://127.0.0.1:9/", ("a",)),
-                            web_config=web_config, web_limits=limits)
-        await exporter.start(ListenAddress("127.0.0.1", 0), schedule=False)
-        started.append(exporter)
-        return exporter
-
-    yield start
-    for exporter in started:
-        await exporter.stop()
 
 
 def web_config_file(tmp_path: Path, text: str) -> Path:
