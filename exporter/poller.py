@@ -264,8 +264,10 @@ class AppPoller:
             )
             totals.append(result.total_count)
             rows.update({t.task_id: t for t in result.tasks})
-            pages_needed = math.ceil(result.total_count / PAGE_SIZE)
-            if len(result.tasks) < PAGE_SIZE or page >= pages_needed:
+            # The latest TotalCount says how many pages there are: a short page before the last
+            # is drift (rows moved while we read), not the end. Stopping there would leave every
+            # task of the unread pages to a look-up of its own.
+            if not result.tasks or page >= math.ceil(result.total_count / PAGE_SIZE):
                 break
             if page >= MAX_PAGES:
                 raise ZegoResponseError("DescribeTasks", f"more than {MAX_PAGES} pages")

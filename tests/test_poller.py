@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
-from exporter.clock import SystemClock
+from exporter.clock import ManualClock, SystemClock
 from exporter.daemon import Exporter
 from exporter.diff import EventKind
 from exporter.poller import CycleReport
@@ -18,6 +18,16 @@ from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.faults import FaultConfig, FaultKind, FaultRule
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
 from tests.conftest import APP_ID, QUIET, SECRET, Rig, make_config
+from tests.test_adversarial import (
+    DESCRIBE_RECORD_STATUS,
+    DESCRIBE_TASKS,
+    NOW_S,
+    ScriptedZego,
+    benign,
+    page,
+    row,
+    serve,
+)
 
 Factory = Callable[..., Any]
 
@@ -345,3 +355,29 @@ async def test_tasks_the_baselines_pages_skipped_are_not_counted_as_starts(
     assert counters[EventKind.STARTED] == 0  # all 130 began before the baseline
     assert counters[EventKind.ENDED] == 20
     assert len(rig.exporter.state.apps[APP_ID].tracking.live) == 110
+
+
+async def test_a_short_page_before_the_last_is_drift_and_the_listing_reads_on() -> None:
+    """TotalCount says 100 (2 pages); page 1 comes back one row short (a task ended while it was
+    read): page 2 is read all the same, so its 50 tasks need no look-up each."""
+    live = [row(f"L{i}", "r1", 2) for i in range(100)]
+
+    async def scenario() -> list[str]:
+        zego = ScriptedZego()
+        runner, url = await serve(zego)
+        exporter = Exporter(make_config(url, None, timeout=5.0), clock=ManualClock(NOW_S))
+        await exporter.start(None, schedule=False)
+        poller = exporter.pollers[APP_ID]
+        try:
+            zego.reset({(DESCRIBE_TASKS, 2, None, 1, 50): [page(live[:50], total=100)],
+                        (DESCRIBE_TASKS, 2, None, 2, 50): [page(live[50:], total=100)]}, benign)
+            assert (await poller.run_cycle()).ok  # the baseline tracks all 100
+            zego.reset({(DESCRIBE_TASKS, 2, None, 1, 50): [page(live[1:50], total=100)],
+                        (DESCRIBE_TASKS, 2, None, 2, 50): [page(live[50:], total=100)]}, benign)
+            assert (await poller.run_cycle()).ok
+            return [s.key[1] for s in zego.served if s.action == DESCRIBE_RECORD_STATUS]
+        finally:
+            await exporter.stop()
+            await runner.cleanup()
+
+    assert await scenario() == ["L0"]  # only the task really missing is looked up
