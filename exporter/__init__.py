@@ -1,5 +1,6 @@
 """Prometheus exporter for ZEGO Cloud Recording tasks."""
 
+import functools
 import json
 import platform
 import subprocess
@@ -16,6 +17,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 PYTHON_VERSION = platform.python_version()
 
 
+@functools.cache
 def revision() -> str:
     """The commit this build came from, as build_info's `revision` label: pip records it for an
     install from a VCS URL; a source checkout has it in git; otherwise "unknown"."""

@@ -39,7 +39,6 @@ class ExporterCollector(Collector):
         self._state = state
         self._limiters = limiters
         self._poll_interval = poll_interval
-        self._revision = revision()  # once: it may ask git
 
     def collect(self) -> Iterator[Metric]:
         # This runs in the render thread while callbacks change the state on the event loop, in
@@ -57,7 +56,7 @@ class ExporterCollector(Collector):
         info = GaugeMetricFamily(f"{PREFIX}_exporter_build_info",
                                  "Exporter version, source revision and Python version; always 1.",
                                  labels=["version", "revision", "pythonversion"])
-        info.add_metric([__version__, self._revision, PYTHON_VERSION], 1)
+        info.add_metric([__version__, revision(), PYTHON_VERSION], 1)  # cached: asks git once
         yield info
 
     def _tasks(self) -> Iterator[Metric]:
