@@ -8,6 +8,7 @@ import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 import structlog
@@ -81,7 +82,7 @@ class Exporter:
         for listener, listener_config in (("metrics", web_config),
                                           ("callbacks", callback_web_config)):
             if listener_config is not None:
-                listener_config.on_reload = self._reload_counter(listener)
+                listener_config.on_reload = partial(self._count_reload, listener)
         make_limiter = limiter_factory or (  # e.g. Redis-shared (--ratelimit.redis-url)
             lambda app, action: RateLimiter(app.rate_limit, self.clock, config.zego.pacing))
         self.limiters = {
@@ -119,11 +120,8 @@ class Exporter:
         self._callback_runner: web.AppRunner | None = None
         self.bound_port: int | None = None
 
-    def _reload_counter(self, listener: str) -> Callable[[str], None]:
-        def count(result: str) -> None:
-            key = (listener, result)
-            self.state.web_config_reloads[key] = self.state.web_config_reloads.get(key, 0) + 1
-        return count
+    def _count_reload(self, listener: str, result: str) -> None:
+        self.state.web_config_reloads[(listener, result)] += 1
 
     def ready(self) -> bool:
         return all(app.cycles_attempted > 0 for app in self.state.apps.values())

@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from typing import Any, TextIO
 
 import structlog
@@ -108,13 +109,13 @@ class ContainedErrors:
     place; the first of each kind and place is logged with its traceback, repeats are a line
     at most every `every_s` seconds, so a bug hit on every request cannot flood the log."""
 
-    def __init__(self, counts: dict[str, int], every_s: float = 60.0) -> None:
+    def __init__(self, counts: Counter[str], every_s: float = 60.0) -> None:
         self._counts = counts
         self._seen: set[tuple[str, str]] = set()
         self._throttle = Throttle(every_s)
 
     def record(self, where: str, exc: BaseException) -> None:
-        self._counts[where] = self._counts.get(where, 0) + 1
+        self._counts[where] += 1
         kind = type(exc).__qualname__
         if (where, kind) not in self._seen:
             self._seen.add((where, kind))

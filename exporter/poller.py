@@ -108,7 +108,7 @@ class AppPoller:
         # lag, but at most this far: a task live for 10 cycles was surely listed in one of them.
         self._max_lag_ms = int((10 * poll_interval + margin_s) * 1000)
         self._on_cycle_done = on_cycle_done
-        self._errors = errors or ContainedErrors({})
+        self._errors = errors or ContainedErrors(collections.Counter())
         self._budget = budget_per_cycle  # DescribeTasks requests the limit allows per interval
         self._over_budget = False
         rooms = state.rooms

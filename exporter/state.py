@@ -7,7 +7,7 @@ asyncio loop, so no lock is needed: a cycle's changes are applied in one synchro
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -171,18 +171,11 @@ class ExporterState:
     storage_errors: int = 0
     callbacks: dict[tuple[str, str, str], int] = field(default_factory=dict)  # app, event, result
     # Requests refused with a 4xx, by (listener, reason): a client's mistake, never a 500.
-    refused: dict[tuple[str, str], int] = field(default_factory=dict)
+    refused: Counter[tuple[str, str]] = field(default_factory=Counter)
     # Unexpected exceptions contained where they arose (a handler, a cycle, a save), by place.
-    internal_errors: dict[str, int] = field(default_factory=dict)
+    internal_errors: Counter[str] = field(default_factory=Counter)
     # Web config reloads, by (listener, result): applied, invalid, or refused as weakening.
-    web_config_reloads: dict[tuple[str, str], int] = field(default_factory=dict)
-
-    def count_refused(self, listener: str, reason: str) -> None:
-        key = (listener, reason)
-        self.refused[key] = self.refused.get(key, 0) + 1
-
-    def count_internal_error(self, where: str) -> None:
-        self.internal_errors[where] = self.internal_errors.get(where, 0) + 1
+    web_config_reloads: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @classmethod
     def for_apps(cls, apps: Sequence[tuple[int, tuple[str, ...] | None, int]]) -> ExporterState:

@@ -76,7 +76,7 @@ class Edge:
         self._throttle = Throttle()
 
     def refused(self, reason: str, **fields: Any) -> None:
-        self._state.count_refused(self.listener, reason)
+        self._state.refused[(self.listener, reason)] += 1
         dropped = self._throttle.allow(reason)
         if dropped is not None:
             log.warning("request_refused", listener=self.listener, reason=reason,
