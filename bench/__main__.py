@@ -111,7 +111,7 @@ def generate_latest_seconds(text: str, budget_s: float = 3.0) -> tuple[list[floa
 
 def diff_seconds(tasks: int) -> float:
     """One diff over `tasks` tracked tasks (1 % change status, 1 % end, 1 % are new); best of 3."""
-    from exporter.diff import Snapshot, TrackedTask, Tracking, diff
+    from exporter.poll.diff import Snapshot, TrackedTask, Tracking, diff
     from exporter.zego.models import RecordingTask, TaskStatus
 
     now_ms = 1_750_000_000_000

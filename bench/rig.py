@@ -251,7 +251,7 @@ def _record_abnormal_ends(state: Any, exposition: Any
     """Wrap the app state's `apply` to note the TaskIds it counts as ended abnormally: by a
     poll cycle (shown once that cycle's render is ready), and by a callback, with the version
     of the exposition that will show it (the callback's answer bumps the version)."""
-    from exporter.diff import EventKind, TaskEvent
+    from exporter.poll.diff import EventKind, TaskEvent
 
     by_cycle: list[str] = []
     by_callback: dict[str, int] = {}

@@ -24,7 +24,7 @@ from exporter.clock import ManualClock
 from exporter.config import AppConfig, Config, Secret, ZegoConfig
 from exporter.daemon import Exporter, ListenAddress
 from exporter.demo import free_port
-from exporter.diff import EventKind
+from exporter.poll.diff import EventKind
 from exporter.simulator.engine import LifecycleRates, RoomCounts, SimEngine, room_names
 from exporter.simulator.faults import FaultConfig, FaultKind, FaultRule
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits

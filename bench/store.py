@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
-from exporter.state import AppState
-from exporter.store import Store
+from exporter.poll.diff import EventKind, TaskEvent, TrackedTask, Tracking
+from exporter.state.model import AppState
+from exporter.state.store import Store
 from exporter.zego.models import TaskStatus
 
 

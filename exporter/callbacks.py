@@ -23,11 +23,11 @@ from aiohttp.typedefs import Handler, Middleware
 
 from exporter.clock import Clock
 from exporter.config import Secret
-from exporter.diff import EventKind, TaskEvent
 from exporter.logs import Throttle
-from exporter.state import QUIT_REASONS, AppState, ExporterState
+from exporter.poll.diff import EventKind, TaskEvent
+from exporter.serve.web import Edge, ServerLimits, body_limit
+from exporter.state.model import QUIT_REASONS, AppState, ExporterState
 from exporter.text import text_problem
-from exporter.web import Edge, ServerLimits, body_limit
 from exporter.zego.callback_signing import verify_callback_signature
 from exporter.zego.models import MAX_ROOM_ID_BYTES, MAX_TASK_ID_BYTES, TaskStatus
 

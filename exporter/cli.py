@@ -17,9 +17,9 @@ from exporter import __version__
 from exporter.config import Config, ConfigError, load_config
 from exporter.daemon import Exporter, ListenAddress
 from exporter.logs import LEVELS, configure_logging
+from exporter.serve.webconfig import CLIENT_AUTH_TYPES, WebConfig, WebConfigError, parse_web_config
 from exporter.sharding import Shard, shard_config
-from exporter.store import StoreError
-from exporter.webconfig import CLIENT_AUTH_TYPES, WebConfig, WebConfigError, parse_web_config
+from exporter.state.store import StoreError
 
 DEFAULT_LISTEN = ":9867"
 DEMO_LISTEN = "127.0.0.1:9867"
@@ -223,7 +223,7 @@ async def _serve(config: Config, args: argparse.Namespace, storage_path: str | N
         return 1
     redis_client, limiter_factory = None, None
     if getattr(args, "redis_url", None):
-        from exporter.ratelimit_redis import redis_limiter_factory
+        from exporter.zego.ratelimit_redis import redis_limiter_factory
 
         redis_client, limiter_factory = redis_limiter_factory(
             args.redis_url, getattr(args, "shared_limits", {}), config.zego.pacing)

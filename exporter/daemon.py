@@ -19,17 +19,17 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.callbacks import CallbackReceiver
 from exporter.clock import Clock, SystemClock
-from exporter.collector import ExporterCollector
 from exporter.config import AppConfig, Config
-from exporter.exposition import EXPOSITION, ExpositionCache, split_registry
 from exporter.logs import ContainedErrors
-from exporter.poller import AppPoller
-from exporter.ratelimit import RateLimiter
-from exporter.state import AppState, ExporterState
-from exporter.store import Store, StoreError
-from exporter.web import Edge, ServerLimits, make_app
-from exporter.webconfig import WebConfig
+from exporter.poll.poller import AppPoller
+from exporter.serve.collector import ExporterCollector
+from exporter.serve.exposition import EXPOSITION, ExpositionCache, split_registry
+from exporter.serve.web import Edge, ServerLimits, make_app
+from exporter.serve.webconfig import WebConfig
+from exporter.state.model import AppState, ExporterState
+from exporter.state.store import Store, StoreError
 from exporter.zego.client import DESCRIBE_RECORD_STATUS, DESCRIBE_TASKS, ZegoApp, ZegoClient
+from exporter.zego.ratelimit import RateLimiter
 
 SWITCH_INTERVAL_S = 0.0005  # see Exporter.start
 # Callbacks' changes reach the state file within this: one write for a burst of callbacks,

@@ -14,12 +14,12 @@ import pytest
 from exporter.clock import ManualClock
 from exporter.config import AppConfig, Config, Secret, ZegoConfig
 from exporter.daemon import Exporter, ListenAddress
-from exporter.diff import EventKind
+from exporter.poll.diff import EventKind
+from exporter.serve.web import ServerLimits
+from exporter.serve.webconfig import WebConfig
 from exporter.simulator.caller import SimCaller
 from exporter.simulator.engine import LifecycleRates, RoomCounts, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
-from exporter.web import ServerLimits
-from exporter.webconfig import WebConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

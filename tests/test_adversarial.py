@@ -34,8 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.clock import ManualClock
 from exporter.config import Secret
 from exporter.daemon import Exporter, ListenAddress
-from exporter.diff import EventKind, TaskEvent
-from exporter.ratelimit import RateLimiter
+from exporter.poll.diff import EventKind, TaskEvent
 from exporter.zego.client import (
     DESCRIBE_RECORD_STATUS,
     DESCRIBE_TASKS,
@@ -46,6 +45,7 @@ from exporter.zego.client import (
 )
 from exporter.zego.errors import ZegoError
 from exporter.zego.models import RecordStatus, TaskPage
+from exporter.zego.ratelimit import RateLimiter
 from tests.conftest import APP_ID, SECRET, make_config
 
 NOW_S = 1_750_000_000.0

@@ -16,10 +16,10 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.callbacks import REJECTED, CallbackReceiver
 from exporter.clock import ManualClock
-from exporter.collector import ExporterCollector
 from exporter.config import Secret
-from exporter.state import AppState, ExporterState
-from exporter.store import Store
+from exporter.serve.collector import ExporterCollector
+from exporter.state.model import AppState, ExporterState
+from exporter.state.store import Store
 from exporter.zego.callback_signing import callback_signature
 
 APP_ID = 1234567890

@@ -18,9 +18,9 @@ from exporter.callbacks import MAX_CLOCK_SKEW_S, CallbackReceiver
 from exporter.clock import ManualClock
 from exporter.config import AppConfig, Secret
 from exporter.daemon import CALLBACK_SAVE_DELAY_S, Exporter, ListenAddress
-from exporter.diff import EventKind
-from exporter.state import AppState, ExporterState
-from exporter.store import Store
+from exporter.poll.diff import EventKind
+from exporter.state.model import AppState, ExporterState
+from exporter.state.store import Store
 from exporter.zego.callback_signing import callback_signature
 from exporter.zego.models import TaskStatus
 from tests.conftest import APP_ID, Rig

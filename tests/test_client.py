@@ -14,7 +14,6 @@ from openapi_core.testing import MockRequest
 
 from exporter.clock import ManualClock
 from exporter.config import Secret
-from exporter.ratelimit import RateLimiter
 from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.faults import FaultConfig, FaultKind, FaultRule
 from exporter.simulator.server import ServerOptions, SimulatorServer
@@ -34,6 +33,7 @@ from exporter.zego.errors import (
     ZegoTransportError,
 )
 from exporter.zego.models import TaskStatus
+from exporter.zego.ratelimit import RateLimiter
 from tests.test_simulator_openapi import load_spec
 
 APP_ID = 1234567890

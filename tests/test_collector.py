@@ -13,11 +13,11 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.clock import ManualClock
-from exporter.collector import ExporterCollector
-from exporter.diff import EventKind, TaskEvent, TrackedTask, Tracking
-from exporter.ratelimit import RateLimiter
-from exporter.state import OTHER_ROOMS, ExporterState
+from exporter.poll.diff import EventKind, TaskEvent, TrackedTask, Tracking
+from exporter.serve.collector import ExporterCollector
+from exporter.state.model import OTHER_ROOMS, ExporterState
 from exporter.zego.models import TaskStatus
+from exporter.zego.ratelimit import RateLimiter
 from tests.conftest import require_binary
 
 

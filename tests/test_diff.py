@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from exporter.diff import (
+from exporter.poll.diff import (
     HORIZON_MS,
     MAX_RECORD_MS,
     NOT_FOUND,

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.clock import ManualClock
 from exporter.daemon import Exporter, ListenAddress
-from exporter.exposition import ExpositionCache, accepts_gzip
+from exporter.serve.exposition import ExpositionCache, accepts_gzip
 from exporter.simulator.engine import SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
 from tests.conftest import APP_ID, QUIET, SECRET, make_config
@@ -240,7 +240,7 @@ async def test_no_cyclic_garbage_collection_runs_during_a_render() -> None:
 
 
 def test_overlapping_renders_turn_collection_back_on_only_after_the_last() -> None:
-    from exporter.exposition import _GC_PAUSE
+    from exporter.serve.exposition import _GC_PAUSE
 
     first, second = _GC_PAUSE, _GC_PAUSE  # e.g. a cancelled render's thread and the next one
     first.__enter__()

@@ -23,7 +23,7 @@ def stream() -> Iterator[io.StringIO]:
 
 def test_a_logfmt_line_reads_like_promslog(stream: io.StringIO) -> None:
     configure_logging("debug", "logfmt", stream)
-    structlog.get_logger("exporter.poller").warning("poll_budget_exceeded", app_id=7)
+    structlog.get_logger("exporter.poll.poller").warning("poll_budget_exceeded", app_id=7)
     line = stream.getvalue().strip()
     assert re.fullmatch(r"time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=WARN "
                         r"source=exporter\.poller msg=poll_budget_exceeded app_id=7", line), line

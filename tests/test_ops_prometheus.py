@@ -15,8 +15,8 @@ import bcrypt
 import pytest
 import yaml
 
-from exporter.web import heading_anchor
-from exporter.webconfig import WebConfig
+from exporter.serve.web import heading_anchor
+from exporter.serve.webconfig import WebConfig
 from mixin.config import ConfigError, MixinConfig, load_config, parse_config
 from mixin.generate import CONFIG_FILE, PROMETHEUS_RULE, RULES, main, outputs
 from mixin.rules import exporter_address, runbook_url

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from exporter.planner import Planner, pages
+from exporter.poll.planner import Planner, pages
 from exporter.zego.models import RecordingTask, TaskStatus
 from tests.conftest import APP_ID, Rig
 

@@ -12,8 +12,8 @@ import structlog
 
 from exporter.clock import ManualClock, SystemClock
 from exporter.daemon import Exporter
-from exporter.diff import EventKind
-from exporter.poller import CycleReport
+from exporter.poll.diff import EventKind
+from exporter.poll.poller import CycleReport
 from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.faults import FaultConfig, FaultKind, FaultRule
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.ratelimit import RateLimiter
+from exporter.zego.ratelimit import RateLimiter
 
 
 class VirtualClock:

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from exporter.clock import SystemClock
 from exporter.demo import free_port
-from exporter.ratelimit_redis import RedisRateLimiter
+from exporter.zego.ratelimit_redis import RedisRateLimiter
 from tests.conftest import require_binary
 
 LIMIT = 20
@@ -106,7 +106,7 @@ async def test_an_unreachable_redis_falls_back_to_the_local_share() -> None:
 async def test_the_factory_shares_the_whole_limit_and_falls_back_to_the_replicas_share(
         redis_url: str) -> None:
     from exporter.config import AppConfig, Secret
-    from exporter.ratelimit_redis import redis_limiter_factory
+    from exporter.zego.ratelimit_redis import redis_limiter_factory
 
     client, make = redis_limiter_factory(redis_url, {42: 20.0}, 0.95)
     try:

@@ -31,7 +31,6 @@ from exporter.cli import main
 from exporter.clock import ManualClock
 from exporter.config import ConfigError, Secret, load_config
 from exporter.demo import free_port
-from exporter.ratelimit import RateLimiter
 from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer
 from exporter.zego.callback_signing import callback_signature
@@ -43,6 +42,7 @@ from exporter.zego.client import (
     ZegoClient,
 )
 from exporter.zego.errors import ZegoError
+from exporter.zego.ratelimit import RateLimiter
 
 SERVER = "s3cr3tSERVERdo-not-leak"
 CALLBACK = "s3cr3tCALLBACKdo-not-leak"

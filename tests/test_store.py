@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.cli import main
 from exporter.daemon import Exporter
 from exporter.demo import free_port
-from exporter.diff import HORIZON_MS, EventKind, TaskEvent, TrackedTask, Tracking
-from exporter.state import AppState
-from exporter.store import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, Store, StoreError
+from exporter.poll.diff import HORIZON_MS, EventKind, TaskEvent, TrackedTask, Tracking
+from exporter.state.model import AppState
+from exporter.state.store import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 from exporter.zego.models import TaskStatus
 from tests.conftest import APP_ID, SECRET, Rig, make_config
 

@@ -22,9 +22,9 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from exporter.config import MAX_ROOM_ID_BYTES
-from exporter.diff import EventKind
-from exporter.state import AppState
-from exporter.store import MAX_TASK_ID_BYTES, Store, StoreError
+from exporter.poll.diff import EventKind
+from exporter.state.model import AppState
+from exporter.state.store import MAX_TASK_ID_BYTES, Store, StoreError
 from exporter.zego.models import LIVE_STATUSES, MAX_SAFE_INT
 from tests.test_store import busy_app
 

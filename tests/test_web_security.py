@@ -25,13 +25,13 @@ import structlog
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import webconfig
 from exporter.cli import main
 from exporter.config import Secret
 from exporter.daemon import Exporter, ListenAddress
 from exporter.demo import free_port
-from exporter.web import ServerLimits
-from exporter.webconfig import WebConfig, _PasswordCheck, parse_web_config
+from exporter.serve import webconfig
+from exporter.serve.web import ServerLimits
+from exporter.serve.webconfig import WebConfig, _PasswordCheck, parse_web_config
 from tests.conftest import StartExporter, make_config
 
 METRIC = "zego_cloudrecord_exporter_build_info"

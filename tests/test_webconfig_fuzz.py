@@ -15,7 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.webconfig import (
+from exporter.serve.webconfig import (
     CIPHER_SUITES,
     CLIENT_AUTH_TYPES,
     CURVES,

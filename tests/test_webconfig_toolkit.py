@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from exporter.webconfig import WebConfigError, load_web_config
+from exporter.serve.webconfig import WebConfigError, load_web_config
 
 TOOLKIT_DATA = Path(__file__).parent / "toolkit"
 INLINE = "web_config_noAuth_tlsInline.good.yml"

@@ -13,7 +13,6 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 
 from exporter.clock import Clock
-from exporter.ratelimit import RateLimiter
 from exporter.zego.errors import (
     Code,
     Kind,
@@ -30,6 +29,7 @@ from exporter.zego.models import (
     parse_record_status,
     parse_task_page,
 )
+from exporter.zego.ratelimit import RateLimiter
 from exporter.zego.signing import common_params
 
 DESCRIBE_TASKS = "DescribeTasks"

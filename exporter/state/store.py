@@ -33,8 +33,15 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exporter.diff import HORIZON_MS, MAX_RECORD_MS, EventKind, TaskEvent, TrackedTask, Tracking
-from exporter.state import AppState, Histogram
+from exporter.poll.diff import (
+    HORIZON_MS,
+    MAX_RECORD_MS,
+    EventKind,
+    TaskEvent,
+    TrackedTask,
+    Tracking,
+)
+from exporter.state.model import AppState, Histogram
 from exporter.text import text_problem
 from exporter.zego.models import (
     LIVE_STATUSES,

@@ -13,7 +13,8 @@ from typing import TypeVar
 import structlog
 
 from exporter.clock import Clock
-from exporter.diff import (
+from exporter.logs import ContainedErrors
+from exporter.poll.diff import (
     NOT_FOUND,
     Lookup,
     LookupFailed,
@@ -23,9 +24,8 @@ from exporter.diff import (
     horizon_start_ms,
     needs_lookup,
 )
-from exporter.logs import ContainedErrors
-from exporter.planner import Planner
-from exporter.state import AppState
+from exporter.poll.planner import Planner
+from exporter.state.model import AppState
 from exporter.zego.client import ZegoApp, ZegoClient
 from exporter.zego.errors import Code, ZegoApiError, ZegoError, ZegoResponseError
 from exporter.zego.models import RecordingTask
@@ -40,7 +40,7 @@ STATUS_LIVE = 2
 STATUS_ENDED = 3
 T = TypeVar("T")
 
-log = structlog.get_logger("exporter.poller")
+log = structlog.get_logger("exporter.poll.poller")
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from aiohttp.typedefs import Handler, Middleware
 from exporter.config import _Problems, _StrictLoader, _type_name  # the same one-line errors
 from exporter.files import FileRefused, read_regular_file
 
-log = structlog.get_logger("exporter.webconfig")
+log = structlog.get_logger("exporter.serve.webconfig")
 
 TLS_VERSIONS: Final = {
     "TLS10": ssl.TLSVersion.TLSv1,

@@ -23,9 +23,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
-from exporter.exposition import EXPOSITION
 from exporter.logs import ContainedErrors, Throttle
-from exporter.state import ExporterState
+from exporter.serve.exposition import EXPOSITION
+from exporter.state.model import ExporterState
 
 # aiohttp names itself and Python's version in every answer's Server header, its own error
 # answers to unparseable requests included, which no middleware sees: name the product only.
@@ -34,7 +34,7 @@ REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_
            405: "method_not_allowed", 408: "timeout", 413: "too_large",
            417: "expectation_failed", 429: "rate_limited", 431: "headers_too_large"}
 
-log = structlog.get_logger("exporter.web")
+log = structlog.get_logger("exporter.serve.web")
 
 
 @dataclass(frozen=True)

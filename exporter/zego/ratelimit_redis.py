@@ -1,6 +1,6 @@
 """A rate limiter shared by several replicas through Redis (--ratelimit.redis-url).
 
-Same rules as exporter/ratelimit.py, but the slots are booked in Redis by one Lua script per
+Same rules as exporter/zego/ratelimit.py, but the slots are booked in Redis by one Lua script per
 (AppId, Action), atomically, on Redis' own clock: requests leave at least
 1 / (limit × pacing) apart, and no sooner than 1 / pacing seconds after the request `limit`
 places before them, whichever replica sends them. So replicas polling one app together
@@ -21,9 +21,9 @@ import structlog
 
 from exporter.clock import Clock, SystemClock
 from exporter.config import AppConfig
-from exporter.ratelimit import DEFAULT_PACING, RateLimiter
+from exporter.zego.ratelimit import DEFAULT_PACING, RateLimiter
 
-log = structlog.get_logger("exporter.ratelimit_redis")
+log = structlog.get_logger("exporter.zego.ratelimit_redis")
 
 KEY_PREFIX = "zego-cloudrecord-exporter:ratelimit"
 

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from exporter.diff import EventKind, TaskEvent, Tracking
+from exporter.poll.diff import EventKind, TaskEvent, Tracking
 from exporter.zego.models import TaskStatus
 
 COUNTED_EVENTS = tuple(EventKind)

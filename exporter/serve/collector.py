@@ -13,9 +13,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from exporter import PYTHON_VERSION, __version__, revision
-from exporter.diff import EventKind
-from exporter.ratelimit import RateLimiter
-from exporter.state import ExporterState
+from exporter.poll.diff import EventKind
+from exporter.state.model import ExporterState
+from exporter.zego.ratelimit import RateLimiter
 
 PREFIX = "zego_cloudrecord"
 

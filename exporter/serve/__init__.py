@@ -1,0 +1,1 @@
+"""What the exporter serves: the HTTP listener, its web config, and the rendered /metrics."""

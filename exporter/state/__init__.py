@@ -1,0 +1,1 @@
+"""What the exporter knows: per-app state, its one writer (`AppState.apply`), its SQLite store."""
