@@ -111,7 +111,8 @@ def generate_latest_seconds(text: str, budget_s: float = 3.0) -> tuple[list[floa
 
 def diff_seconds(tasks: int) -> float:
     """One diff over `tasks` tracked tasks (1 % change status, 1 % end, 1 % are new); best of 3."""
-    from exporter.poll.diff import Snapshot, TrackedTask, Tracking, diff
+    from exporter.poll.diff import Snapshot, diff
+    from exporter.state.changes import Marks, TrackedTask, Tracking
     from exporter.zego.models import RecordingTask, TaskStatus
 
     now_ms = 1_750_000_000_000
@@ -130,7 +131,7 @@ def diff_seconds(tasks: int) -> float:
     snapshot = Snapshot(taken_ms=now_ms, live=rows, ended=ended)
     best = math.inf
     for _ in range(3):
-        tracking = Tracking(live=dict(live), ended_since_ms=now_ms - 15_000)
+        tracking = Tracking(live=dict(live), marks=Marks(ended_since_ms=now_ms - 15_000))
         begun = time.perf_counter()
         diff(tracking, snapshot, {}, 600_000)
         best = min(best, time.perf_counter() - begun)

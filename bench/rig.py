@@ -251,21 +251,19 @@ def _record_abnormal_ends(state: Any, exposition: Any
     """Wrap the app state's `apply` to note the TaskIds it counts as ended abnormally: by a
     poll cycle (shown once that cycle's render is ready), and by a callback, with the version
     of the exposition that will show it (the callback's answer bumps the version)."""
-    from exporter.poll.diff import EventKind, TaskEvent
+    from exporter.state.changes import ChangeSet, EventKind, Source
 
     by_cycle: list[str] = []
     by_callback: dict[str, int] = {}
     apply = state.apply
 
-    def recording_apply(tracking: Any, events: Any, flush_deferred: bool = True,
-                        new_live: bool = True) -> Any:
-        ended = [e.task_id for e in events if isinstance(e, TaskEvent)
-                 and e.kind is EventKind.ENDED_ABNORMALLY]
-        if flush_deferred:
+    def recording_apply(changes: ChangeSet) -> None:
+        ended = [e.task_id for e in changes.events if e.kind is EventKind.ENDED_ABNORMALLY]
+        if changes.source is Source.POLL:
             by_cycle.extend(ended)
-        else:  # only callbacks apply without flushing deferred events
+        else:
             by_callback.update(dict.fromkeys(ended, exposition.version + 1))
-        return apply(tracking, events, flush_deferred, new_live)
+        apply(changes)
 
     state.apply = recording_apply
     return by_cycle, by_callback

@@ -24,10 +24,10 @@ from exporter.clock import ManualClock
 from exporter.config import AppConfig, Config, Secret, ZegoConfig
 from exporter.daemon import Exporter, ListenAddress
 from exporter.demo import free_port
-from exporter.poll.diff import EventKind
 from exporter.simulator.engine import LifecycleRates, RoomCounts, SimEngine, room_names
 from exporter.simulator.faults import FaultConfig, FaultKind, FaultRule
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
+from exporter.state.changes import EventKind
 
 APP_ID = 1234567890
 SECRET = "0123456789abcdef0123456789abcdef"

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from exporter.poll.diff import EventKind, TaskEvent, TrackedTask, Tracking
+from exporter.logs import configure_logging
+from exporter.state.changes import ChangeSet, EventKind, Marks, Source, TaskEvent, TrackedTask
 from exporter.state.model import AppState
 from exporter.state.store import Store
 from exporter.zego.models import TaskStatus
@@ -27,14 +29,15 @@ def _timed(action: Callable[[], None]) -> float:
 
 
 def run(rooms: int, live: int, finished: int, repeat: int = 20) -> dict[str, float | int]:
+    configure_logging("error", "logfmt", sys.stderr)  # the counted events' lines: not figures
     names = tuple(f"room-{i:05d}" for i in range(rooms))
-    app = AppState(1, names, max_rooms=rooms)
-    app.enable_callback_series()
+    app = AppState(1, names, max_rooms=rooms, callbacks=True)
     tasks = {f"live-{i:07d}": TrackedTask(f"live-{i:07d}", names[i % rooms],
                                           TaskStatus.RECORDING, 1_700_000_000_000 + i)
              for i in range(live)}
     done = {f"done-{i:07d}": 1_700_000_000_000 + i for i in range(finished)}
-    app.apply(Tracking(tasks, done, 1, None, 1, dict.fromkeys(names, 1)), [])
+    app.apply(ChangeSet(Source.POLL, 1, tracked=tasks, finished=done,
+                        marks=Marks(1, None, 1, dict.fromkeys(names, 1))))
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "state.db")
         first = _timed(lambda: store.save(app))
@@ -43,19 +46,18 @@ def run(rooms: int, live: int, finished: int, repeat: int = 20) -> dict[str, flo
         ids = iter(list(tasks))
         for _ in range(repeat):
             task_id = next(ids)
-            task = app.tracking.live.pop(task_id)
-            app.tracking.finished[task_id] = 1_700_000_100_000
-            app.unsaved_tasks.add(task_id)  # as a callback does
-            app.apply(app.tracking, [TaskEvent(EventKind.ENDED, task_id, task.room_id, 60.0)],
-                      flush_deferred=False, new_live=False)
+            ended = TaskEvent(EventKind.ENDED, task_id, tasks[task_id].room_id, Source.CALLBACK,
+                              60.0)
+            app.apply(ChangeSet(Source.CALLBACK, 1_700_000_100_000, (ended,),
+                                untracked=frozenset({task_id}),
+                                finished={task_id: 1_700_000_100_000}))  # as a callback does
             by_callback.append(_timed(lambda: store.save(app)))
         saved = AppState(1, names, max_rooms=rooms)
         Store(Path(tmp) / "state.db").load(saved)
         assert saved.tracking == app.tracking, "the file must hold what was saved"
-        changed = dict(app.tracking.live)
-        for task_id in list(changed)[::100]:
-            changed[task_id] = replace(changed[task_id], status=TaskStatus.PAUSED)
-        app.apply(replace(app.tracking, live=changed), [])
+        changed = {task_id: replace(task, status=TaskStatus.PAUSED)
+                   for task_id, task in list(app.tracking.live.items())[::100]}
+        app.apply(ChangeSet(Source.POLL, 1_700_000_200_000, tracked=changed))
         after_cycle = _timed(lambda: store.save(app))
         store.close()
     by_callback.sort()

@@ -17,21 +17,17 @@ from urllib.parse import urlsplit
 import yaml
 
 from exporter.files import FileRefused, read_regular_file
-from exporter.zego.models import MAX_ROOM_ID_BYTES  # ZEGO's limit
+from exporter.zego.limits import HORIZON_S, MAX_ROOM_ID_BYTES, RATE_LIMIT_PER_S
 
 DEFAULT_ENDPOINT: Final = "https://cloudrecord-api.zego.im/"
 DEFAULT_TIMEOUT: Final = 10.0
 DEFAULT_PACING: Final = 0.95
 DEFAULT_CLOCK_SKEW_MARGIN: Final = 600.0
 DEFAULT_POLL_INTERVAL: Final = 15.0
-DEFAULT_RATE_LIMIT: Final = 10.0
+DEFAULT_RATE_LIMIT: Final = RATE_LIMIT_PER_S
 DEFAULT_MAX_ROOMS: Final = 1000
 
 MIN_POLL_INTERVAL: Final = 1.0
-# DescribeTasks only looks back 3 days; a poll cycle longer than what is left of that window
-# once the skew margin is taken off would let tasks start and end unseen between two polls.
-QUERY_WINDOW: Final = 3 * 86400.0
-DOCUMENTED_RATE_LIMIT: Final = 10.0
 MAX_APP_ID: Final = 2**32 - 1
 # Room for 100,000 room ids of the longest length ZEGO allows, one per line.
 MAX_CONFIG_BYTES: Final = 16 << 20
@@ -429,8 +425,10 @@ class _Reader:
             poll_interval = DEFAULT_POLL_INTERVAL
         elif poll_interval < MIN_POLL_INTERVAL:
             self.error("poll_interval", "must be at least 1s")
-        elif zego is not None and poll_interval >= QUERY_WINDOW - zego.clock_skew_margin:
-            limit = format_duration(QUERY_WINDOW - zego.clock_skew_margin)
+        # DescribeTasks only looks back 3 days; a poll cycle longer than what is left of that
+        # window once the skew margin is taken off would let tasks start and end unseen.
+        elif zego is not None and poll_interval >= HORIZON_S - zego.clock_skew_margin:
+            limit = format_duration(HORIZON_S - zego.clock_skew_margin)
             self.error(
                 "poll_interval",
                 "must be shorter than ZEGO's 3-day query window less zego.clock_skew_margin "
@@ -476,7 +474,7 @@ class _Reader:
                 "must be a fraction of the rate limit above 0 and at most 1 (e.g. 0.95)",
             )
         margin = self.duration(section.get("clock_skew_margin", _MISSING), "zego.clock_skew_margin")
-        if margin is not None and margin >= QUERY_WINDOW:
+        if margin is not None and margin >= HORIZON_S:
             self.error("zego.clock_skew_margin", "must be shorter than ZEGO's 3-day query window")
         if len(self.problems.errors) > errors_before:
             return None
@@ -596,10 +594,10 @@ class _Reader:
         rate_limit = self.number(entry.get("rate_limit", _MISSING), f"{path}.rate_limit")
         if rate_limit is not None and rate_limit <= 0:
             self.error(f"{path}.rate_limit", "must be a number of requests per second above 0")
-        elif rate_limit is not None and rate_limit > DOCUMENTED_RATE_LIMIT:
+        elif rate_limit is not None and rate_limit > RATE_LIMIT_PER_S:
             self.problems.warning(
                 f"{path}.rate_limit",
-                f"is above ZEGO's documented DescribeTasks limit of {DOCUMENTED_RATE_LIMIT:g} "
+                f"is above ZEGO's documented DescribeTasks limit of {RATE_LIMIT_PER_S:g} "
                 "requests/s; expect code 300000003 (frequency exceeds the limit)",
             )
 

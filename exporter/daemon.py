@@ -75,9 +75,10 @@ class Exporter:
         self.web_config = web_config  # TLS, basic auth and headers for /metrics (--web.config.file)
         self.callback_web_config = callback_web_config  # the same for the callback listener
         self.web_limits = web_limits or ServerLimits()
+        secrets = {a.app_id: a.callback_secret for a in config.apps if a.callback_secret}
         self.state = ExporterState.for_apps(
-            [(app.app_id, app.rooms, app.max_rooms) for app in config.apps]
-        )
+            [(app.app_id, app.rooms, app.max_rooms) for app in config.apps],
+            callbacks=frozenset(secrets), persistent=storage_path is not None)
         self.errors = ContainedErrors(self.state.internal_errors)
         for listener, listener_config in (("metrics", web_config),
                                           ("callbacks", callback_web_config)):
@@ -105,13 +106,10 @@ class Exporter:
                     log.info("state_restored", app_id=app_state.app_id, path=storage_path,
                              live=len(app_state.tracking.live),
                              remembered=len(app_state.tracking.finished))
-        secrets = {a.app_id: a.callback_secret for a in config.apps if a.callback_secret}
         self.callbacks = CallbackReceiver(self.state, secrets, self.clock, self._save_soon)
         self._unsaved: set[int] = set()  # apps a callback changed since their last save
         self._save_timer: asyncio.TimerHandle | None = None
         self.callback_path = callback_path
-        for app_id in secrets:  # series exist at 0 before the first callback
-            self.state.apps[app_id].enable_callback_series()
         self.callback_port: int | None = None
         self.pollers: dict[int, AppPoller] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -157,7 +155,6 @@ class Exporter:
     def _save_soon(self, app: AppState) -> None:
         """A callback changed `app`: save it within CALLBACK_SAVE_DELAY_S, with any others."""
         if self.store is None:
-            app.unsaved_tasks.clear()  # nothing to write them to
             return
         self._unsaved.add(app.app_id)
         if self._save_timer is None:

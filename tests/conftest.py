@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sysconfig
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,14 +14,22 @@ import pytest
 from exporter.clock import ManualClock
 from exporter.config import AppConfig, Config, Secret, ZegoConfig
 from exporter.daemon import Exporter, ListenAddress
-from exporter.poll.diff import EventKind
 from exporter.serve.web import ServerLimits
 from exporter.serve.webconfig import WebConfig
 from exporter.simulator.caller import SimCaller
 from exporter.simulator.engine import LifecycleRates, RoomCounts, SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
+from exporter.state.changes import ChangeSet, EventKind, Marks, Source, TaskEvent, TrackedTask
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def cycle(*events: TaskEvent, live: Iterable[TrackedTask] = (),
+          finished: Mapping[str, int] | None = None, marks: Marks | None = None,
+          at_ms: int = 0) -> ChangeSet:
+    """A poll cycle's change set: these events, tasks tracked, ids finished, marks moved."""
+    return ChangeSet(Source.POLL, at_ms, events, {t.task_id: t for t in live},
+                     finished=dict(finished or {}), marks=marks, observed_ms=at_ms)
 
 
 def require_binary(name: str, package: str) -> str:

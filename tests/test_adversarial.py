@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.clock import ManualClock
 from exporter.config import Secret
 from exporter.daemon import Exporter, ListenAddress
-from exporter.poll.diff import EventKind, TaskEvent
+from exporter.state.changes import ChangeSet, EventKind, TaskEvent
 from exporter.zego.client import (
     DESCRIBE_RECORD_STATUS,
     DESCRIBE_TASKS,
@@ -608,9 +608,9 @@ async def run_poller(rooms: tuple[str, ...] | None, scripts: list[dict[Key, list
 
     cycle = 0
 
-    def recording_apply(tracking: Any, cycle_events: Any, **kwargs: Any) -> None:
-        events.extend((cycle, e) for e in cycle_events)
-        apply(tracking, cycle_events, **kwargs)
+    def recording_apply(changes: ChangeSet) -> None:
+        events.extend((cycle, e) for e in changes.events)
+        apply(changes)
 
     app_state.apply = recording_apply  # type: ignore[method-assign,assignment]
     await exporter.start(ListenAddress("127.0.0.1", 0), schedule=False)

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.config import AppConfig, Secret
 from exporter.daemon import Exporter, ListenAddress
 from exporter.logs import configure_logging
-from exporter.poll.diff import EventKind
+from exporter.state.changes import EventKind
 from exporter.zego.callback_signing import callback_signature
 from tests.conftest import APP_ID, Rig
 

@@ -72,8 +72,7 @@ bodies = st.one_of(signed_bodies(), st.binary(max_size=300),
 
 
 def receiver() -> tuple[CallbackReceiver, ExporterState]:
-    state = ExporterState({APP_ID: AppState(APP_ID, ("r1", "r2"))})
-    state.apps[APP_ID].enable_callback_series()
+    state = ExporterState({APP_ID: AppState(APP_ID, ("r1", "r2"), callbacks=True)})
     return CallbackReceiver(state, {APP_ID: Secret(SECRET)}, ManualClock(NOW)), state
 
 

@@ -18,8 +18,8 @@ from exporter.callbacks import MAX_CLOCK_SKEW_S, CallbackReceiver
 from exporter.clock import ManualClock
 from exporter.config import AppConfig, Secret
 from exporter.daemon import CALLBACK_SAVE_DELAY_S, Exporter, ListenAddress
-from exporter.poll.diff import EventKind
-from exporter.state.model import AppState, ExporterState
+from exporter.state.changes import EventKind
+from exporter.state.model import AppState, ExporterState, Unsaved
 from exporter.state.store import Store
 from exporter.zego.callback_signing import callback_signature
 from exporter.zego.models import TaskStatus
@@ -317,4 +317,4 @@ async def test_without_a_state_file_nothing_waits_to_be_written(rig: Rig) -> Non
     rig.engine.abort(task)
     assert (await post(rig, signed(rig, task, "r1", 2, 0, {"quit_reason": 6})))[0] == 200
     assert results(rig) == {"applied": 1}
-    assert rig.exporter.state.apps[APP_ID].unsaved_tasks == set()
+    assert rig.exporter.state.apps[APP_ID].unsaved == Unsaved()

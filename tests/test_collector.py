@@ -13,12 +13,12 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.clock import ManualClock
-from exporter.poll.diff import EventKind, TaskEvent, TrackedTask, Tracking
 from exporter.serve.collector import ExporterCollector
+from exporter.state.changes import EventKind, TaskEvent, TrackedTask
 from exporter.state.model import OTHER_ROOMS, ExporterState
 from exporter.zego.models import TaskStatus
 from exporter.zego.ratelimit import RateLimiter
-from tests.conftest import require_binary
+from tests.conftest import cycle, require_binary
 
 
 def render(state: ExporterState) -> str:
@@ -53,13 +53,13 @@ def test_configured_rooms_exist_at_zero_before_any_event() -> None:
 def test_events_count_per_room_and_durations_per_outcome() -> None:
     state = ExporterState.for_apps([(7, ("a", "b"), 1000)])
     app = state.apps[7]
-    app.apply(Tracking(live={"t2": TrackedTask("t2", "b", TaskStatus.PAUSED, 0)}), [
+    app.apply(cycle(
         TaskEvent(EventKind.STARTED, "t1", "a"),
-        TaskEvent(EventKind.ENDED, "t1", "a", 120.0),
+        TaskEvent(EventKind.ENDED, "t1", "a", duration_s=120.0),
         TaskEvent(EventKind.ENDED_ABNORMALLY, "t1", "a"),
         TaskEvent(EventKind.STARTED, "t2", "b"),
         TaskEvent(EventKind.PAUSED, "t2", "b"),
-    ])
+        live=[TrackedTask("t2", "b", TaskStatus.PAUSED, 0)]))
     text = render(state)
     assert value(text, "zego_cloudrecord_tasks_started_total", app_id="7", room_id="a") == 1
     assert value(text, "zego_cloudrecord_tasks_ended_abnormally_total", app_id="7",
@@ -78,9 +78,9 @@ def test_events_count_per_room_and_durations_per_outcome() -> None:
 
 def test_all_rooms_mode_caps_room_series_and_aggregates_the_rest() -> None:
     state = ExporterState.for_apps([(7, None, 2)])
-    state.apps[7].apply(Tracking(), [TaskEvent(EventKind.STARTED, f"t{i}", f"room{i}")
-                                     for i in range(5)])
-    state.apps[7].apply(Tracking(), [])
+    state.apps[7].apply(cycle(*(TaskEvent(EventKind.STARTED, f"t{i}", f"room{i}")
+                                for i in range(5))))
+    state.apps[7].apply(cycle())
     text = render(state)
     rooms = {dict(labels)["room_id"] for (name, labels) in samples(text)
              if name == "zego_cloudrecord_tasks_started_total"}
@@ -92,13 +92,14 @@ def test_all_rooms_mode_caps_room_series_and_aggregates_the_rest() -> None:
 def test_a_room_first_seen_in_all_rooms_mode_shows_at_zero_before_its_first_event() -> None:
     state = ExporterState.for_apps([(7, None, 1000)])
     app = state.apps[7]
-    died = [TaskEvent(EventKind.STARTED, "t", "new"), TaskEvent(EventKind.ENDED, "t", "new", 9.0),
+    died = [TaskEvent(EventKind.STARTED, "t", "new"),
+            TaskEvent(EventKind.ENDED, "t", "new", duration_s=9.0),
             TaskEvent(EventKind.ENDED_ABNORMALLY, "t", "new")]
-    app.apply(Tracking(), died)
+    app.apply(cycle(*died))
     first = render(state)
     assert value(first, "zego_cloudrecord_tasks_ended_abnormally_total", app_id="7",
                  room_id="new") == 0
-    app.apply(Tracking(), [])
+    app.apply(cycle())
     second = render(state)
     assert value(second, "zego_cloudrecord_tasks_ended_abnormally_total", app_id="7",
                  room_id="new") == 1
@@ -108,16 +109,16 @@ def test_a_room_first_seen_in_all_rooms_mode_shows_at_zero_before_its_first_even
 
 def test_no_task_id_label_anywhere() -> None:
     state = ExporterState.for_apps([(7, ("a",), 1000)])
-    state.apps[7].apply(Tracking(live={"t": TrackedTask("t", "a", TaskStatus.RECORDING, 0)}),
-                        [TaskEvent(EventKind.STARTED, "t", "a")])
+    state.apps[7].apply(cycle(TaskEvent(EventKind.STARTED, "t", "a"),
+                              live=[TrackedTask("t", "a", TaskStatus.RECORDING, 0)]))
     assert all("task_id" not in dict(labels) for _, labels in samples(render(state)))
 
 
 def test_exposition_passes_promtool_check_metrics() -> None:
     promtool = require_binary("promtool", "prometheus")
     state = ExporterState.for_apps([(7, ("a",), 1000)])
-    state.apps[7].apply(Tracking(), [TaskEvent(EventKind.STARTED, "t", "a"),
-                                     TaskEvent(EventKind.ENDED, "t", "a", 5.0)])
+    state.apps[7].apply(cycle(TaskEvent(EventKind.STARTED, "t", "a"),
+                              TaskEvent(EventKind.ENDED, "t", "a", duration_s=5.0)))
     state.api.observe(7, "DescribeTasks", "0", 0.02)
     result = subprocess.run([promtool, "check", "metrics"], input=render(state).encode(),
                             capture_output=True, check=False)

@@ -14,12 +14,12 @@ from exporter.config import (
     MAX_APP_ID,
     MAX_ROOM_ID_BYTES,
     MIN_POLL_INTERVAL,
-    QUERY_WINDOW,
     ConfigError,
     LoadedConfig,
     Secret,
     parse_config,
 )
+from exporter.zego.limits import HORIZON_S
 
 SOURCE = "config.yml"
 BASE_DIR = Path("/nonexistent/config-dir")
@@ -139,8 +139,8 @@ def assert_valid(loaded: LoadedConfig) -> None:
     assert zego.endpoint.startswith(("http://", "https://"))
     assert math.isfinite(zego.timeout) and zego.timeout > 0
     assert 0 < zego.pacing <= 1
-    assert 0 <= zego.clock_skew_margin < QUERY_WINDOW
-    assert MIN_POLL_INTERVAL <= config.poll_interval < QUERY_WINDOW - zego.clock_skew_margin
+    assert 0 <= zego.clock_skew_margin < HORIZON_S
+    assert MIN_POLL_INTERVAL <= config.poll_interval < HORIZON_S - zego.clock_skew_margin
     assert config.apps
     assert len({app.app_id for app in config.apps}) == len(config.apps)
     for app in config.apps:

@@ -5,19 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from exporter.poll.diff import (
-    HORIZON_MS,
-    MAX_RECORD_MS,
-    NOT_FOUND,
-    EventKind,
-    Lookup,
-    LookupFailed,
-    Snapshot,
-    TrackedTask,
-    Tracking,
-    diff,
-    needs_lookup,
-)
+from exporter.poll.diff import NOT_FOUND, Lookup, LookupFailed, Snapshot, diff, needs_lookup
+from exporter.state.changes import EventKind, Marks, TrackedTask, Tracking
+from exporter.zego.limits import HORIZON_MS, MAX_RECORD_MS
 from exporter.zego.models import RecordingTask, RecordStatus, TaskStatus
 
 NOW = 1_700_000_000_000
@@ -39,8 +29,13 @@ def tracking(*tasks: RecordingTask, finished: Mapping[str, int] | None = None) -
     return Tracking(
         live={t.task_id: TrackedTask(t.task_id, t.room_id, t.status, t.begin_ms) for t in tasks},
         finished=dict(finished or {}),
-        ended_since_ms=NOW - 15_000 - MARGIN,
+        marks=Marks(ended_since_ms=NOW - 15_000 - MARGIN),
     )
+
+
+def marked(state: Tracking, **marks: object) -> Tracking:
+    """`state` with some of its marks (baseline, watermark) changed."""
+    return replace(state, marks=replace(state.marks, **marks))  # type: ignore[arg-type]
 
 
 def kinds(state: Tracking, snapshot: Snapshot, lookups: Mapping[str, Lookup] | None = None
@@ -55,7 +50,7 @@ def status(task_id: str, value: TaskStatus, end: int | None = None) -> RecordSta
 
 def test_first_cycle_without_stored_state_is_a_baseline_not_starts() -> None:
     result = diff(Tracking(), snap([row("a"), row("b")], ended=[row("c", S.ENDED)]), {}, MARGIN)
-    assert result.events == []
+    assert result.events == ()
     assert set(result.tracking.live) == {"a", "b"}
     assert "c" in result.tracking.finished
     assert result.tracking.has_baseline
@@ -88,7 +83,7 @@ def test_task_missing_from_the_live_rows_needs_a_lookup_and_is_not_reported_ende
     observed = snap([row("b")])
     assert needs_lookup(state, observed, MARGIN) == ["a"]
     result = diff(state, observed, {"a": LookupFailed.FAILED}, MARGIN)
-    assert result.events == []
+    assert result.events == ()
     assert result.pending == ["a"]
     assert "a" in result.tracking.live
 
@@ -109,7 +104,7 @@ def test_lookup_ended_abnormally_is_ended_and_ended_abnormally() -> None:
 
 def test_lookup_still_live_is_page_drift_and_keeps_the_task() -> None:
     result = diff(tracking(row("a")), snap(), {"a": status("a", S.RECORDING)}, MARGIN)
-    assert result.events == []
+    assert result.events == ()
     assert "a" in result.tracking.live
 
 
@@ -173,7 +168,7 @@ def test_finished_task_ids_are_forgotten_once_zego_can_no_longer_list_them() -> 
         "at-edge", "10min"}
     # After days down, the next Status=3 read starts at the stored watermark: a task begun since
     # then may be in it, and must stay known however old, up to ZEGO's 3 days.
-    restarted = replace(tracking(finished=finished), ended_since_ms=NOW - 80 * hour)
+    restarted = marked(tracking(finished=finished), ended_since_ms=NOW - 80 * hour)
     result = diff(restarted, snap(consistent=False), {}, MARGIN, max_lag_ms=None)
     assert set(result.tracking.finished) == {"26h", "before-edge", "at-edge", "10min"}
 
@@ -200,8 +195,8 @@ def test_ended_watermark_moves_only_after_a_consistent_listing() -> None:
     state = tracking()
     moved = diff(state, snap(at=NOW + 15_000), {}, MARGIN).tracking
     kept = diff(state, snap(at=NOW + 15_000, consistent=False), {}, MARGIN).tracking
-    assert moved.ended_since_ms == NOW + 15_000 - MARGIN
-    assert kept.ended_since_ms == state.ended_since_ms
+    assert moved.marks.ended_since_ms == NOW + 15_000 - MARGIN
+    assert kept.marks.ended_since_ms == state.marks.ended_since_ms
 
 
 def test_events_carry_the_room_of_the_task() -> None:
@@ -238,10 +233,10 @@ def test_a_listing_older_than_a_callback_flip_does_not_flip_it_back() -> None:
     # A callback paused "a" while this cycle's listing (taken earlier) still showed it recording.
     state = tracking(row("a", S.PAUSED))
     result = diff(state, snap([row("a", S.RECORDING)]), {}, MARGIN, fresher={"a"})
-    assert result.events == []
+    assert result.events == ()
     assert result.tracking.live["a"].status is S.PAUSED
     looked_up = diff(state, snap(), {"a": status("a", S.RECORDING)}, MARGIN, fresher={"a"})
-    assert looked_up.events == []
+    assert looked_up.events == ()
 
 
 def test_a_fresher_task_still_ends_when_the_listing_says_so() -> None:
@@ -268,26 +263,26 @@ def test_a_task_a_callback_finished_before_the_baseline_stays_finished() -> None
 
 
 def test_a_room_the_baseline_does_not_cover_gets_a_baseline_of_its_own() -> None:
-    state = replace(tracking(), rooms=frozenset({"r1"}))
+    state = marked(tracking(), rooms=frozenset({"r1"}))
     result = diff(state, snap([row("old", room="r2"), row("new", room="r1")],
                               ended=[row("done", S.ENDED_ABNORMALLY, room="r2")]),
                   {}, MARGIN, scope=frozenset({"r1", "r2"}))
     assert [(e.kind, e.task_id) for e in result.events] == [(EventKind.STARTED, "new")]
     assert {"old", "new"} <= set(result.tracking.live)
     assert "done" in result.tracking.finished
-    assert result.tracking.rooms == {"r1", "r2"}
+    assert result.tracking.marks.rooms == {"r1", "r2"}
 
 
 def test_an_inconsistent_cycle_leaves_the_watermark_behind_at_most_max_lag() -> None:
-    state = replace(tracking(), ended_since_ms=NOW - 3_600_000)
+    state = marked(tracking(), ended_since_ms=NOW - 3_600_000)
     result = diff(state, snap(consistent=False), {}, MARGIN, max_lag_ms=750_000)
-    assert result.tracking.ended_since_ms == NOW - 750_000
+    assert result.tracking.marks.ended_since_ms == NOW - 750_000
 
 
 def test_a_task_the_baselines_listing_missed_is_tracked_not_started() -> None:
     # Page drift skipped "early" in the baseline's listing; it shows up a cycle later.
     base = diff(Tracking(), snap([row("a")]), {}, MARGIN).tracking
-    assert base.baseline_ms == NOW
+    assert base.marks.baseline_ms == NOW
     later = snap([row("a"), row("early", begin=NOW - 1), row("new", begin=NOW + 1)],
                  ended=[row("gone", S.ENDED_ABNORMALLY, begin=NOW - 5_000)], at=NOW + 15_000)
     result = diff(base, later, {}, MARGIN)
@@ -303,10 +298,10 @@ def test_a_task_the_baselines_listing_missed_is_tracked_not_started() -> None:
 
 
 def test_a_room_added_later_counts_starts_from_its_own_baseline() -> None:
-    state = replace(tracking(), rooms=frozenset({"r1"}), baseline_ms=NOW - 3_600_000)
+    state = marked(tracking(), rooms=frozenset({"r1"}), baseline_ms=NOW - 3_600_000)
     first = diff(state, snap([row("seen", room="r2")]), {}, MARGIN,
                  scope=frozenset({"r1", "r2"})).tracking
-    assert first.room_baselines_ms == {"r2": NOW}
+    assert first.marks.room_baselines_ms == {"r2": NOW}
     later = snap([row("seen", room="r2"), row("missed", begin=NOW - 10, room="r2"),
                   row("new", begin=NOW + 10, room="r2"), row("r1-task", begin=NOW - 10)],
                  at=NOW + 15_000)
@@ -315,14 +310,14 @@ def test_a_room_added_later_counts_starts_from_its_own_baseline() -> None:
         ("started", "new"), ("started", "r1-task")]
     # A room dropped from the config forgets its baseline (re-added, it gets a new one).
     dropped = diff(result.tracking, snap(at=NOW + 30_000), {}, MARGIN, scope=frozenset({"r1"}))
-    assert dropped.tracking.room_baselines_ms == {}
+    assert dropped.tracking.marks.room_baselines_ms == {}
 
 
 def test_a_switch_from_a_room_list_to_all_rooms_baselines_the_new_rooms_now() -> None:
-    state = replace(tracking(), rooms=frozenset({"r1"}), baseline_ms=NOW - 36_000_000)
+    state = marked(tracking(), rooms=frozenset({"r1"}), baseline_ms=NOW - 36_000_000)
     first = diff(state, snap([row("seen", room="r2")]), {}, MARGIN, scope=None).tracking
-    assert first.baseline_ms == NOW
-    assert first.room_baselines_ms == {"r1": NOW - 36_000_000}
+    assert first.marks.baseline_ms == NOW
+    assert first.marks.room_baselines_ms == {"r1": NOW - 36_000_000}
     later = snap([row("seen", room="r2"), row("missed", begin=NOW - 10, room="r2"),
                   row("r1-task", begin=NOW - 10)], at=NOW + 15_000)
     result = diff(first, later, {}, MARGIN, scope=None)

@@ -26,7 +26,8 @@ def test_a_logfmt_line_reads_like_promslog(stream: io.StringIO) -> None:
     structlog.get_logger("exporter.poll.poller").warning("poll_budget_exceeded", app_id=7)
     line = stream.getvalue().strip()
     assert re.fullmatch(r"time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=WARN "
-                        r"source=exporter\.poll\.poller msg=poll_budget_exceeded app_id=7", line), line
+                        r"source=exporter\.poll\.poller msg=poll_budget_exceeded app_id=7",
+                        line), line
 
 
 @pytest.mark.parametrize(("method", "level"), [("debug", "DEBUG"), ("info", "INFO"),

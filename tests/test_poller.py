@@ -12,11 +12,11 @@ import structlog
 
 from exporter.clock import ManualClock, SystemClock
 from exporter.daemon import Exporter
-from exporter.poll.diff import EventKind
 from exporter.poll.poller import CycleReport
 from exporter.simulator.engine import LifecycleRates, SimEngine
 from exporter.simulator.faults import FaultConfig, FaultKind, FaultRule
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
+from exporter.state.changes import EventKind
 from tests.conftest import APP_ID, QUIET, SECRET, Rig, make_config
 from tests.test_adversarial import (
     DESCRIBE_RECORD_STATUS,
@@ -245,8 +245,8 @@ async def test_a_busy_app_keeps_its_ended_listing_window_bounded(rig_factory: Fa
     app = rig.exporter.state.apps[APP_ID]
     for _ in range(80):
         await rig.cycle()
-    assert app.tracking.ended_since_ms is not None
-    lag_s = rig.clock.time() - app.tracking.ended_since_ms / 1000
+    assert app.tracking.marks.ended_since_ms is not None
+    lag_s = rig.clock.time() - app.tracking.marks.ended_since_ms / 1000
     assert lag_s <= 10 * 15 + 600 + 30  # max lag + margin + a cycle
     assert all(isinstance(r, CycleReport) and r.ok for r in rig.reports)
     assert max(r.requests for r in rig.reports[-20:]) < 40

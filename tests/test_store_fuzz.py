@@ -22,7 +22,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from exporter.config import MAX_ROOM_ID_BYTES
-from exporter.poll.diff import EventKind
+from exporter.state.changes import EventKind
 from exporter.state.model import AppState
 from exporter.state.store import MAX_TASK_ID_BYTES, Store, StoreError
 from exporter.zego.models import LIVE_STATUSES, MAX_SAFE_INT
@@ -182,11 +182,12 @@ def assert_sound(app: AppState) -> None:
     for task_id, learned_ms in tracking.finished.items():
         assert_clean_text(task_id, MAX_TASK_ID_BYTES)
         assert_count(learned_ms)
-    for ms in (tracking.ended_since_ms, tracking.baseline_ms, app.last_observed_ms,
-               *tracking.room_baselines_ms.values()):
+    for ms in (tracking.marks.ended_since_ms, tracking.marks.baseline_ms, app.last_observed_ms,
+               *tracking.marks.room_baselines_ms.values()):
         if ms is not None:
             assert_count(ms)
-    for room in (*(tracking.rooms or ()), *tracking.room_baselines_ms, *app.upload_failures,
+    marks = tracking.marks
+    for room in (*(marks.rooms or ()), *marks.room_baselines_ms, *app.upload_failures,
                  *app.counters):
         assert_clean_text(room, MAX_ROOM_ID_BYTES)
     for by_kind in app.counters.values():

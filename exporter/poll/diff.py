@@ -1,12 +1,15 @@
-"""Turns what one poll cycle saw into recording events: a pure function of state and observation.
+"""Turns what one poll cycle saw into a change set: a pure function of tracking and observation.
 
-No I/O, no clock, no metrics: everything the rules need comes in as arguments, so every rule can
-be tested on its own. The rules, in the order they apply to one app:
+No I/O, no clock, no metrics: everything the rules need comes in as arguments, and the result
+says exactly what changes (events, tasks tracked and untracked, ids finished and forgotten, the
+new watermark), so every rule can be tested on its own. The rules, in the order they apply
+to one app:
 
 1. The very first cycle with no stored state is the baseline: live tasks are remembered, ended
    ones are marked as already counted, and no event is emitted.
-2. A live row whose TaskId was never seen before: **started** (unless it began before the
-   baseline of its room: a task the baseline's listing missed is tracked, not counted).
+2. A live row whose TaskId was never seen before: **started**, and **paused** too if it is
+   paused (ZEGO's tasks go 1 → 2 → 5); unless it began before the baseline of its room: a task
+   the baseline's listing missed is tracked, not counted.
 3. A tracked task whose status changed: 2→5 **paused**, 5→2 **resumed** (1→2 is no event).
 4. A tracked task missing from the live rows is never assumed ended. An ended row for it
    (Status=3 listing) or ZEGO's DescribeRecordStatus decides: 3 **ended**, 4 **ended** and
@@ -29,57 +32,19 @@ from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 
+from exporter.state.changes import (
+    ChangeSet,
+    EventKind,
+    Marks,
+    Source,
+    TaskEvent,
+    TrackedTask,
+    Tracking,
+)
+from exporter.zego.limits import HORIZON_MS, MAX_RECORD_MS
 from exporter.zego.models import RecordingTask, RecordStatus, TaskStatus
 
-HORIZON_MS = 3 * 24 * 3600 * 1000  # ZEGO lists and describes tasks begun in the last 3 days
-MAX_RECORD_MS = 24 * 3600 * 1000  # StartRecord's MaxRecordTime ceiling: no task records longer
 LIVE_GRACE_MS = 3600 * 1000  # how long after its end a task may still be listed live (generous)
-
-
-class EventKind(enum.Enum):
-    STARTED = "started"
-    PAUSED = "paused"
-    RESUMED = "resumed"
-    ENDED = "ended"
-    ENDED_ABNORMALLY = "ended_abnormally"
-    LOST = "lost"
-
-
-@dataclass(frozen=True, slots=True)
-class TaskEvent:
-    kind: EventKind
-    task_id: str
-    room_id: str
-    duration_s: float | None = None  # with ENDED: how long the recording lasted
-
-
-@dataclass(frozen=True, slots=True)
-class TrackedTask:
-    task_id: str
-    room_id: str
-    status: TaskStatus
-    begin_ms: int
-
-
-@dataclass
-class Tracking:
-    """What one app's diff remembers between cycles (persisted by the store)."""
-
-    live: dict[str, TrackedTask] = field(default_factory=dict)
-    # TaskId -> when this exporter learned that the task ended (ms, its own clock): an upper
-    # bound of the end, and so of the begin, which is all forgetting it needs.
-    finished: dict[str, int] = field(default_factory=dict)
-    ended_since_ms: int | None = None  # next Status=3 read starts here; None: no baseline yet
-    rooms: frozenset[str] | None = None  # rooms the baseline covers; None: every room
-    # When counting began: the baseline's time, and for rooms added to the config later, theirs.
-    # A task first seen later that began before it was missed by the baseline's listing (page
-    # drift): it is tracked, its end counts, its start does not.
-    baseline_ms: int | None = None
-    room_baselines_ms: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def has_baseline(self) -> bool:
-        return self.ended_since_ms is not None
 
 
 @dataclass(frozen=True)
@@ -104,9 +69,18 @@ Lookup = RecordStatus | str | LookupFailed
 
 @dataclass(frozen=True)
 class DiffResult:
-    tracking: Tracking
-    events: list[TaskEvent]
+    changes: ChangeSet
     pending: list[str]  # TaskIds whose look-up failed and will be asked again
+    before: Tracking = field(default_factory=Tracking, repr=False)
+
+    @property
+    def events(self) -> tuple[TaskEvent, ...]:
+        return self.changes.events
+
+    @property
+    def tracking(self) -> Tracking:
+        """The tracking after this cycle (built on demand: the exporter applies the changes)."""
+        return self.before.after(self.changes)
 
 
 def _terminal_rows(snapshot: Snapshot) -> dict[str, RecordingTask]:
@@ -146,7 +120,8 @@ def needs_lookup(tracking: Tracking, snapshot: Snapshot, margin_ms: int) -> list
 
 def _ended_events(task: TrackedTask | RecordingTask, status: TaskStatus, duration_s: float
                   ) -> list[TaskEvent]:
-    events = [TaskEvent(EventKind.ENDED, task.task_id, task.room_id, max(0.0, duration_s))]
+    events = [TaskEvent(EventKind.ENDED, task.task_id, task.room_id,
+                        duration_s=max(0.0, duration_s))]
     if status is TaskStatus.ENDED_ABNORMALLY:
         events.append(TaskEvent(EventKind.ENDED_ABNORMALLY, task.task_id, task.room_id))
     return events
@@ -160,11 +135,6 @@ def _status_events(old: TrackedTask, new: TaskStatus) -> list[TaskEvent]:
     return []
 
 
-def _with_status(task: TrackedTask, status: TaskStatus) -> TrackedTask:
-    """The task with this status: the same object if unchanged (the store writes changed ones)."""
-    return task if task.status is status else replace(task, status=status)
-
-
 def diff(
     tracking: Tracking,
     snapshot: Snapshot,
@@ -175,7 +145,7 @@ def diff(
     max_lag_ms: int | None = None,
     learned_ms: int | None = None,
 ) -> DiffResult:
-    """Apply one cycle's observation to `tracking`; return the new tracking and the events.
+    """What one cycle's observation changes in `tracking`: the change set and pending look-ups.
 
     `fresher`: tasks whose tracked status a callback changed after the snapshot was taken; the
     snapshot's older status must not flip them back (it would be a false pause or resume).
@@ -188,26 +158,33 @@ def diff(
     now = snapshot.taken_ms
     learned = now if learned_ms is None else max(now, learned_ms)
     live_rows, terminal_rows = _rows(snapshot)
+    marks = tracking.marks
 
     if not tracking.has_baseline:
         # Callbacks may have finished tasks already (their ends counted): keep them finished.
-        baseline = Tracking(
-            live={t: TrackedTask(t, r.room_id, r.status, r.begin_ms) for t, r in live_rows.items()
-                  if t not in tracking.finished},
-            finished={**tracking.finished, **dict.fromkeys(terminal_rows, learned)},
-            ended_since_ms=now - margin_ms,
-            rooms=scope,
-            baseline_ms=now,
+        baseline = ChangeSet(
+            Source.POLL, learned,
+            tracked={t: TrackedTask(t, r.room_id, r.status, r.begin_ms)
+                     for t, r in live_rows.items() if t not in tracking.finished},
+            finished={t: learned for t in terminal_rows if t not in tracking.finished},
+            marks=Marks(now - margin_ms, scope, now),
+            observed_ms=now,
         )
-        return DiffResult(baseline, [], [])
+        return DiffResult(baseline, [], tracking)
 
     events: list[TaskEvent] = []
-    live: dict[str, TrackedTask] = {}
-    finished = dict(tracking.finished)
+    tracked: dict[str, TrackedTask] = {}
+    finished: dict[str, int] = {}
     pending: list[str] = []
 
     def finish(task: TrackedTask | RecordingTask, ended_by: int | None = None) -> None:
         finished[task.task_id] = learned if ended_by is None else max(learned, ended_by)
+
+    def keep(old: TrackedTask, status: TaskStatus, begin_ms: int | None = None) -> None:
+        """The task stays live: record it if its status (or a callback's guessed begin) moved."""
+        new = replace(old, status=status, begin_ms=old.begin_ms if begin_ms is None else begin_ms)
+        if new != old:
+            tracked[old.task_id] = new
 
     for tid, old in tracking.live.items():
         ended_row, live_row = _row_of(old, terminal_rows), _row_of(old, live_rows)
@@ -216,10 +193,10 @@ def diff(
             finish(old)
         elif live_row is not None:
             if tid in fresher:
-                live[tid] = old
+                keep(old, old.status, live_row.begin_ms)
                 continue
             events += _status_events(old, live_row.status)
-            live[tid] = _with_status(old, live_row.status)
+            keep(old, live_row.status, live_row.begin_ms)
         elif old.begin_ms < horizon_start_ms(now, margin_ms):
             events.append(TaskEvent(EventKind.LOST, tid, old.room_id))
             finish(old)
@@ -229,10 +206,10 @@ def diff(
                 outcome = LookupFailed.FAILED  # an answer about another room: not this task's
             if isinstance(outcome, RecordStatus):
                 if outcome.status.live and tid in fresher:
-                    live[tid] = old
+                    pass
                 elif outcome.status.live:  # page drift: still recording
                     events += _status_events(old, outcome.status)
-                    live[tid] = _with_status(old, outcome.status)
+                    keep(old, outcome.status)
                 else:
                     end_ms = outcome.end_ms if outcome.end_ms is not None else now
                     events += _ended_events(old, outcome.status, (end_ms - old.begin_ms) / 1000)
@@ -241,21 +218,22 @@ def diff(
                 events.append(TaskEvent(EventKind.LOST, tid, old.room_id))
                 finish(old, old.begin_ms + MAX_RECORD_MS)  # when it ended, nobody says
             else:
-                live[tid] = old
                 pending.append(tid)
 
-    known = tracking.live.keys() | finished.keys()
-    covered = tracking.rooms.__contains__ if tracking.rooms is not None else (lambda room: True)
-    room_baselines = {room: ms for room, ms in tracking.room_baselines_ms.items()
+    def known(task_id: str) -> bool:
+        return task_id in tracking.live or task_id in tracking.finished or task_id in finished
+
+    covered = marks.rooms.__contains__ if marks.rooms is not None else (lambda room: True)
+    room_baselines = {room: ms for room, ms in marks.room_baselines_ms.items()
                       if scope is None or room in scope}
-    baseline_ms = tracking.baseline_ms
-    if scope is not None and tracking.rooms is not None:
-        room_baselines.update(dict.fromkeys(scope - tracking.rooms, now))
-    elif scope is None and tracking.rooms is not None:
+    baseline_ms = marks.baseline_ms
+    if scope is not None and marks.rooms is not None:
+        room_baselines.update(dict.fromkeys(scope - marks.rooms, now))
+    elif scope is None and marks.rooms is not None:
         # From a room list to "*": every other room's baseline is now; the listed rooms keep
         # theirs (0: a schema-1 state without one, where every first sighting counts).
-        room_baselines = {room: room_baselines.get(room, tracking.baseline_ms or 0)
-                          for room in tracking.rooms}
+        room_baselines = {room: room_baselines.get(room, marks.baseline_ms or 0)
+                          for room in marks.rooms}
         baseline_ms = now
 
     def began_counted(row: RecordingTask) -> bool:
@@ -264,12 +242,14 @@ def diff(
         return since is None or row.begin_ms >= since
 
     for tid, row in live_rows.items():
-        if tid not in known:
+        if not known(tid):
             if covered(row.room_id) and began_counted(row):
                 events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
-            live[tid] = TrackedTask(tid, row.room_id, row.status, row.begin_ms)
+                if row.status is TaskStatus.PAUSED:  # ZEGO's tasks go 1 → 2 → 5: it paused
+                    events.append(TaskEvent(EventKind.PAUSED, tid, row.room_id))
+            tracked[tid] = TrackedTask(tid, row.room_id, row.status, row.begin_ms)
     for tid, row in terminal_rows.items():
-        if tid not in known:
+        if not known(tid):
             if covered(row.room_id):
                 if began_counted(row):
                     events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
@@ -278,8 +258,8 @@ def diff(
 
     # Only a consistent listing proves nothing began unseen before this cycle (see docs/design.md).
     ended_since = now - margin_ms
-    if not snapshot.consistent and tracking.ended_since_ms is not None:
-        ended_since = tracking.ended_since_ms
+    if not snapshot.consistent and marks.ended_since_ms is not None:
+        ended_since = marks.ended_since_ms
     if max_lag_ms is not None:
         ended_since = max(ended_since, now - max_lag_ms)
     # Forget finished TaskIds that no listing can show again. A live listing may lag an end by
@@ -288,9 +268,16 @@ def diff(
     # `ended_since - margin` is at most `now - 2 margins`, so one cutoff covers both rules; ZEGO
     # lists nothing begun over 3 days ago, which frees ids after an outage too.
     cutoff = max(ended_since - margin_ms - LIVE_GRACE_MS, now - HORIZON_MS - margin_ms)
-    finished = {t: at for t, at in finished.items() if at >= cutoff}
-    return DiffResult(Tracking(live, finished, ended_since, scope, baseline_ms, room_baselines),
-                      events, pending)
+    forgotten = frozenset(t for t, at in tracking.finished.items() if at < cutoff)
+    changes = ChangeSet(
+        Source.POLL, learned, tuple(events), tracked,
+        untracked=frozenset(finished.keys() & tracking.live.keys()),
+        finished=finished,
+        forgotten=forgotten,
+        marks=Marks(ended_since, scope, baseline_ms, room_baselines),
+        observed_ms=now,
+    )
+    return DiffResult(changes, pending, tracking)
 
 
 def dedupe(rows: Iterable[RecordingTask]) -> dict[str, RecordingTask]:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
+from exporter.zego.limits import PAGE_SIZE
 from exporter.zego.models import RecordingTask
 
-PAGE_SIZE = 50
 PROBE_EVERY = 20  # cycles between app-wide probes while per-room
 SWITCH_ABOVE = 1.1  # switch when this plan needs over 1.1 × the other's requests
 

@@ -19,25 +19,23 @@ from exporter.poll.diff import (
     Lookup,
     LookupFailed,
     Snapshot,
-    TrackedTask,
     diff,
     horizon_start_ms,
     needs_lookup,
 )
 from exporter.poll.planner import Planner
+from exporter.state.changes import ChangeSet, CycleOutcome, Source, TrackedTask
 from exporter.state.model import AppState
 from exporter.zego.client import ZegoApp, ZegoClient
 from exporter.zego.errors import Code, ZegoApiError, ZegoError, ZegoResponseError
+from exporter.zego.limits import LISTING_ENDED, LISTING_LIVE, PAGE_SIZE
 from exporter.zego.models import RecordingTask
 
-PAGE_SIZE = 50
 MAX_PAGES = 1000  # 50,000 tasks in one scope: past this, TotalCount is lying
 MAX_LOOKUPS_IN_FLIGHT = 16
 # From this many vanished tasks begun before the cycle's Status=3 window on, a Status=3 read over
 # their begin times runs beside the look-ups (fewer are looked up within seconds).
 EXTENDED_READ_MIN = 64
-STATUS_LIVE = 2
-STATUS_ENDED = 3
 T = TypeVar("T")
 
 log = structlog.get_logger("exporter.poll.poller")
@@ -127,7 +125,7 @@ class AppPoller:
             return await self._cycle()
         except Exception as exc:  # a bug must not leave `up` stale or kill the scheduler's job
             self._errors.record("poll_cycle", exc)
-            return self._finish(False, 0, 0, time.perf_counter(),
+            return self._finish(None, 0, time.perf_counter(),
                                 f"internal error: {type(exc).__name__}")
 
     async def _cycle(self) -> CycleReport:
@@ -137,7 +135,7 @@ class AppPoller:
         try:
             snapshot, requests = await self._observe(now_ms)
         except ZegoError as exc:
-            return self._finish(False, 0, 0, started, str(exc))
+            return self._finish(None, 0, started, str(exc))
         self._check_budget(requests)
         vanished = needs_lookup(state.tracking, snapshot, self._margin_ms)
         resolution = await self._resolve([state.tracking.live[t] for t in vanished],
@@ -150,21 +148,11 @@ class AppPoller:
         result = diff(state.tracking, snapshot, resolution.lookups, self._margin_ms,
                       state.fresher_than(now_ms), scope, self._max_lag_ms,
                       learned_ms=int(self._clock.time() * 1000))
-        state.apply(result.tracking, result.events)
-        state.last_observed_ms = now_ms
-        for event in result.events:
-            log.info(
-                f"task_{event.kind.value}",
-                app_id=self._app.app_id,
-                room_id=event.room_id,
-                task_id=event.task_id,
-                **({"duration_s": round(event.duration_s, 3)} if event.duration_s else {}),
-            )
         failed = len(result.pending)
-        # The events above stand; the pending tasks are asked about again next cycle.
+        # The events stand; the pending tasks are asked about again next cycle.
         error = f"DescribeRecordStatus failed for {failed} tasks" if failed else None
-        return self._finish(not failed, requests + resolution.pages + len(resolution.lookups),
-                            len(result.events), started, error, resolution.pages)
+        return self._finish(result.changes, requests + resolution.pages + len(resolution.lookups),
+                            started, error, resolution.pages)
 
     def _check_budget(self, requests: int) -> None:
         """Say so when the rooms need more listing requests than one interval's budget: cycles
@@ -179,29 +167,29 @@ class AppPoller:
             log.info("poll_budget_ok", app_id=self._app.app_id, requests_per_cycle=requests)
         self._over_budget = over
 
-    def _finish(self, ok: bool, requests: int, events: int, started: float,
+    def _finish(self, changes: ChangeSet | None, requests: int, started: float,
                 error: str | None, extended_pages: int = 0) -> CycleReport:
-        state = self._state
+        """Apply the cycle's changes (none if it failed) with its outcome, and log it."""
         seconds = time.perf_counter() - started
-        state.cycles_attempted += 1
-        state.up = ok
-        state.last_poll_duration = seconds
-        state.last_error = error
-        if ok:
-            state.last_success_time = self._clock.time()
-        fields = {"app_id": self._app.app_id, "requests": requests, "events": events,
-                  "seconds": round(seconds, 3), "live": len(state.tracking.live)}
+        now = self._clock.time()
+        ok = changes is not None and error is None
+        outcome = CycleOutcome(ok, seconds, error, now)
+        changes = changes or ChangeSet(Source.POLL, int(now * 1000))
+        self._state.apply(replace(changes, cycle=outcome))
+        fields = {"app_id": self._app.app_id, "requests": requests,
+                  "events": len(changes.events), "seconds": round(seconds, 3),
+                  "live": len(self._state.tracking.live)}
         if error is not None:
             log.warning("poll_cycle_failed", error=error, **fields)
         else:
             log.info("poll_cycle_done", **fields)
         if self._on_cycle_done is not None:
-            self._on_cycle_done(state)
-        return CycleReport(ok, requests, events, seconds, extended_pages)
+            self._on_cycle_done(self._state)
+        return CycleReport(ok, requests, len(changes.events), seconds, extended_pages)
 
     def _ended_from(self, now_ms: int) -> int:
         """Where this cycle's Status=3 read begins (a window of begin times up to now)."""
-        since = self._state.tracking.ended_since_ms
+        since = self._state.tracking.marks.ended_since_ms
         if since is None:
             return now_ms - self._margin_ms  # baseline: what just ended is not ours to count
         return max(horizon_start_ms(now_ms, self._margin_ms), since)
@@ -209,15 +197,15 @@ class AppPoller:
     async def _observe(self, now_ms: int) -> tuple[Snapshot, int]:
         oldest = horizon_start_ms(now_ms, self._margin_ms)
         ended_from = self._ended_from(now_ms)
-        windows = {STATUS_LIVE: oldest, STATUS_ENDED: ended_from}
+        windows = {LISTING_LIVE: oldest, LISTING_ENDED: ended_from}
         planner = self.planner
         probe = planner is not None and planner.needs_probe()
-        live, ended = await all_or_nothing(self._list_all(STATUS_LIVE, oldest, now_ms),
-                                           self._list_all(STATUS_ENDED, ended_from, now_ms))
+        live, ended = await all_or_nothing(self._list_all(LISTING_LIVE, oldest, now_ms),
+                                           self._list_all(LISTING_ENDED, ended_from, now_ms))
         probes = await all_or_nothing(
             *(self._probe(status, start, now_ms) for status, start in windows.items() if probe))
         if planner is not None:
-            for status, listing in ((STATUS_LIVE, live), (STATUS_ENDED, ended)):
+            for status, listing in ((LISTING_LIVE, live), (LISTING_ENDED, ended)):
                 planner.record_rows(status, listing.rows)
                 if planner.app_wide:
                     planner.record_app_total(status, listing.total)
@@ -272,7 +260,7 @@ class AppPoller:
             if page >= MAX_PAGES:
                 raise ZegoResponseError("DescribeTasks", f"more than {MAX_PAGES} pages")
             page += 1
-        if status == STATUS_ENDED:
+        if status == LISTING_ENDED:
             # Ended tasks never leave a window of begin times; they only join it (rows shift
             # down: duplicates, not gaps). Complete unless the total shrank or rows are missing.
             consistent = totals == sorted(totals) and len(rows) >= totals[0]
@@ -333,7 +321,7 @@ class AppPoller:
             page += 1
             try:
                 result = await self._client.describe_tasks(
-                    self._app, STATUS_ENDED, None, start_ms, end_ms, page, PAGE_SIZE)
+                    self._app, LISTING_ENDED, None, start_ms, end_ms, page, PAGE_SIZE)
             except ZegoError as exc:  # the look-ups answer for the rest
                 log.warning("extended_read_failed", app_id=self._app.app_id, error=str(exc))
                 return page

@@ -13,7 +13,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from exporter import PYTHON_VERSION, __version__, revision
-from exporter.poll.diff import EventKind
+from exporter.state.changes import EventKind
 from exporter.state.model import ExporterState
 from exporter.zego.ratelimit import RateLimiter
 

@@ -1,17 +1,31 @@
 """The exporter's in-memory state: per-app tracking, event counters, poll health, API figures.
 
-The poller writes it once per cycle; the collector reads it on every scrape. Both run on the one
-asyncio loop, so no lock is needed: a cycle's changes are applied in one synchronous step.
+`AppState.apply(changes)` is the only code that changes what an app knows: the rules (diff for a
+cycle, reconcile for a callback) return change sets, and everyone else reads through read-only
+views (properties without setters, `Mapping`s). `apply` counts each event, logs it once with
+its source, and records what the store must save. All of it runs on the one asyncio loop; the
+render thread copies what it reads in one step (`list()` of a dict is one step under the GIL).
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
-from exporter.poll.diff import EventKind, TaskEvent, Tracking
+import structlog
+
+from exporter.state.changes import (
+    ChangeSet,
+    EventKind,
+    Marks,
+    TaskEvent,
+    TrackedTask,
+    Tracking,
+)
+from exporter.zego.limits import QUIT_REASONS as ZEGO_QUIT_REASONS
 from exporter.zego.models import TaskStatus
 
 COUNTED_EVENTS = tuple(EventKind)
@@ -19,9 +33,11 @@ TASK_DURATION_BUCKETS = (10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400
                          57600.0, 86400.0)
 API_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OTHER_ROOMS = "_other"  # room label for rooms past an app's cardinality cap ("*" mode)
-# ZEGO's documented quit_reason values of an abnormal end (callback event 2); the label is one
-# of these, "unknown" (none given) or "other" (anything else), so a body cannot mint labels.
-QUIT_REASONS = tuple(str(r) for r in (1, 2, 3, 4, 5, 6, *range(1001, 1012)))
+# The quit_reason label is one of ZEGO's documented values, "unknown" (none given) or "other"
+# (anything else), so a callback body cannot mint labels.
+QUIT_REASONS = tuple(str(r) for r in ZEGO_QUIT_REASONS)
+
+log = structlog.get_logger("exporter.state")
 
 
 @dataclass
@@ -54,102 +70,235 @@ class Histogram:
 
 
 @dataclass
+class Unsaved:
+    """What changed since the last save: the store writes these rows and the app's own row."""
+
+    live: set[str] = field(default_factory=set)  # TaskIds to write, or delete if no longer live
+    finished: set[str] = field(default_factory=set)  # likewise, for finished TaskIds
+    rooms: set[str] = field(default_factory=set)  # room labels whose counters moved
+
+
+@dataclass(frozen=True)
+class Restored:
+    """An app's state as the store read it back (every value checked)."""
+
+    tracking: Tracking
+    counters: Mapping[str, Mapping[EventKind, int]]
+    durations: Mapping[str, tuple[list[int], float]]
+    deferred: Sequence[TaskEvent]
+    ended_by_reason: Mapping[str, int]
+    upload_failures: Mapping[str, int]
+    last_success_time: float | None
+    last_observed_ms: int | None
+    stale_live: frozenset[str] = frozenset()  # rows of rooms no longer configured: to delete
+
+
 class AppState:
-    """Everything the exporter knows about one AppId."""
+    """Everything the exporter knows about one AppId; `apply` is its one writer."""
 
-    app_id: int
-    rooms: tuple[str, ...] | None  # None: every room of the app ("*")
-    max_rooms: int = 1000
-    tracking: Tracking = field(default_factory=Tracking)
-    counters: dict[str, dict[EventKind, int]] = field(default_factory=dict)
-    durations: dict[str, Histogram] = field(default_factory=dict)  # outcome -> histogram
-    up: bool = False
-    cycles_attempted: int = 0
-    last_success_time: float | None = None
-    last_poll_duration: float | None = None
-    last_error: str | None = None
-    # Events of rooms first seen last cycle ("*" mode), counted one cycle late so that their
-    # series are scraped at 0 first and the first event shows in increase().
-    deferred: list[TaskEvent] = field(default_factory=list)
-    last_observed_ms: int | None = None  # when the last successful cycle's listings began
-    ended_by_reason: dict[str, int] = field(default_factory=dict)  # callbacks' quit_reason
-    upload_failures: dict[str, int] = field(default_factory=dict)  # room label -> files
-    # TaskId -> when (our clock, ms) a callback last flipped its status: a listing taken before
-    # that is older news for the task (see diff's `fresher`).
-    flipped_at_ms: dict[str, int] = field(default_factory=dict)
-    # TaskIds whose live or finished entry a callback changed in place since the last save (a
-    # cycle replaces the tracking, and the store then compares it whole).
-    unsaved_tasks: set[str] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        for room in self.rooms or ():
+    def __init__(self, app_id: int, rooms: tuple[str, ...] | None, max_rooms: int = 1000,
+                 callbacks: bool = False, persistent: bool = True) -> None:
+        self.app_id = app_id
+        self.rooms = rooms  # None: every room of the app ("*")
+        self.max_rooms = max_rooms
+        self._live: dict[str, TrackedTask] = {}
+        self._finished: dict[str, int] = {}
+        self._marks = Marks()
+        self._counters: dict[str, dict[EventKind, int]] = {}
+        self._durations = {o: Histogram(TASK_DURATION_BUCKETS) for o in ("normal", "abnormal")}
+        # Events of rooms first seen last cycle ("*" mode), counted one cycle late so that their
+        # series are scraped at 0 first and the first event shows in increase().
+        self._deferred: list[TaskEvent] = []
+        self._ended_by_reason: dict[str, int] = {}  # callbacks' quit_reason
+        self._upload_failures: dict[str, int] = {}  # room label -> files
+        # TaskId -> when (our clock, ms) a callback last flipped its status: a listing taken
+        # before that is older news for the task (see diff's `fresher`).
+        self._flipped_at_ms: dict[str, int] = {}
+        self._unsaved = Unsaved() if persistent else None
+        self._up = False
+        self._cycles_attempted = 0
+        self._last_success_time: float | None = None
+        self._last_poll_duration: float | None = None
+        self._last_error: str | None = None
+        self._last_observed_ms: int | None = None  # when the last good cycle's listings began
+        for room in rooms or ():
             self._room_counters(room)
-        for outcome in ("normal", "abnormal"):
-            self.durations.setdefault(outcome, Histogram(TASK_DURATION_BUCKETS))
+        if callbacks:  # callback-only series at 0 from the start: the first shows in increase()
+            self._ended_by_reason = dict.fromkeys((*QUIT_REASONS, "other"), 0)
+            self._upload_failures = dict.fromkeys(rooms or (), 0)
+
+    # Read-only views.
+    @property
+    def tracking(self) -> Tracking:
+        return Tracking(MappingProxyType(self._live), MappingProxyType(self._finished),
+                        self._marks)
+
+    @property
+    def counters(self) -> Mapping[str, Mapping[EventKind, int]]:
+        return MappingProxyType(self._counters)
+
+    @property
+    def durations(self) -> Mapping[str, Histogram]:
+        return MappingProxyType(self._durations)
+
+    @property
+    def deferred(self) -> Sequence[TaskEvent]:
+        return tuple(self._deferred)
+
+    @property
+    def ended_by_reason(self) -> Mapping[str, int]:
+        return MappingProxyType(self._ended_by_reason)
+
+    @property
+    def upload_failures(self) -> Mapping[str, int]:
+        return MappingProxyType(self._upload_failures)
+
+    @property
+    def unsaved(self) -> Unsaved:
+        """A copy of what changed since the last save (nothing, if no store saves this app)."""
+        pending = self._unsaved or Unsaved()
+        return Unsaved(set(pending.live), set(pending.finished), set(pending.rooms))
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    @property
+    def cycles_attempted(self) -> int:
+        return self._cycles_attempted
+
+    @property
+    def last_success_time(self) -> float | None:
+        return self._last_success_time
+
+    @property
+    def last_poll_duration(self) -> float | None:
+        return self._last_poll_duration
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @property
+    def last_observed_ms(self) -> int | None:
+        return self._last_observed_ms
 
     def fresher_than(self, taken_ms: int) -> frozenset[str]:
-        """Tasks a callback flipped at or after `taken_ms`; forgets older flips."""
-        self.flipped_at_ms = {t: at for t, at in self.flipped_at_ms.items() if at >= taken_ms}
-        return frozenset(self.flipped_at_ms)
-
-    def enable_callback_series(self) -> None:
-        """Callback-only series at 0 from the start, so the first one shows in increase()."""
-        for reason in (*QUIT_REASONS, "other"):
-            self.ended_by_reason.setdefault(reason, 0)
-        for room in self.rooms or ():
-            self.upload_failures.setdefault(room, 0)
+        """Tasks a callback flipped at or after `taken_ms`."""
+        return frozenset(t for t, at in self._flipped_at_ms.items() if at >= taken_ms)
 
     def room_label(self, room_id: str) -> str:
         """The room_id label for a room: itself, or OTHER_ROOMS past the cap in "*" mode."""
-        if room_id in self.counters or self.rooms is not None:
+        if room_id in self._counters or self.rooms is not None:
             return room_id
-        return room_id if len(self.counters) < self.max_rooms else OTHER_ROOMS
-
-    def _room_counters(self, label: str) -> dict[EventKind, int]:
-        counters = self.counters.get(label)
-        if counters is None:
-            counters = self.counters[label] = dict.fromkeys(COUNTED_EVENTS, 0)
-        return counters
-
-    def apply(self, tracking: Tracking, events: Sequence[TaskEvent],
-              flush_deferred: bool = True, new_live: bool = True) -> None:
-        """Take one cycle's (or callback's) result: the new tracking and its events, counted.
-
-        `new_live=False`: the tracking gained no live task (a callback's result), so its rooms
-        need no scan; at 50,000 live tasks that scan would be most of a callback's cost."""
-        self.tracking = tracking
-        first_seen: set[str] = set()
-        due: list[TaskEvent] = []
-        if flush_deferred:
-            due, self.deferred = self.deferred, []
-        for event in events:
-            label = self.room_label(event.room_id)
-            if label not in self.counters:
-                first_seen.add(label)
-                self._room_counters(label)
-            (self.deferred if label in first_seen else due).append(event)
-        if new_live and self.rooms is None:  # a room's series appear when it is first seen
-            for task in tracking.live.values():
-                self._room_counters(self.room_label(task.room_id))
-        self._count(due)
-
-    def _count(self, events: Sequence[TaskEvent]) -> None:
-        abnormal = {e.task_id for e in events if e.kind is EventKind.ENDED_ABNORMALLY}
-        for event in events:
-            self.counters[self.room_label(event.room_id)][event.kind] += 1
-            if event.kind is EventKind.ENDED and event.duration_s is not None:
-                outcome = "abnormal" if event.task_id in abnormal else "normal"
-                self.durations[outcome].observe(event.duration_s)
+        return room_id if len(self._counters) < self.max_rooms else OTHER_ROOMS
 
     def live_by_room(self) -> dict[tuple[str, TaskStatus], int]:
         """(room label, status) -> number of live tasks; configured rooms appear at 0."""
         gauges: dict[tuple[str, TaskStatus], int] = defaultdict(int)
-        for room in list(self.counters):  # list(): one step, see ExporterCollector
+        for room in list(self._counters):  # list(): one step, see the module's docstring
             for status in (TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED):
                 gauges[(room, status)] += 0
-        for task in list(self.tracking.live.values()):
+        for task in list(self._live.values()):
             gauges[(self.room_label(task.room_id), task.status)] += 1
         return dict(gauges)
+
+    # The one writer.
+    def apply(self, changes: ChangeSet) -> None:
+        """Carry out a cycle's or a callback's changes: track, count, log, mark for saving."""
+        changes.carry_out(self._live, self._finished)
+        if self._unsaved is not None:
+            self._unsaved.live.update(changes.tracked, changes.untracked)
+            self._unsaved.finished.update(changes.finished, changes.forgotten)
+        if changes.marks is not None:
+            self._marks = changes.marks
+        if changes.observed_ms is not None:
+            self._last_observed_ms = changes.observed_ms
+            # A flip older than this cycle's listings is what they show: forget it.
+            self._flipped_at_ms = {t: at for t, at in self._flipped_at_ms.items()
+                                   if at >= changes.observed_ms}
+        self._flipped_at_ms.update(dict.fromkeys(changes.flipped, changes.learned_ms))
+        due: list[TaskEvent] = []
+        if changes.observed_ms is not None:  # a cycle's listings: the deferred events are due
+            due, self._deferred = self._deferred, []
+        first_seen: set[str] = set()
+        for event in changes.events:
+            label = self.room_label(event.room_id)
+            if label not in self._counters:
+                first_seen.add(label)
+                self._room_counters(label)
+            (self._deferred if label in first_seen else due).append(event)
+        if self.rooms is None:  # a room's series appear when it is first seen
+            for task in changes.tracked.values():
+                self._room_counters(self.room_label(task.room_id))
+        self._count(due)
+        for failure in changes.upload_failures:
+            room = self.room_label(failure.room_id)
+            self._upload_failures[room] = self._upload_failures.get(room, 0) + failure.files
+            log.warning("upload_failed", app_id=self.app_id, room_id=failure.room_id,
+                        task_id=failure.task_id, files=failure.files)
+        if (cycle := changes.cycle) is not None:
+            self._cycles_attempted += 1
+            self._up = cycle.ok
+            self._last_poll_duration = cycle.seconds
+            self._last_error = cycle.error
+            if cycle.ok:
+                self._last_success_time = cycle.finished_s
+
+    def _room_counters(self, label: str) -> dict[EventKind, int]:
+        counters = self._counters.get(label)
+        if counters is None:
+            counters = self._counters[label] = dict.fromkeys(COUNTED_EVENTS, 0)
+            if self._unsaved is not None:
+                self._unsaved.rooms.add(label)
+        return counters
+
+    def _count(self, events: Sequence[TaskEvent]) -> None:
+        """Count each event, and log it: one line per counted event, with its source."""
+        abnormal = {e.task_id for e in events if e.kind is EventKind.ENDED_ABNORMALLY}
+        for event in events:
+            label = self.room_label(event.room_id)
+            self._counters[label][event.kind] += 1
+            if self._unsaved is not None:
+                self._unsaved.rooms.add(label)
+            if event.kind is EventKind.ENDED and event.duration_s is not None:
+                outcome = "abnormal" if event.task_id in abnormal else "normal"
+                self._durations[outcome].observe(event.duration_s)
+            if event.quit_reason is not None:
+                reason = event.quit_reason
+                self._ended_by_reason[reason] = self._ended_by_reason.get(reason, 0) + 1
+            log.info(f"task_{event.kind.value}", app_id=self.app_id, room_id=event.room_id,
+                     task_id=event.task_id, source=event.source.value,
+                     **({"duration_s": round(event.duration_s, 3)}
+                        if event.duration_s is not None else {}),
+                     **({"quit_reason": event.quit_reason} if event.quit_reason else {}))
+
+    # The store's side: what it read back, and what it wrote.
+    def restore(self, restored: Restored) -> None:
+        """Take the state the store read back (at start, before anything else runs)."""
+        self._live = dict(restored.tracking.live)
+        self._finished = dict(restored.tracking.finished)
+        self._marks = restored.tracking.marks
+        for room, by_kind in restored.counters.items():
+            self._counters[room] = {**dict.fromkeys(COUNTED_EVENTS, 0), **by_kind}
+        for outcome, (counts, total) in restored.durations.items():
+            histogram = self._durations[outcome]
+            if len(counts) == len(histogram.counts):  # buckets unchanged
+                self._durations[outcome] = Histogram(histogram.bounds, list(counts), total)
+        self._deferred = list(restored.deferred)
+        self._ended_by_reason = {**self._ended_by_reason, **restored.ended_by_reason}
+        self._upload_failures = {**self._upload_failures, **restored.upload_failures}
+        self._last_success_time = restored.last_success_time
+        self._last_observed_ms = restored.last_observed_ms
+        if self._unsaved is not None:
+            self._unsaved = Unsaved(live=set(restored.stale_live))
+
+    def mark_saved(self, saved: Unsaved) -> None:
+        """The store wrote `saved`: it is no longer pending."""
+        if self._unsaved is not None:
+            self._unsaved.live -= saved.live
+            self._unsaved.finished -= saved.finished
+            self._unsaved.rooms -= saved.rooms
 
 
 @dataclass
@@ -178,5 +327,10 @@ class ExporterState:
     web_config_reloads: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @classmethod
-    def for_apps(cls, apps: Sequence[tuple[int, tuple[str, ...] | None, int]]) -> ExporterState:
-        return cls({app_id: AppState(app_id, rooms, cap) for app_id, rooms, cap in apps})
+    def for_apps(cls, apps: Sequence[tuple[int, tuple[str, ...] | None, int]],
+                 callbacks: frozenset[int] = frozenset(), persistent: bool = True
+                 ) -> ExporterState:
+        """State for `apps` (id, rooms, room cap); `callbacks`: apps whose callbacks are
+        taken; `persistent`: whether a store saves it (else nothing is kept for one)."""
+        return cls({app_id: AppState(app_id, rooms, cap, app_id in callbacks, persistent)
+                    for app_id, rooms, cap in apps})

@@ -33,23 +33,11 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exporter.poll.diff import (
-    HORIZON_MS,
-    MAX_RECORD_MS,
-    EventKind,
-    TaskEvent,
-    TrackedTask,
-    Tracking,
-)
-from exporter.state.model import AppState, Histogram
+from exporter.state.changes import EventKind, Marks, Source, TaskEvent, TrackedTask, Tracking
+from exporter.state.model import AppState, Restored, Unsaved
 from exporter.text import text_problem
-from exporter.zego.models import (
-    LIVE_STATUSES,
-    MAX_ROOM_ID_BYTES,
-    MAX_SAFE_INT,
-    MAX_TASK_ID_BYTES,
-    TaskStatus,
-)
+from exporter.zego.limits import HORIZON_MS, MAX_RECORD_MS, MAX_ROOM_ID_BYTES, MAX_TASK_ID_BYTES
+from exporter.zego.models import LIVE_STATUSES, MAX_SAFE_INT, TaskStatus
 
 # PRAGMA application_id of our files: "ZGCR" in ASCII. It tells them from other programs' files.
 APPLICATION_ID = int.from_bytes(b"ZGCR", "big")  # 0x5A474352
@@ -229,13 +217,25 @@ def _array(value: object, item: Callable[[object], T]) -> list[T]:
     return checked
 
 
+_SOURCE = _one_of([source.value for source in Source])
+_EVENT_KEYS = ("kind", "task_id", "room_id", "source", "duration_s", "quit_reason")
+
+
 def _deferred_event(value: object) -> TaskEvent:
     if not isinstance(value, dict) or not {"kind", "task_id", "room_id"} <= value.keys() \
-            <= {"kind", "task_id", "room_id", "duration_s"}:
-        raise _Invalid(f"{_show(value)} is not an object of kind, task_id, room_id, duration_s")
+            <= set(_EVENT_KEYS):
+        raise _Invalid(f"{_show(value)} is not an object of {', '.join(_EVENT_KEYS)}")
     return TaskEvent(_event_kind(value["kind"]), check_task_id(value["task_id"]),
                      check_room_id(value["room_id"]),
-                     _optional(_seconds)(value.get("duration_s")))
+                     Source(_SOURCE(value.get("source", Source.POLL.value))),
+                     _optional(_seconds)(value.get("duration_s")),
+                     _optional(_reason)(value.get("quit_reason")))
+
+
+def _event_json(event: TaskEvent) -> dict[str, object]:
+    return {"kind": event.kind.value, "task_id": event.task_id, "room_id": event.room_id,
+            "source": event.source.value, "duration_s": event.duration_s,
+            "quit_reason": event.quit_reason}
 
 
 def _histogram(value: object) -> tuple[list[int], float]:
@@ -291,13 +291,6 @@ def _tables(db: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
 class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        # What the file holds, per app: each save writes only what differs from it. Live tasks
-        # are compared by identity (the diff keeps a task's object while it is unchanged).
-        self._finished_saved: dict[int, set[str]] = {}
-        self._live_saved: dict[int, dict[str, object]] = {}
-        self._counters_saved: dict[int, dict[str, tuple[int, ...]]] = {}
-        # The tracking object last saved: while it is the app's, only `unsaved_tasks` changed.
-        self._tracking_saved: dict[int, Tracking] = {}
         try:
             version = self._inspect()
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -443,13 +436,14 @@ class Store:
         durations = column("durations", lambda v: _object(_json(v), outcomes, _histogram))
 
         in_scope = (lambda room: True) if app.rooms is None else set(app.rooms).__contains__
-        live_rows: dict[str, object] = {}  # a room no longer configured: gone at the next save
+        stale: set[str] = set()  # a room no longer configured: its rows go at the next save
         live: dict[str, TrackedTask] = {}
         for task in self._checked_rows("live_tasks", "task_id, room_id, status, begin_ms",
                                        app.app_id, _live_task):
-            live_rows[task.task_id] = None
             if in_scope(task.room_id):
-                live_rows[task.task_id] = live[task.task_id] = task
+                live[task.task_id] = task
+            else:
+                stale.add(task.task_id)
         finished = dict(self._checked_rows("finished_tasks", "task_id, learned_ms", app.app_id,
                                            _finished_task))
         counters: dict[str, dict[EventKind, int]] = {}
@@ -457,137 +451,98 @@ class Store:
                                                     app.app_id, _counter):
             if in_scope(room):
                 counters.setdefault(room, dict.fromkeys(EventKind, 0))[kind] = value
-
-        self._live_saved[app.app_id] = live_rows
-        self._finished_saved[app.app_id] = set(finished)
-        app.tracking = Tracking(live, finished, ended_since, baseline_rooms, baseline_ms,
-                                {r: ms for r, ms in room_baselines.items() if in_scope(r)})
-        app.last_success_time = last_success
-        app.last_observed_ms = last_observed
-        app.ended_by_reason = by_reason
-        app.upload_failures = {r: n for r, n in uploads.items() if in_scope(r)}
-        app.counters.update(counters)
-        self._counters_saved[app.app_id] = {room: tuple(by_kind.values())
-                                            for room, by_kind in app.counters.items()}
-        for outcome, (counts, total) in durations.items():
-            histogram = app.durations[outcome]
-            if len(counts) == len(histogram.counts):  # buckets unchanged
-                app.durations[outcome] = Histogram(histogram.bounds, counts, total)
-        app.deferred = deferred
+        marks = Marks(ended_since, baseline_rooms, baseline_ms,
+                      {r: ms for r, ms in room_baselines.items() if in_scope(r)})
+        app.restore(Restored(
+            Tracking(live, finished, marks), counters, durations, deferred, by_reason,
+            {r: n for r, n in uploads.items() if in_scope(r)}, last_success, last_observed,
+            frozenset(stale)))
         return True
 
     def save(self, app: AppState) -> None:
-        """Write one app's whole state in one transaction: the rows that changed since the last.
-
-        After a cycle every task is compared with what was saved; after callbacks, only the
-        tasks they changed (`AppState.unsaved_tasks`). `python -m bench.store` measures both.
+        """Write one app's state in one transaction: its own row, and the rows of the tasks
+        and rooms that changed since the last save (`AppState.unsaved`): the cost of a save
+        follows the change. `python -m bench.store` measures it.
 
         Raises sqlite3.Error (the file could not be written) or StoreError (a value could not
-        be, or load would refuse it); either way the file keeps its last saved state, and the
-        next save writes everything since. Callers count both as failed saves."""
-        tracking = app.tracking
-        finished_saved = self._finished_saved.setdefault(app.app_id, set())
-        live_saved = self._live_saved.setdefault(app.app_id, {})
-        if self._tracking_saved.get(app.app_id) is tracking:  # changed in place: by callbacks
-            ids = app.unsaved_tasks
-            changed_live = [t for tid in ids if (t := tracking.live.get(tid)) is not None
-                            and live_saved.get(tid) is not t]
-            gone_live = {tid for tid in ids if tid in live_saved and tid not in tracking.live}
-            new_finished = {tid for tid in ids if tid in tracking.finished} - finished_saved
-            gone_finished: set[str] = set()  # only a cycle forgets finished ids
-        else:  # a cycle's new tracking: compare it whole
-            changed_live = [t for tid, t in tracking.live.items() if live_saved.get(tid) is not t]
-            gone_live = live_saved.keys() - tracking.live.keys()
-            new_finished = tracking.finished.keys() - finished_saved
-            gone_finished = finished_saved - tracking.finished.keys()
-        counters_saved = self._counters_saved.setdefault(app.app_id, {})
-        changed_rooms = {room: values for room, by_kind in app.counters.items()
-                         if counters_saved.get(room) != (values := tuple(by_kind.values()))}
+        be, or load would refuse it); either way the file keeps its last saved state, and what
+        was not saved stays pending for the next save. Callers count both as failed saves."""
+        pending = app.unsaved
         try:
-            _check_saved(app, changed_rooms, changed_live, new_finished)
-            self._write(app, changed_rooms, changed_live, gone_live, new_finished, gone_finished)
+            _check_saved(app, pending)
+            self._write(app, pending)
         except BaseException as exc:
-            # The file is as it was, and so are the mirrors: the next save compares everything
-            # (and the changed tasks need not be kept, however long the file stays unwritable).
-            self._tracking_saved.pop(app.app_id, None)
-            app.unsaved_tasks.clear()
             if isinstance(exc, sqlite3.Error) or not isinstance(exc, Exception):
                 raise
             # Anything else (a value load would refuse, one SQLite or JSON cannot take) is a
             # failed save too, for the caller to count: never a half-written or poisoned file.
             raise StoreError(f"{self.path}: app {app.app_id}'s state not saved, the file keeps "
                              f"the last saved state ({type(exc).__name__}: {exc})") from exc
-        finished_saved -= gone_finished
-        finished_saved |= new_finished
-        for task_id in gone_live:
-            del live_saved[task_id]
-        live_saved.update((t.task_id, t) for t in changed_live)
-        counters_saved.update(changed_rooms)
-        self._tracking_saved[app.app_id] = tracking
-        app.unsaved_tasks.clear()
+        app.mark_saved(pending)
 
-    def _write(self, app: AppState, changed_rooms: Iterable[str],
-               changed_live: Iterable[TrackedTask], gone_live: Iterable[str],
-               new_finished: Iterable[str], gone_finished: Iterable[str]) -> None:
-        tracking = app.tracking
+    def _write(self, app: AppState, pending: Unsaved) -> None:
+        tracking, app_id = app.tracking, app.app_id
+        marks = tracking.marks
+        live = [tracking.live[t] for t in pending.live if t in tracking.live]
+        finished = [(t, tracking.finished[t]) for t in pending.finished if t in tracking.finished]
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (app.app_id, tracking.ended_since_ms,
-                 None if tracking.rooms is None else json.dumps(sorted(tracking.rooms)),
+                (app_id, marks.ended_since_ms,
+                 None if marks.rooms is None else json.dumps(sorted(marks.rooms)),
                  app.last_success_time, app.last_observed_ms,
                  json.dumps({o: {"counts": h.counts, "total": h.total}
                              for o, h in app.durations.items()}),
-                 json.dumps([{"kind": e.kind.value, "task_id": e.task_id, "room_id": e.room_id,
-                              "duration_s": e.duration_s} for e in app.deferred]),
-                 json.dumps(app.ended_by_reason), json.dumps(app.upload_failures),
-                 tracking.baseline_ms, json.dumps(tracking.room_baselines_ms)))
+                 json.dumps([_event_json(e) for e in app.deferred]),
+                 json.dumps(dict(app.ended_by_reason)), json.dumps(dict(app.upload_failures)),
+                 marks.baseline_ms, json.dumps(dict(marks.room_baselines_ms))))
             self._db.executemany(
                 "INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?)",
-                ((app.app_id, room, kind.value, value) for room in changed_rooms
+                ((app_id, room, kind.value, value) for room in pending.rooms
                  for kind, value in app.counters[room].items()))
             self._db.executemany(
                 "DELETE FROM live_tasks WHERE app_id = ? AND task_id = ?",
-                ((app.app_id, task_id) for task_id in gone_live))
+                ((app_id, t) for t in pending.live if t not in tracking.live))
             self._db.executemany(
                 "INSERT OR REPLACE INTO live_tasks VALUES (?, ?, ?, ?, ?)",
-                ((app.app_id, t.task_id, t.room_id, int(t.status), t.begin_ms)
-                 for t in changed_live))
+                ((app_id, t.task_id, t.room_id, int(t.status), t.begin_ms) for t in live))
             self._db.executemany(
                 "DELETE FROM finished_tasks WHERE app_id = ? AND task_id = ?",
-                ((app.app_id, task_id) for task_id in gone_finished))
+                ((app_id, t) for t in pending.finished if t not in tracking.finished))
             self._db.executemany(
                 "INSERT OR REPLACE INTO finished_tasks VALUES (?, ?, ?)",
-                ((app.app_id, task_id, tracking.finished[task_id]) for task_id in new_finished))
+                ((app_id, t, learned_ms) for t, learned_ms in finished))
 
     def app_ids(self) -> Iterable[int]:
         return [row[0] for row in self._db.execute("SELECT app_id FROM apps")]
 
 
 
-def _check_saved(app: AppState, changed_rooms: Iterable[str],
-                 changed_live: Iterable[TrackedTask], new_finished: Iterable[str]) -> None:
+def _check_saved(app: AppState, pending: Unsaved) -> None:
     """What a save writes, load accepts: a refused value fails the save, not the next start.
 
     Only what changed is checked (the cost of a save follows the change); room baselines are
     configured rooms, checked by the config; counts only grow from 0 in AppState."""
-    for task in changed_live:
+    tracking = app.tracking
+    for tid in pending.live & tracking.live.keys():
+        task = tracking.live[tid]
         _live_task([task.task_id, task.room_id, int(task.status), task.begin_ms])
-    for tid in new_finished:
-        _finished_task([tid, app.tracking.finished[tid]])
-    for room in changed_rooms:
+    for tid in pending.finished & tracking.finished.keys():
+        _finished_task([tid, tracking.finished[tid]])
+    for room in pending.rooms:
         check_room_id(room)
         _array(list(app.counters[room].values()), _count)
     for event in app.deferred:
         check_task_id(event.task_id)
         check_room_id(event.room_id)
         _optional(_seconds)(event.duration_s)
-    _object(app.ended_by_reason, _reason, _count)
+        _optional(_reason)(event.quit_reason)
+    _object(dict(app.ended_by_reason), _reason, _count)
     for room in app.upload_failures.keys() - app.counters.keys():  # counters' rooms: checked
         check_room_id(room)
     for histogram in app.durations.values():
         _array(histogram.counts, _count), _seconds(histogram.total)
-    tracking = app.tracking
-    for ms in (tracking.ended_since_ms, tracking.baseline_ms, app.last_observed_ms):
+    marks = tracking.marks
+    for ms in (marks.ended_since_ms, marks.baseline_ms, app.last_observed_ms):
         _optional(_count)(ms)
     _optional(_seconds)(app.last_success_time)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exporter.text import text_problem
+from exporter.zego.limits import MAX_ROOM_ID_BYTES, MAX_TASK_ID_BYTES
 
 
 class TaskStatus(enum.IntEnum):
@@ -80,8 +81,6 @@ class ShapeError(ValueError):
     """A JSON value that is not the shape ZEGO documents."""
 
 
-MAX_TASK_ID_BYTES = 256  # ZEGO's are 16 characters; room to spare, never a megabyte
-MAX_ROOM_ID_BYTES = 128  # ZEGO's documented limit
 # JSON's exact integer range. ZEGO's integers (codes, counts, ms timestamps) sit far inside it;
 # a bigger one is garbage, and one past ~1e308 would overflow the float arithmetic downstream.
 MAX_SAFE_INT = 2**53 - 1
