@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import gc
+import itertools
 import math
 import multiprocessing
 import os
@@ -172,8 +173,6 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
     lags: list[float] = []
     lag_probe = asyncio.create_task(_probe_loop_lag(lags))
     events.put(("ready", {"port": exporter.bound_port, "pid": os.getpid()}))
-    # The scheduler's job, on the shared clock: every poll_interval, a late run not repeated.
-    next_at = clock.monotonic()
 
     async def visible(index: int) -> None:
         """When the cycle's events are on /metrics: its render (started as it ended) is done."""
@@ -181,10 +180,11 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
         events.put(("visible", {"cycle": index, "at": clock.time()}))
 
     shown: set[asyncio.Task[None]] = set()
-    for index in range(workload.cycles):
-        wait = next_at - clock.monotonic()
-        if wait > 0:
-            await clock.sleep(wait)
+    numbers = itertools.count()
+
+    async def cycle() -> None:
+        """The poller's cycle, reported to the driver."""
+        index = next(numbers)
         started_at = clock.time()
         report = await poller.run_cycle()
         events.put(("cycle", {"started": started_at, "ended": clock.time(), "ok": report.ok,
@@ -197,7 +197,9 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
         task = asyncio.create_task(visible(index))
         shown.add(task)
         task.add_done_callback(shown.discard)
-        next_at = max(next_at + workload.poll_interval, clock.monotonic())
+
+    # The exporter's own scheduling loop, on the shared clock, for a set number of cycles.
+    await exporter.scheduler.run(APP_ID, cycle, cycles=workload.cycles)
     await asyncio.gather(*shown)  # the last cycle's render too, before the driver's last scrape
     for _ in range(250):  # and the callbacks' render (due within a second or so)
         if not callback_waiting:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -13,7 +12,6 @@ from functools import partial
 import aiohttp
 import structlog
 from aiohttp import web
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.registry import CollectorRegistry
 
@@ -22,6 +20,7 @@ from exporter.clock import Clock, SystemClock
 from exporter.config import AppConfig, Config
 from exporter.logs import ContainedErrors
 from exporter.poll.poller import AppPoller
+from exporter.poll.schedule import PollScheduler
 from exporter.serve.collector import ExporterCollector
 from exporter.serve.exposition import EXPOSITION, ExpositionCache, split_registry
 from exporter.serve.web import Edge, ServerLimits, make_app
@@ -92,7 +91,12 @@ class Exporter:
             for action in (DESCRIBE_TASKS, DESCRIBE_RECORD_STATUS)
         }
         self.registry = CollectorRegistry(auto_describe=False)
-        collector = ExporterCollector(self.state, self.limiters, config.poll_interval)
+        # Created here, started by start(): its overrun counts are on /metrics from the first.
+        self.scheduler = PollScheduler(self.clock, config.poll_interval,
+                                       [app.app_id for app in config.apps], self.errors,
+                                       on_overrun=self._overran)
+        collector = ExporterCollector(self.state, self.limiters, config.poll_interval,
+                                      overruns=self.scheduler.overruns)
         self.registry.register(collector)
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(standard)
@@ -113,7 +117,6 @@ class Exporter:
         self.callback_port: int | None = None
         self.pollers: dict[int, AppPoller] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._scheduler: AsyncIOScheduler | None = None
         self._runner: web.AppRunner | None = None
         self._callback_runner: web.AppRunner | None = None
         self.bound_port: int | None = None
@@ -143,6 +146,10 @@ class Exporter:
                                  response: web.StreamResponse) -> None:
         # Callback counters moved, and maybe events: on /metrics within a second or so, one
         # render for a burst of callbacks.
+        self.exposition.invalidate(soon=True)
+
+    def _overran(self, app_id: int) -> None:
+        # Counted after the cycle's own render began: shown with a render soon after.
         self.exposition.invalidate(soon=True)
 
     def _cycle_done(self, app: AppState) -> None:
@@ -224,19 +231,11 @@ class Exporter:
                      basic_auth=bool(web_config and web_config.settings.users))
         self.exposition.prerender()  # the first scrape finds the starting state rendered
         if schedule:
-            self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
-            now = dt.datetime.now(dt.UTC)
-            for app_id, poller in self.pollers.items():
-                self._scheduler.add_job(
-                    poller.run_cycle, "interval", seconds=self.config.poll_interval,
-                    id=f"poll-{app_id}", next_run_time=now, max_instances=1, coalesce=True,
-                    misfire_grace_time=None,
-                )
-            self._scheduler.start()
+            self.scheduler.start({app_id: poller.run_cycle
+                                  for app_id, poller in self.pollers.items()})
 
     async def stop(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+        await self.scheduler.stop()  # cancels a cycle in flight, before its session closes
         for runner in (self._runner, self._callback_runner):
             if runner is not None:
                 await runner.cleanup()

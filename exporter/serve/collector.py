@@ -35,10 +35,12 @@ class ExporterCollector(Collector):
         state: ExporterState,
         limiters: Mapping[tuple[int, str], RateLimiter],
         poll_interval: float,
+        overruns: Mapping[int, int] | None = None,
     ) -> None:
         self._state = state
         self._limiters = limiters
         self._poll_interval = poll_interval
+        self._overruns = {} if overruns is None else overruns  # PollScheduler.overruns
 
     def collect(self) -> Iterator[Metric]:
         # This runs in the render thread while callbacks change the state on the event loop, in
@@ -137,6 +139,9 @@ class ExporterCollector(Collector):
         tracked = GaugeMetricFamily(f"{PREFIX}_finished_tasks_remembered",
                                     "Finished TaskIds kept to count each task once.",
                                     labels=["app_id"])
+        overruns = CounterMetricFamily(f"{PREFIX}_poll_overruns",
+                                       "Poll cycles that ended after the next was due (the next"
+                                       " then started at once).", labels=["app_id"])
         for app_id, app in self._state.apps.items():
             label = [str(app_id)]
             up.add_metric(label, 1 if app.up else 0)
@@ -146,7 +151,8 @@ class ExporterCollector(Collector):
                 took.add_metric(label, app.last_poll_duration)
             interval.add_metric(label, self._poll_interval)
             tracked.add_metric(label, len(app.tracking.finished))
-        yield from (up, last, took, interval, tracked)
+            overruns.add_metric(label, self._overruns.get(app_id, 0))
+        yield from (up, last, took, interval, tracked, overruns)
 
     def request_families(self) -> Iterator[Metric]:
         """The api_* and rate_limit_* families: they move with each request, not each cycle."""
