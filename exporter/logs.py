@@ -78,10 +78,8 @@ def configure_logging(level: str = "info", fmt: str = "logfmt", stream: TextIO |
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(LEVELS[level])
-    # Library chatter stays out of info logs: APScheduler reports every skipped overlapping run.
-    for noisy in ("apscheduler", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(max(LEVELS[level], logging.WARNING))
-    logging.getLogger("apscheduler.executors").setLevel(logging.ERROR)
+    # Library chatter stays out of info logs.
+    logging.getLogger("aiohttp.access").setLevel(max(LEVELS[level], logging.WARNING))
 
 
 class Throttle:

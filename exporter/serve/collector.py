@@ -1,4 +1,5 @@
-"""Builds every metric family from the state on each scrape; a scrape never calls ZEGO."""
+"""The metric families of /metrics, built from the state when the exposition renders (once per
+change, off the event loop), never per scrape."""
 
 from __future__ import annotations
 
