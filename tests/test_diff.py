@@ -322,3 +322,40 @@ def test_a_switch_from_a_room_list_to_all_rooms_baselines_the_new_rooms_now() ->
                   row("r1-task", begin=NOW - 10)], at=NOW + 15_000)
     result = diff(first, later, {}, MARGIN, scope=None)
     assert [(e.kind, e.task_id) for e in result.events] == [(EventKind.STARTED, "r1-task")]
+
+
+def test_a_task_first_seen_paused_counts_its_start_and_its_pause() -> None:
+    """ZEGO's tasks go 1 → 2 → 5: one first seen in 5 paused since the last cycle."""
+    assert kinds(tracking(), snap([row("p", S.PAUSED)])) == [(EventKind.STARTED, "p"),
+                                                              (EventKind.PAUSED, "p")]
+
+
+def test_a_task_the_baseline_missed_first_seen_paused_counts_nothing() -> None:
+    state = marked(tracking(), baseline_ms=NOW - 30_000)
+    result = diff(state, snap([row("p", S.PAUSED, begin=NOW - 60_000)]), {}, MARGIN)
+    assert result.events == ()
+    assert result.tracking.live["p"].status is S.PAUSED
+
+
+def test_a_task_a_callback_tracked_takes_its_begin_from_the_first_listing() -> None:
+    """A callback cannot say when a task began; polling recognises its events and corrects it."""
+    state = tracking()
+    state = replace(state, live={"c": TrackedTask("c", "r1", S.PAUSED, NOW - 5_000)})
+    result = diff(state, snap([row("c", S.PAUSED, begin=NOW - 90_000)]), {}, MARGIN)
+    assert result.events == ()
+    assert result.changes.tracked == {"c": TrackedTask("c", "r1", S.PAUSED, NOW - 90_000)}
+
+
+def test_a_change_set_names_exactly_what_changed() -> None:
+    state = tracking(row("same"), row("pauses"), row("ends"), finished={"old": NOW - HORIZON_MS})
+    result = diff(state, snap([row("same"), row("pauses", S.PAUSED), row("new")],
+                              ended=[row("ends", S.ENDED)]), {}, MARGIN)
+    changes = result.changes
+    assert set(changes.tracked) == {"pauses", "new"}
+    assert changes.untracked == {"ends"}
+    assert changes.finished == {"ends": NOW}
+    assert changes.forgotten == {"old"}
+    assert changes.observed_ms == NOW
+    assert changes.marks is not None and changes.marks.ended_since_ms == NOW - MARGIN
+    assert sorted((e.kind.value, e.task_id) for e in changes.events) == [
+        ("ended", "ends"), ("paused", "pauses"), ("started", "new")]

@@ -903,14 +903,14 @@ class _ReloadingSSLContext(ssl.SSLContext):
     def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
                  server_side: bool = False, server_hostname: str | bytes | None = None,
                  session: ssl.SSLSession | None = None) -> ssl.SSLObject:
-        return self._web_config._current_ssl_context().wrap_bio(
+        return self._web_config._current_ssl_context().wrap_bio(  # noqa: SLF001
             incoming, outgoing, server_side, server_hostname, session)
 
     def wrap_socket(self, sock: Any, server_side: bool = False,
                     do_handshake_on_connect: bool = True, suppress_ragged_eofs: bool = True,
                     server_hostname: str | bytes | None = None,
                     session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
-        return self._web_config._current_ssl_context().wrap_socket(
+        return self._web_config._current_ssl_context().wrap_socket(  # noqa: SLF001
             sock, server_side, do_handshake_on_connect, suppress_ragged_eofs, server_hostname,
             session)
 

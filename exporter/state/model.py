@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Final
 
 import structlog
 
@@ -98,9 +99,9 @@ class AppState:
 
     def __init__(self, app_id: int, rooms: tuple[str, ...] | None, max_rooms: int = 1000,
                  callbacks: bool = False, persistent: bool = True) -> None:
-        self.app_id = app_id
-        self.rooms = rooms  # None: every room of the app ("*")
-        self.max_rooms = max_rooms
+        self.app_id: Final = app_id
+        self.rooms: Final = rooms  # None: every room of the app ("*")
+        self.max_rooms: Final = max_rooms
         self._live: dict[str, TrackedTask] = {}
         self._finished: dict[str, int] = {}
         self._marks = Marks()
@@ -315,7 +316,7 @@ class ApiStats:
 
 @dataclass
 class ExporterState:
-    apps: dict[int, AppState]
+    apps: Mapping[int, AppState]
     api: ApiStats = field(default_factory=ApiStats)
     storage_errors: int = 0
     callbacks: dict[tuple[str, str, str], int] = field(default_factory=dict)  # app, event, result
