@@ -1,13 +1,16 @@
 """Recording status callbacks from the simulated ZEGO: events read off the ledger, signed, and
-delivered the way ZEGO delivers them (at most 3 attempts 5 s apart, sometimes lost or repeated).
+delivered the way ZEGO delivers them (at most 3 attempts 5 s apart, sometimes lost, repeated or
+late: a late callback keeps the time and sequence it was sent with, so a later one of the same task
+can overtake it).
 
 Timing follows the engine's clock, not the event loop's: the sender keeps a queue of what is due
 when, and `deliver_due(now)` sends everything due by `now`. The server calls it in the background
 every `interval` real seconds; tests on a ManualClock call it themselves, so what a receiver gets,
 and when on the clock, is exact.
 
-Everything drawn (quit reasons, a missing stream, nonces, loss, duplication) comes from RNGs seeded
-with (seed, task, sequence), so a seed replays the same callbacks whatever the timing of the calls.
+Everything drawn (quit reasons, a missing stream, nonces, loss, duplication, lateness) comes from
+RNGs seeded with (seed, task, sequence), so a seed replays the same callbacks whatever the timing
+of the calls.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ log = logging.getLogger(__name__)
 DEFAULT_RETRY_DELAY_S = 5.0  # ZEGO: 2 retries, 5 s apart
 DEFAULT_ATTEMPTS = 3
 DEFAULT_TIMEOUT_S = 3.0  # real seconds a receiver has to answer one attempt
+DEFAULT_LATE_S = (1.0, 10.0)  # how late a late callback is, uniform (simulated seconds)
 NO_STREAM_REPEAT_S = 30.0  # ZEGO repeats event 4 every 30 s while the room has no streams
 NO_STREAM_MAX_EVENTS = 10  # ZEGO goes on until MaxIdleTime; the simulator stops here
 MISSING_STREAM_PROBABILITY = 0.05  # per task with files: one event 6 when recording begins
 _HISTORY = 10_000  # delivery records kept
-_SEQUENCE_TTL_S = 3_600.0  # forget a task's sequence counter this long after its last callback
+_SEQUENCE_TTL_S = 3_600.0  # forget an ended task's sequence counter this long after its end
 
 
 class CallbackEvent(enum.IntEnum):
@@ -104,13 +108,20 @@ class CallbackDelivery:
     duplicate: bool = False  # the second copy of a duplicated callback
     error: str | None = None
     body: dict[str, Any] = field(default_factory=dict, repr=False)
+    sent_at: float | None = None  # when ZEGO sent it (its `timestamp`, unrounded)
+
+    @property
+    def late_s(self) -> float:
+        """How long after it was sent this attempt was made (0 for a lost callback)."""
+        return 0.0 if self.sent_at is None else max(0.0, self.at - self.sent_at)
 
     def to_json(self) -> dict[str, Any]:
         return {"at": self.at, "app_id": self.app_id, "room_id": self.room_id,
                 "task_id": self.task_id, "event_type": self.event_type,
                 "sequence": self.sequence, "attempt": self.attempt,
                 "outcome": self.outcome.value, "status": self.status,
-                "duplicate": self.duplicate, "error": self.error, "body": self.body}
+                "duplicate": self.duplicate, "error": self.error, "body": self.body,
+                "sent_at": self.sent_at}
 
 
 @dataclass(slots=True)
@@ -131,6 +142,7 @@ class _Attempt:
     body: dict[str, Any]
     attempt: int
     duplicate: bool
+    sent_at: float
 
 
 def check_probability(name: str, value: float) -> float:
@@ -145,6 +157,8 @@ class CallbackSender:
     `deliver_due(now)` reads the engine's new transitions, emits the callbacks due by `now` and
     makes the delivery attempts due by `now`; a failed attempt is retried `retry_delay_s` later on
     the engine's clock, up to `attempts` in all. Every attempt is recorded in `deliveries`.
+    With probability `late`, a callback's first attempt (each copy of a duplicated one on its
+    own) is made a uniform `late_s` seconds after it was sent; `hold` delays one chosen callback.
     """
 
     def __init__(
@@ -158,6 +172,8 @@ class CallbackSender:
         retry_delay_s: float = DEFAULT_RETRY_DELAY_S,
         attempts: int = DEFAULT_ATTEMPTS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        late: float = 0.0,
+        late_s: tuple[float, float] = DEFAULT_LATE_S,
     ) -> None:
         if not url:
             raise ValueError("a callback URL is needed")
@@ -165,6 +181,8 @@ class CallbackSender:
             raise ValueError("callback attempts must be >= 1")
         if retry_delay_s < 0 or timeout_s <= 0:
             raise ValueError("callback retry delay must be >= 0 and timeout > 0")
+        if not 0.0 <= late_s[0] <= late_s[1]:
+            raise ValueError("callback lateness must be (low, high) with 0 <= low <= high")
         self.engine = engine
         self.url = url
         self._secrets = dict(secrets)
@@ -173,6 +191,9 @@ class CallbackSender:
         self.retry_delay_s = retry_delay_s
         self.attempts = attempts
         self.timeout_s = timeout_s
+        self.late = check_probability("callback late", late)
+        self.late_s = late_s
+        self._held: dict[tuple[str, int], float] = {}  # (task id, event type) -> extra delay
         self._records: deque[CallbackDelivery] = deque(maxlen=_HISTORY)
         self._queue: list[tuple[float, int, _Pending | _Attempt]] = []
         self._order = itertools.count()
@@ -202,10 +223,18 @@ class CallbackSender:
     def clear(self) -> None:
         self._records.clear()
 
+    def hold(self, task_id: str, event_type: int, seconds: float) -> None:
+        """Deliver the task's next callback of `event_type` `seconds` after it is sent (its
+        sequence and timestamp stay those of its sending): a later callback can overtake it."""
+        if seconds < 0:
+            raise ValueError("a callback can be held for >= 0 seconds")
+        self._held[(task_id, int(event_type))] = seconds
+
     def to_json(self, task_id: str | None = None) -> dict[str, Any]:
         records = [r for r in self._records if task_id is None or r.task_id == task_id]
         return {"enabled": True, "url": self.url, "apps": self.app_ids, "pending": self.pending,
-                "loss": self.loss, "duplicate": self.duplicate,
+                "loss": self.loss, "duplicate": self.duplicate, "late": self.late,
+                "late_s": list(self.late_s),
                 "retry_delay_s": self.retry_delay_s, "attempts": self.attempts,
                 "deliveries": [r.to_json() for r in records]}
 
@@ -348,6 +377,7 @@ class CallbackSender:
         nonce = str(rng.randrange(100_000, 100_000_000))
         lost = rng.random() < self.loss
         duplicated = rng.random() < self.duplicate
+        held = self._held.pop((item.task_id, int(item.event_type)), 0.0)
         timestamp = str(int(at))
         body: dict[str, Any] = {
             "app_id": item.app_id, "task_id": item.task_id, "room_id": item.room_id,
@@ -358,14 +388,29 @@ class CallbackSender:
         }
         if lost:
             return self._keep(self._record(at, body, 0, DeliveryOutcome.LOST))
-        self._push(at, _Attempt(body, 1, False))
+        self._push(at + held + self._lateness(rng), _Attempt(body, 1, False, at))
         if duplicated:
-            self._push(at, _Attempt(body, 1, True))
+            self._push(at + held + self._lateness(rng), _Attempt(body, 1, True, at))
         return None
 
+    def _lateness(self, rng: random.Random) -> float:
+        """Seconds a first attempt waits after the sending (no draw without lateness, so that
+        a seed's other draws stay what they were)."""
+        if self.late <= 0.0 or rng.random() >= self.late:
+            return 0.0
+        return rng.uniform(*self.late_s)
+
     def _forget_sequences(self, now: float) -> None:
+        """Drop the counters of tasks silent and ended for a while: a task's sequence only ever
+        grows, however long it records without a callback."""
         cutoff = now - _SEQUENCE_TTL_S
-        for task_id in [k for k, (_, last) in self._sequences.items() if last < cutoff]:
+
+        def done(task_id: str) -> bool:
+            task = self.engine.find(task_id)
+            return task is None or (task.end is not None and task.end < cutoff)
+
+        for task_id in [k for k, (_, last) in self._sequences.items()
+                        if last < cutoff and done(k)]:
             del self._sequences[task_id]
         self._next_cleanup = now + _SEQUENCE_TTL_S
 
@@ -382,7 +427,7 @@ class CallbackSender:
             made.append(record)
             if record.outcome != DeliveryOutcome.DELIVERED and item.attempt < self.attempts:
                 self._push(now + self.retry_delay_s,
-                           _Attempt(item.body, item.attempt + 1, item.duplicate))
+                           _Attempt(item.body, item.attempt + 1, item.duplicate, item.sent_at))
         return made
 
     async def _send(self, item: _Attempt, now: float) -> CallbackDelivery:
@@ -403,14 +448,15 @@ class CallbackSender:
             outcome, error = DeliveryOutcome.TIMEOUT, f"no answer within {self.timeout_s:g} s"
         except (aiohttp.ClientError, OSError) as exc:
             outcome, error = DeliveryOutcome.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}"
-        return self._record(now, item.body, item.attempt, outcome, status, item.duplicate, error)
+        return self._record(now, item.body, item.attempt, outcome, status, item.duplicate, error,
+                            item.sent_at)
 
     def _record(self, at: float, body: dict[str, Any], attempt: int, outcome: DeliveryOutcome,
                 status: int | None = None, duplicate: bool = False,
-                error: str | None = None) -> CallbackDelivery:
+                error: str | None = None, sent_at: float | None = None) -> CallbackDelivery:
         record = CallbackDelivery(at, body["app_id"], body["room_id"], body["task_id"],
                                   body["event_type"], body["sequence"], attempt, outcome, status,
-                                  duplicate, error, body)
+                                  duplicate, error, body, sent_at)
         log.debug("callback app_id=%s task_id=%s event_type=%s sequence=%s attempt=%s "
                   "outcome=%s status=%s duplicate=%s", record.app_id, record.task_id,
                   record.event_type, record.sequence, attempt, outcome.value, status, duplicate)

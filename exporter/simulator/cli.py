@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="probability that a callback is never sent (default 0)")
     parser.add_argument("--callback-duplicate", type=parse_probability, metavar="P",
                         help="probability that a callback is sent twice (default 0)")
+    parser.add_argument("--callback-late", type=parse_probability, metavar="P",
+                        help="probability that a callback arrives 1-10 s late, so that a "
+                             "later one may overtake it (default 0)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="debug logs one line per request (default info)")
@@ -148,6 +151,8 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         scenario.callback_loss = args.callback_loss
     if args.callback_duplicate is not None:
         scenario.callback_duplicate = args.callback_duplicate
+    if args.callback_late is not None:
+        scenario.callback_late = args.callback_late
     faults = scenario.faults
     rules = [*faults.get("rules", ()), *args.fault]
     for key, value in (("latency_ms", args.latency), ("jitter_ms", args.jitter),

@@ -271,6 +271,7 @@ class SimEngine:
         self.quit_reasons: dict[str, int] = {}  # task id -> quit_reason a scripted abort gave
         self.start_time = clock.time()
         self._now = self.start_time - warmup_s
+        self._frozen_at: float | None = None
         self._heap: list[_Event] = []
         self._seq = itertools.count()
         self._tasks: dict[str, SimTask] = {}
@@ -299,7 +300,9 @@ class SimEngine:
     # -- the schedule --------------------------------------------------------------------
 
     def advance_to(self, now: float) -> None:
-        """Apply every scheduled transition with time <= now, in time order."""
+        """Apply every scheduled transition with time <= now (<= the freeze), in time order."""
+        if self._frozen_at is not None:
+            now = min(now, self._frozen_at)
         while self._heap and self._heap[0].at <= now:
             event = heapq.heappop(self._heap)
             self._now = max(self._now, event.at)
@@ -326,6 +329,17 @@ class SimEngine:
 
     def _gap(self, rng: random.Random) -> float:
         return rng.expovariate(self.rates.arrivals_per_hour / 3600.0)
+
+    def freeze(self) -> None:
+        """Apply nothing after the clock's present until `thaw()`, however far the clock moves:
+        a harness can then compare what a client read (its backoff and pacing advance a manual
+        clock) with the state it read."""
+        self.advance_to(self.clock.time())
+        self._frozen_at = self._now
+
+    def thaw(self) -> None:
+        """Undo `freeze()`: the next advance applies what fell due meanwhile, in time order."""
+        self._frozen_at = None
 
     def stop_arrivals(self) -> None:
         """No new random tasks from now on (scripted starts still work): lets a soak drain."""

@@ -50,6 +50,8 @@ The format (every key optional except `apps`, unless apps come from the command 
       secrets: {1234567890: "cb-1"}  # app id -> callback secret (or callback_secret on an app)
       loss: 0.0                   # probability that a callback is never sent
       duplicate: 0.0              # probability that it is sent twice
+      late: 0.0                   # probability that it arrives late (a later one may overtake it)
+      late_seconds: [1, 10]       # how late, uniform, on the simulator's clock
       retry_delay_seconds: 5      # between attempts, on the simulator's clock
       attempts: 3                 # 2 retries when the receiver fails, as ZEGO does
 """
@@ -65,7 +67,7 @@ import yaml
 
 from exporter.clock import Clock
 from exporter.simulator.api import LIST_KEYS, STATUS_SEMANTICS, ListKey, StatusSemantics
-from exporter.simulator.callbacks import DEFAULT_ATTEMPTS, DEFAULT_RETRY_DELAY_S
+from exporter.simulator.callbacks import DEFAULT_ATTEMPTS, DEFAULT_LATE_S, DEFAULT_RETRY_DELAY_S
 from exporter.simulator.engine import OPS, LifecycleRates, SimEngine, room_names
 from exporter.simulator.faults import FaultConfig
 from exporter.simulator.server import ServerOptions, rate_limits
@@ -117,6 +119,8 @@ class Scenario:
     callback_duplicate: float = 0.0
     callback_retry_delay_s: float = DEFAULT_RETRY_DELAY_S
     callback_attempts: int = DEFAULT_ATTEMPTS
+    callback_late: float = 0.0
+    callback_late_s: tuple[float, float] = DEFAULT_LATE_S
 
     def rooms_of(self, app_id: int) -> list[str]:
         return self.rooms.get(app_id) or room_names(self.default_rooms)
@@ -146,7 +150,8 @@ class Scenario:
                                 rate_limits(self.rate_limit), faults, self.callback_url,
                                 dict(self.callback_secrets), self.callback_loss,
                                 self.callback_duplicate, self.callback_retry_delay_s,
-                                self.callback_attempts)
+                                self.callback_attempts, callback_late=self.callback_late,
+                                callback_late_s=self.callback_late_s)
         return engine, options
 
     def _check_callbacks(self) -> None:
@@ -155,13 +160,17 @@ class Scenario:
             raise ScenarioError(f"callbacks.secrets: apps {unknown} are not among the apps")
         if self.callback_secrets and not self.callback_url:
             raise ScenarioError("callbacks.url: needed when an app has a callback secret")
-        for name, value in (("loss", self.callback_loss), ("duplicate", self.callback_duplicate)):
+        for name, value in (("loss", self.callback_loss), ("duplicate", self.callback_duplicate),
+                            ("late", self.callback_late)):
             if not 0.0 <= value <= 1.0:
                 raise ScenarioError(f"callbacks.{name}: must lie in [0, 1]")
         if self.callback_attempts < 1:
             raise ScenarioError("callbacks.attempts: must be >= 1")
         if self.callback_retry_delay_s < 0:
             raise ScenarioError("callbacks.retry_delay_seconds: must be >= 0")
+        low, high = self.callback_late_s
+        if not 0 <= low <= high:
+            raise ScenarioError("callbacks.late_seconds: must be [low, high], 0 <= low <= high")
 
 
 def _mapping(raw: Any, where: str) -> Mapping[str, Any]:
@@ -245,7 +254,8 @@ def parse_scenario(doc: Any) -> Scenario:
     return scenario
 
 
-_CALLBACK_KEYS = {"url", "secrets", "loss", "duplicate", "retry_delay_seconds", "attempts"}
+_CALLBACK_KEYS = {"url", "secrets", "loss", "duplicate", "retry_delay_seconds", "attempts",
+                  "late", "late_seconds"}
 
 
 def _callbacks(raw: Mapping[str, Any], scenario: Scenario) -> None:
@@ -261,6 +271,7 @@ def _callbacks(raw: Mapping[str, Any], scenario: Scenario) -> None:
         raise ScenarioError("callbacks.secrets: maps app ids (integers) to secrets") from None
     for key, attr, kind in (("loss", "callback_loss", float),
                             ("duplicate", "callback_duplicate", float),
+                            ("late", "callback_late", float),
                             ("retry_delay_seconds", "callback_retry_delay_s", float),
                             ("attempts", "callback_attempts", int)):
         if key in raw:
@@ -268,6 +279,13 @@ def _callbacks(raw: Mapping[str, Any], scenario: Scenario) -> None:
                 setattr(scenario, attr, kind(raw[key]))
             except (TypeError, ValueError):
                 raise ScenarioError(f"callbacks.{key}: must be a number") from None
+    if "late_seconds" in raw:
+        late_s = raw["late_seconds"]
+        try:
+            low, high = (float(x) for x in late_s)
+        except (TypeError, ValueError):
+            raise ScenarioError("callbacks.late_seconds: must be [low, high] seconds") from None
+        scenario.callback_late_s = (low, high)
 
 
 def _event(raw: Mapping[str, Any], where: str) -> ScriptedEvent:

@@ -20,6 +20,7 @@ from aiohttp import web
 from exporter.simulator.api import ACTIONS, ActionContext, ListKey, StatusSemantics
 from exporter.simulator.callbacks import (
     DEFAULT_ATTEMPTS,
+    DEFAULT_LATE_S,
     DEFAULT_RETRY_DELAY_S,
     DEFAULT_TIMEOUT_S,
     CallbackSender,
@@ -65,6 +66,8 @@ class ServerOptions:
     callback_attempts: int = DEFAULT_ATTEMPTS
     callback_timeout_s: float = DEFAULT_TIMEOUT_S  # real seconds per attempt
     callback_interval_s: float = 0.1  # real seconds between background deliveries; 0: none
+    callback_late: float = 0.0  # probability that a callback arrives late_s after its sending
+    callback_late_s: tuple[float, float] = DEFAULT_LATE_S  # on the engine's clock
 
     def callback_sender(self, engine: SimEngine) -> CallbackSender | None:
         """The sender these options describe, or None without a URL and a secret."""
@@ -74,7 +77,8 @@ class ServerOptions:
         return CallbackSender(engine, self.callback_url, secrets, loss=self.callback_loss,
                               duplicate=self.callback_duplicate,
                               retry_delay_s=self.callback_retry_delay_s,
-                              attempts=self.callback_attempts, timeout_s=self.callback_timeout_s)
+                              attempts=self.callback_attempts, timeout_s=self.callback_timeout_s,
+                              late=self.callback_late, late_s=self.callback_late_s)
 
 
 class _Reject(Exception):
