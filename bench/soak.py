@@ -64,7 +64,7 @@ START = 1_760_000_000.0
 STEP_S = 0.5  # the driver's clock step: callbacks are delivered and checked at this grain
 FIELDS = ("started", "ended", "ended_abnormally", "paused", "resumed")
 LOGGED = (*FIELDS, "lost")  # the counted events, each logged as `task_<kind>`
-LOG_FIELDS = ("app_id", "room_id", "task_id", "source")
+LOG_FIELDS = ("app_id", "room_id", "task_id", "via")  # via: the source, poll or callback
 SOURCES = ("poll", "callback")
 ONCE_PER_TASK = ("started", "ended", "ended_abnormally", "lost")
 LIVE = (TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED)
@@ -519,9 +519,9 @@ def audit_logs(entries: Iterable[MutableMapping[str, Any]]
         for name in LOG_FIELDS:
             if entry.get(name) is None:
                 missing[f"task_{kind} lines without {name}"] += 1
-        source = entry.get("source")
-        if source is not None and source not in SOURCES:
-            missing[f"task_{kind} lines with source {source!r}"] += 1
+        via = entry.get("via")
+        if via is not None and via not in SOURCES:
+            missing[f"task_{kind} lines via {via!r}"] += 1
         if entry.get("app_id") not in (None, APP_ID, str(APP_ID)):
             missing[f"task_{kind} lines with app_id {entry.get('app_id')!r}"] += 1
         if kind in ONCE_PER_TASK:

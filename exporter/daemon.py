@@ -135,12 +135,14 @@ class Exporter:
             limiters = {a: self.limiters[(app.app_id, a)]
                         for a in (DESCRIBE_TASKS, DESCRIBE_RECORD_STATUS)}
             zego_app = ZegoApp(app.app_id, app.server_secret, limiters)
-            budget = limiters[DESCRIBE_TASKS].limit * zego.pacing * self.config.poll_interval
+            budget, lookups = (limiters[action].limit * zego.pacing * self.config.poll_interval
+                               for action in (DESCRIBE_TASKS, DESCRIBE_RECORD_STATUS))
             self.pollers[app.app_id] = AppPoller(
                 client, zego_app, self.state.apps[app.app_id], self.clock,
                 zego.clock_skew_margin, self._cycle_done, budget_per_cycle=budget,
                 poll_interval=self.config.poll_interval, errors=self.errors,
-            )
+                lookup_budget=lookups, callbacks=app.callback_secret is not None,
+                on_change=self._changed)
 
     async def _callback_answered(self, request: web.Request,
                                  response: web.StreamResponse) -> None:
@@ -158,6 +160,11 @@ class Exporter:
         self._save(app)
         if self._on_cycle_done is not None:
             self._on_cycle_done(app)
+
+    def _changed(self, app: AppState) -> None:
+        """Upload outcomes counted after a cycle's render: shown and saved soon."""
+        self.exposition.invalidate(soon=True)
+        self._save_soon(app)
 
     def _save_soon(self, app: AppState) -> None:
         """A callback changed `app`: save it within CALLBACK_SAVE_DELAY_S, with any others."""

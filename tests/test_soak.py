@@ -131,12 +131,12 @@ async def test_a_held_pause_callback_arrives_after_the_resume_with_its_own_seque
 
 def test_the_log_audit_finds_lines_without_fields_and_repeated_starts() -> None:
     line = {"event": "task_started", "app_id": APP_ID, "room_id": "a", "task_id": "t1",
-            "source": "poll"}
-    logged, problems = audit_logs([line, {**line, "source": None},
-                                   {**line, "event": "task_paused", "source": "ui"},
+            "via": "poll"}
+    logged, problems = audit_logs([line, {**line, "via": None},
+                                   {**line, "event": "task_paused", "via": "ui"},
                                    {"event": "poll_cycle_done", "room_id": "a"}])
     assert logged == {"a": {"started": 2, "ended": 0, "ended_abnormally": 0, "paused": 1,
                             "resumed": 0, "lost": 0}}
-    assert problems == ["task_paused lines with source 'ui': 1",
-                        "task_started lines without source: 1",
+    assert problems == ["task_paused lines via 'ui': 1",
+                        "task_started lines without via: 1",
                         "task_started logged more than once for 1 tasks"]

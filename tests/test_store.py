@@ -102,7 +102,7 @@ def test_a_schema_1_file_is_migrated_and_keeps_its_counters(tmp_path: Path) -> N
     assert loaded.tracking.marks.ended_since_ms == 12345
     assert loaded.tracking.marks.baseline_ms is None  # unknown: every first sighting counts
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 def test_a_schema_2_file_keeps_finished_ids_at_least_as_long_as_before(tmp_path: Path) -> None:

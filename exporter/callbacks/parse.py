@@ -18,8 +18,10 @@ from exporter.zego.limits import (
     MAX_ROOM_ID_BYTES,
     MAX_TASK_ID_BYTES,
 )
+from exporter.zego.models import FileStatus
 
 MAX_BODY_BYTES = 256 * 1024
+_FILE_STATUSES = frozenset(s.value for s in FileStatus)
 # What a callback may hold: ZEGO's ids and numbers with room to spare, never more.
 MAX_NONCE_CHARS = 64
 MAX_DEPTH = 8  # ZEGO's bodies nest 3 deep (detail.file_info[].field)
@@ -54,6 +56,8 @@ class Callback:
     sent_s: int
     quit_reason: str  # a documented code, "unknown" (none given) or "other"
     failed_files: int  # files of an upload callback whose status is not "uploaded"
+    # An upload callback's file statuses (ZEGO's 1-5; anything else is 0: not settled).
+    file_statuses: tuple[int, ...] = ()
 
 
 # Results that are refused, with their HTTP status; every other result is answered 200.
@@ -144,6 +148,7 @@ def parse_callback(envelope: Envelope, raw: Mapping[str, Any]) -> Callback:
     event_type = _integer(raw, "event_type", -(2**31), 2**31 - 1)
     quit_reason = detail.get("quit_reason")
     failed_files = 0
+    file_statuses: tuple[int, ...] = ()
     if event_type == EVENT_UPLOADED:
         files = detail.get("file_info")
         files = [] if files is None else files
@@ -151,6 +156,8 @@ def parse_callback(envelope: Envelope, raw: Mapping[str, Any]) -> Callback:
                 not all(isinstance(f, dict) for f in files):
             raise _malformed(f"detail.file_info is not a list of at most {MAX_FILES} objects")
         failed_files = sum(1 for f in files if f.get("status") != FILE_UPLOADED)
+        file_statuses = tuple(status if type(status := f.get("status")) is int
+                              and status in _FILE_STATUSES else 0 for f in files)
     return Callback(
         app_id=envelope.app_id,
         task_id=_id(raw, "task_id", MAX_TASK_ID_BYTES),
@@ -162,6 +169,7 @@ def parse_callback(envelope: Envelope, raw: Mapping[str, Any]) -> Callback:
                      else str(quit_reason) if type(quit_reason) is int
                      and str(quit_reason) in QUIT_REASONS else "other"),
         failed_files=failed_files,
+        file_statuses=file_statuses,
     )
 
 

@@ -15,14 +15,18 @@ counted; the result is ("applied", the change set) or a result saying why nothin
   **started** and **paused**, as ZEGO's tasks go 1 → 2 → 5. A resume of one: **started**,
   **paused** and **resumed** (its pause callback was lost, or is late: a late one is refused by
   its lower sequence). The task is then tracked, so polling recognises all of it.
-- An upload (event 1) with files not uploaded: **applied**, counted as upload failures.
+- An upload (event 1) whose files settled: the upload outcome (exporter/poll/uploads.py),
+  unless polling settled it first (**recognised**); files not uploaded also count as upload
+  failures. An end makes the task's files awaited, as polling's ends do.
 - Anything else: **counted** (in the callbacks metric only).
 """
 
 from __future__ import annotations
 
 from exporter.callbacks.parse import Callback
+from exporter.poll.uploads import outcome_of
 from exporter.state.changes import (
+    AwaitedUpload,
     ChangeSet,
     EventKind,
     Source,
@@ -51,10 +55,21 @@ def reconcile(tracking: Tracking, callback: Callback, now_ms: int,
         return _ended(tracking, callback, now_ms)
     if callback.event_type in (EVENT_PAUSED, EVENT_RESUMED):
         return _paused_or_resumed(tracking, callback, now_ms, observed_ms)
-    if callback.event_type == EVENT_UPLOADED and callback.failed_files:
-        failure = UploadFailure(callback.task_id, callback.room_id, callback.failed_files)
-        return "applied", ChangeSet(Source.CALLBACK, now_ms, upload_failures=(failure,))
+    if callback.event_type == EVENT_UPLOADED:
+        return _uploaded(tracking, callback, now_ms)
     return "counted", None
+
+
+def _uploaded(tracking: Tracking, callback: Callback, now_ms: int) -> Reconciled:
+    outcome = outcome_of(callback.file_statuses) if callback.file_statuses else None
+    failures = (UploadFailure(callback.task_id, callback.room_id, callback.failed_files),) \
+        if callback.failed_files else ()
+    if outcome is None or callback.task_id in tracking.settled:
+        if not failures:
+            return ("counted" if outcome is None else "recognised"), None
+        return "applied", ChangeSet(Source.CALLBACK, now_ms, upload_failures=failures)
+    return "applied", ChangeSet(Source.CALLBACK, now_ms, (_event(outcome, callback),),
+                                settled=frozenset({callback.task_id}), upload_failures=failures)
 
 
 def _event(kind: EventKind, callback: Callback, duration_s: float | None = None,
@@ -76,9 +91,11 @@ def _ended(tracking: Tracking, callback: Callback, now_ms: int) -> Reconciled:
     if callback.event_type == EVENT_ABNORMAL_END:
         events.append(_event(EventKind.ENDED_ABNORMALLY, callback,
                              quit_reason=callback.quit_reason))
+    awaited = {} if task_id in tracking.settled else {
+        task_id: AwaitedUpload(callback.room_id, now_ms)}
     return "applied", ChangeSet(Source.CALLBACK, now_ms, tuple(events),
                                 untracked=frozenset({task_id}) if task else frozenset(),
-                                finished={task_id: now_ms})
+                                finished={task_id: now_ms}, awaited=awaited)
 
 
 def _paused_or_resumed(tracking: Tracking, callback: Callback, now_ms: int,

@@ -23,6 +23,8 @@ to one app:
    no listing can show them again: an hour (a lagging live listing's grace) and two clock-skew
    margins after the exporter learned of the end, and before the ended-listing watermark; in
    any case 3 days and a margin after that.
+7. A counted end makes the task's files awaited (exporter/poll/uploads.py), unless an upload
+   callback settled them already.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 
 from exporter.state.changes import (
+    AwaitedUpload,
     ChangeSet,
     EventKind,
     Marks,
@@ -177,20 +180,29 @@ def diff(
     finished: dict[str, int] = {}
     pending: list[str] = []
 
+    awaited: dict[str, AwaitedUpload] = {}
+
     def finish(task: TrackedTask | RecordingTask, ended_by: int | None = None) -> None:
         finished[task.task_id] = learned if ended_by is None else max(learned, ended_by)
 
+    def ended(task: TrackedTask | RecordingTask, status: TaskStatus, end_ms: int) -> None:
+        """A counted end: its events, and its files are awaited (rule 7)."""
+        events.extend(_ended_events(task, status, (end_ms - task.begin_ms) / 1000))
+        finish(task)
+        if task.task_id not in tracking.settled:
+            awaited[task.task_id] = AwaitedUpload(task.room_id, learned)
+
     def keep(old: TrackedTask, status: TaskStatus, begin_ms: int | None = None) -> None:
-        """The task stays live: record it if its status (or a callback's guessed begin) moved."""
-        new = replace(old, status=status, begin_ms=old.begin_ms if begin_ms is None else begin_ms)
-        if new != old:
-            tracked[old.task_id] = new
+        """The task stays live: record it if its status (or a callback's guessed begin) moved
+        (most do not: no copy for them, the diff runs on the event loop)."""
+        begin = old.begin_ms if begin_ms is None else begin_ms
+        if status is not old.status or begin != old.begin_ms:
+            tracked[old.task_id] = replace(old, status=status, begin_ms=begin)
 
     for tid, old in tracking.live.items():
         ended_row, live_row = _row_of(old, terminal_rows), _row_of(old, live_rows)
         if ended_row is not None:
-            events += _ended_events(old, ended_row.status, (now - old.begin_ms) / 1000)
-            finish(old)
+            ended(old, ended_row.status, now)
         elif live_row is not None:
             if tid in fresher:
                 keep(old, old.status, live_row.begin_ms)
@@ -211,9 +223,7 @@ def diff(
                     events += _status_events(old, outcome.status)
                     keep(old, outcome.status)
                 else:
-                    end_ms = outcome.end_ms if outcome.end_ms is not None else now
-                    events += _ended_events(old, outcome.status, (end_ms - old.begin_ms) / 1000)
-                    finish(old)
+                    ended(old, outcome.status, outcome.end_ms or now)
             elif outcome == NOT_FOUND:
                 events.append(TaskEvent(EventKind.LOST, tid, old.room_id))
                 finish(old, old.begin_ms + MAX_RECORD_MS)  # when it ended, nobody says
@@ -253,8 +263,9 @@ def diff(
             if covered(row.room_id):
                 if began_counted(row):
                     events.append(TaskEvent(EventKind.STARTED, tid, row.room_id))
-                events += _ended_events(row, row.status, (now - row.begin_ms) / 1000)
-            finish(row)
+                ended(row, row.status, now)
+            else:
+                finish(row)
 
     # Only a consistent listing proves nothing began unseen before this cycle (see docs/design.md).
     ended_since = now - margin_ms
@@ -268,7 +279,8 @@ def diff(
     # `ended_since - margin` is at most `now - 2 margins`, so one cutoff covers both rules; ZEGO
     # lists nothing begun over 3 days ago, which frees ids after an outage too.
     cutoff = max(ended_since - margin_ms - LIVE_GRACE_MS, now - HORIZON_MS - margin_ms)
-    forgotten = frozenset(t for t, at in tracking.finished.items() if at < cutoff)
+    forgotten = frozenset(t for t, at in (*tracking.finished.items(), *tracking.settled.items())
+                          if at < cutoff)
     changes = ChangeSet(
         Source.POLL, learned, tuple(events), tracked,
         untracked=frozenset(finished.keys() & tracking.live.keys()),
@@ -276,6 +288,7 @@ def diff(
         forgotten=forgotten,
         marks=Marks(ended_since, scope, baseline_ms, room_baselines),
         observed_ms=now,
+        awaited=awaited,
     )
     return DiffResult(changes, pending, tracking)
 

@@ -14,6 +14,7 @@ import structlog
 
 from exporter.clock import Clock
 from exporter.logs import ContainedErrors
+from exporter.poll import uploads
 from exporter.poll.diff import (
     NOT_FOUND,
     Lookup,
@@ -29,7 +30,7 @@ from exporter.state.model import AppState
 from exporter.zego.client import ZegoApp, ZegoClient
 from exporter.zego.errors import Code, ZegoApiError, ZegoError, ZegoResponseError
 from exporter.zego.limits import LISTING_ENDED, LISTING_LIVE, PAGE_SIZE
-from exporter.zego.models import RecordingTask
+from exporter.zego.models import RecordingTask, RecordStatus
 
 MAX_PAGES = 1000  # 50,000 tasks in one scope: past this, TotalCount is lying
 MAX_LOOKUPS_IN_FLIGHT = 16
@@ -96,6 +97,9 @@ class AppPoller:
         budget_per_cycle: float = math.inf,
         poll_interval: float = 15.0,
         errors: ContainedErrors | None = None,
+        lookup_budget: float = math.inf,
+        callbacks: bool = False,
+        on_change: Callable[[AppState], None] | None = None,
     ) -> None:
         self._client = client
         self._app = app
@@ -108,6 +112,10 @@ class AppPoller:
         self._on_cycle_done = on_cycle_done
         self._errors = errors or ContainedErrors(collections.Counter())
         self._budget = budget_per_cycle  # DescribeTasks requests the limit allows per interval
+        self._lookup_budget = lookup_budget  # likewise, DescribeRecordStatus
+        self._interval_s = poll_interval
+        self._callbacks = callbacks  # the app's upload callbacks come: look up later
+        self._on_change = on_change  # upload outcomes counted after the cycle's render
         self._over_budget = False
         rooms = state.rooms
         self.planner = Planner(rooms) if rooms is not None else None
@@ -130,7 +138,7 @@ class AppPoller:
 
     async def _cycle(self) -> CycleReport:
         state = self._state
-        started = time.perf_counter()
+        started, begun = time.perf_counter(), self._clock.monotonic()
         now_ms = int(self._clock.time() * 1000)
         try:
             snapshot, requests = await self._observe(now_ms)
@@ -151,8 +159,45 @@ class AppPoller:
         failed = len(result.pending)
         # The events stand; the pending tasks are asked about again next cycle.
         error = f"DescribeRecordStatus failed for {failed} tasks" if failed else None
-        return self._finish(result.changes, requests + resolution.pages + len(resolution.lookups),
-                            started, error, resolution.pages)
+        report = self._finish(result.changes, requests + resolution.pages
+                              + len(resolution.lookups), started, error, resolution.pages)
+        await self._check_uploads(len(resolution.lookups), self._clock.monotonic() - begun)
+        return report
+
+    async def _check_uploads(self, lookups_used: int, cycle_s: float) -> None:
+        """Ask about awaited uploads with what end detection left of the interval's
+        DescribeRecordStatus budget and time, after the cycle's ends are applied: they never
+        delay an end, this cycle's or the next's. Those left wait for a later cycle, counted
+        as skipped."""
+        state = self._state
+        now_ms = int(self._clock.time() * 1000)
+        tracking = state.tracking
+        wanted = [t for t in uploads.due(tracking, now_ms, self._callbacks)
+                  if not uploads.timed_out(tracking, t, now_ms)]
+        room = len(wanted)
+        if not math.isinf(self._lookup_budget):
+            per_s = self._lookup_budget / self._interval_s
+            room = max(0, min(int(self._lookup_budget) - lookups_used,
+                              int((self._interval_s - cycle_s) * per_s) - 1))
+        asked = wanted[:room]
+        answers: dict[str, RecordStatus | None] = {}
+
+        async def worker() -> None:
+            while asked:
+                task_id = asked.pop()
+                outcome = await self._look_up(task_id)
+                if isinstance(outcome, RecordStatus):
+                    answers[task_id] = outcome
+                elif outcome == NOT_FOUND:
+                    answers[task_id] = None
+
+        await all_or_nothing(*(worker() for _ in range(min(MAX_LOOKUPS_IN_FLIGHT, len(asked)))))
+        changes = uploads.settle(state.tracking, answers, int(self._clock.time() * 1000),
+                                 skipped=max(0, len(wanted) - room))
+        if changes.events or changes.awaited or changes.uploads_skipped:
+            state.apply(changes)
+            if changes.events and self._on_change is not None:
+                self._on_change(state)
 
     def _check_budget(self, requests: int) -> None:
         """Say so when the rooms need more listing requests than one interval's budget: cycles

@@ -12,10 +12,11 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 
 from exporter import PYTHON_VERSION, __version__, revision
-from exporter.state.changes import EventKind
-from exporter.state.model import ExporterState
+from exporter.state.changes import UPLOAD_OUTCOMES, EventKind
+from exporter.state.model import AppState, ExporterState
 from exporter.zego.ratelimit import RateLimiter
 
 PREFIX = "zego_cloudrecord"
@@ -28,6 +29,16 @@ EVENT_COUNTERS = {
     EventKind.RESUMED: ("tasks_resumed", "Recording tasks resumed after a pause."),
     EventKind.LOST: ("tasks_lost", "Tracked tasks ZEGO no longer knows (final status unknown)."),
 }
+
+
+def _exemplar(app: AppState, room: str, kind: EventKind) -> Exemplar | None:
+    """The room's latest event of `kind`: which task it was (OpenMetrics only)."""
+    event = app.latest(room, kind)
+    # OpenMetrics allows 128 characters of exemplar labels: a longer TaskId (ZEGO's have 16)
+    # would make Prometheus refuse the whole scrape.
+    if event is None or event.at_ms is None or len("task_id") + len(event.task_id) > 128:
+        return None
+    return Exemplar({"task_id": event.task_id}, 1, event.at_ms / 1000)
 
 
 class ExporterCollector(Collector):
@@ -76,8 +87,27 @@ class ExporterCollector(Collector):
             counter = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["app_id", "room_id"])
             for app_id, app in apps.items():
                 for room, by_kind in list(app.counters.items()):
-                    counter.add_metric([str(app_id), room], by_kind[kind])
+                    counter.add_metric([str(app_id), room], by_kind[kind],
+                                       exemplar=_exemplar(app, room, kind))
             yield counter
+        outcomes = CounterMetricFamily(
+            f"{PREFIX}_upload_outcomes",
+            "Ended recordings by what became of their files (DescribeRecordStatus or an upload "
+            "callback): uploaded, backup, failed, no_files, unknown.",
+            labels=["app_id", "room_id", "outcome"])
+        for app_id, app in apps.items():
+            for room, by_kind in list(app.counters.items()):
+                for kind in UPLOAD_OUTCOMES:
+                    outcomes.add_metric([str(app_id), room, str(kind.upload_outcome)],
+                                        by_kind[kind], exemplar=_exemplar(app, room, kind))
+        yield outcomes
+        skipped = CounterMetricFamily(
+            f"{PREFIX}_upload_lookups_skipped",
+            "Upload look-ups due that the DescribeRecordStatus budget left for a later cycle.",
+            labels=["app_id"])
+        for app_id, app in apps.items():
+            skipped.add_metric([str(app_id)], app.upload_lookups_skipped)
+        yield skipped
         durations = HistogramMetricFamily(
             f"{PREFIX}_task_duration_seconds",
             "Length of recordings that ended, by outcome.",

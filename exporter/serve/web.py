@@ -24,6 +24,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.logs import ContainedErrors, Throttle
+from exporter.serve.events import BadQuery, EventQuery, as_json, recent
 from exporter.serve.exposition import EXPOSITION
 from exporter.state.model import ExporterState
 
@@ -213,6 +214,16 @@ def make_app(
             return web.Response(text="OK\n")
         return web.Response(status=503, text="not ready: no poll cycle has finished yet\n")
 
+    async def events(request: web.Request) -> web.Response:
+        if len(request.query) != len(set(request.query)):
+            raise web.HTTPBadRequest(text="a parameter is given twice\n")
+        try:
+            query = EventQuery.parse(request.query)
+        except BadQuery as exc:
+            raise web.HTTPBadRequest(text=f"{exc}\n") from None
+        return web.json_response({"events": [as_json(app_id, event)
+                                             for app_id, event in recent(state, query)]})
+
     async def landing(request: web.Request) -> web.Response:
         return web.Response(text=landing_page(state, telemetry_path), content_type="text/html")
 
@@ -227,7 +238,8 @@ def make_app(
                           handler_args=limits.handler_args(edge.server_log()))
     expect = edge.expect_handler(limits)
     for path, handler in ((telemetry_path, metrics), ("/-/healthy", healthy),
-                          ("/-/ready", readiness), ("/", landing), ("/runbook", runbook)):
+                          ("/-/ready", readiness), ("/", landing), ("/runbook", runbook),
+                          ("/api/v1/events", events)):
         app.router.add_get(path, handler, expect_handler=expect)
     return app
 
@@ -245,6 +257,12 @@ def landing_page(state: ExporterState, telemetry_path: str) -> str:
             f"<tr><td>{app_id}</td><td>{html.escape(rooms)}</td><td>{len(app.tracking.live)}"
             f"</td><td>{last}</td><td>{html.escape(status)}</td></tr>"
         )
+    latest = [as_json(app_id, event) for app_id, event in recent(state, EventQuery(limit=50))]
+    events = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(e[key]) if e[key] is not None else '')}</td>"
+                         for key in ("time", "app_id", "room_id", "task_id", "event", "source",
+                                     "quit_reason", "duration_s")) + "</tr>"
+        for e in latest)
     path = html.escape(telemetry_path)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ZEGO Cloud Recording exporter</title></head>
@@ -256,6 +274,14 @@ Health: <a href="/-/healthy">/-/healthy</a>, <a href="/-/ready">/-/ready</a>.</p
 <tr><th>AppId</th><th>Rooms watched</th><th>Live tasks</th><th>Last successful poll</th>
 <th>Last cycle</th></tr>
 {"".join(rows)}
+</table>
+<h2>Latest events</h2>
+<p>The last {len(latest)} counted events, newest first (all of them, filtered, as JSON:
+<a href="/api/v1/events">/api/v1/events</a>?app_id=&amp;room_id=&amp;event=&amp;limit=).</p>
+<table border="1" cellpadding="4">
+<tr><th>Time</th><th>AppId</th><th>Room</th><th>Task</th><th>Event</th><th>Source</th>
+<th>quit_reason</th><th>Duration (s)</th></tr>
+{events}
 </table>
 </body></html>
 """

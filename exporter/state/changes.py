@@ -20,6 +20,21 @@ class EventKind(enum.Enum):
     ENDED = "ended"
     ENDED_ABNORMALLY = "ended_abnormally"
     LOST = "lost"
+    # What became of an ended task's files (DescribeRecordStatus, or an upload callback).
+    UPLOAD_UPLOADED = "upload_uploaded"  # every file uploaded
+    UPLOAD_BACKUP = "upload_backup"  # a file kept in ZEGO's backup storage, none failed
+    UPLOAD_FAILED = "upload_failed"  # a file failed to upload
+    UPLOAD_NO_FILES = "upload_no_files"  # no file at all: nothing was recorded
+    UPLOAD_UNKNOWN = "upload_unknown"  # not settled an hour after the end, or ZEGO forgot it
+
+    @property
+    def upload_outcome(self) -> str | None:
+        """"uploaded", "failed", ...: the outcome label of an upload event, else None."""
+        return self.value.removeprefix("upload_") if self.value.startswith("upload_") else None
+
+
+TASK_EVENTS = tuple(k for k in EventKind if k.upload_outcome is None)
+UPLOAD_OUTCOMES = tuple(k for k in EventKind if k.upload_outcome is not None)
 
 
 class Source(enum.Enum):
@@ -37,6 +52,7 @@ class TaskEvent:
     source: Source = Source.POLL
     duration_s: float | None = None  # with ENDED: how long the recording lasted
     quit_reason: str | None = None  # with a callback's ENDED_ABNORMALLY: ZEGO's reason label
+    at_ms: int | None = None  # when it was learned (AppState.apply stamps the change set's time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +61,15 @@ class TrackedTask:
     room_id: str
     status: TaskStatus
     begin_ms: int  # from a listing; a callback's untracked task: when the callback was sent
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitedUpload:
+    """An ended task whose files have not settled yet."""
+
+    room_id: str
+    ended_ms: int  # when its end was learned (the exporter's clock)
+    checked_ms: int | None = None  # its last look-up
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +101,8 @@ class Tracking:
     # bound of the end, and so of the begin, which is all forgetting it needs.
     finished: Mapping[str, int] = field(default_factory=dict)
     marks: Marks = field(default_factory=Marks)
+    awaited: Mapping[str, AwaitedUpload] = field(default_factory=dict)  # files not settled
+    settled: Mapping[str, int] = field(default_factory=dict)  # TaskId -> when its files were
 
     @property
     def has_baseline(self) -> bool:
@@ -85,8 +112,9 @@ class Tracking:
         """This tracking with `changes` carried out (a copy: for tests and the rules' callers;
         AppState carries them out in place)."""
         live, finished = dict(self.live), dict(self.finished)
-        changes.carry_out(live, finished)
-        return Tracking(live, finished, changes.marks or self.marks)
+        awaited, settled = dict(self.awaited), dict(self.settled)
+        changes.carry_out(live, finished, awaited, settled)
+        return Tracking(live, finished, changes.marks or self.marks, awaited, settled)
 
 
 @dataclass(frozen=True)
@@ -115,12 +143,23 @@ class ChangeSet:
     flipped: frozenset[str] = frozenset()  # a callback's: tasks whose status it changed
     upload_failures: tuple[UploadFailure, ...] = ()
     cycle: CycleOutcome | None = None  # a cycle's outcome (alone, if it failed)
+    # Ended tasks whose files are awaited (added, or looked up again), and ones that settled.
+    awaited: Mapping[str, AwaitedUpload] = field(default_factory=dict)
+    settled: frozenset[str] = frozenset()
+    uploads_skipped: int = 0  # upload look-ups due that the budget left for a later cycle
 
-    def carry_out(self, live: dict[str, TrackedTask], finished: dict[str, int]) -> None:
-        """Apply the task changes to `live` and `finished`, in place."""
+    def carry_out(self, live: dict[str, TrackedTask], finished: dict[str, int],
+                  awaited: dict[str, AwaitedUpload], settled: dict[str, int]) -> None:
+        """Apply the task changes to the tracking's parts, in place."""
         for task_id in self.untracked:
             live.pop(task_id, None)
         live.update(self.tracked)
         finished.update(self.finished)
-        for task_id in self.forgotten:
+        awaited.update(self.awaited)
+        for task_id in self.settled:
+            awaited.pop(task_id, None)
+            settled[task_id] = self.learned_ms
+        for task_id in self.forgotten:  # no listing shows it again: nothing more to learn
             finished.pop(task_id, None)
+            awaited.pop(task_id, None)
+            settled.pop(task_id, None)

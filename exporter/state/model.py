@@ -10,15 +10,16 @@ render thread copies what it reads in one step (`list()` of a dict is one step u
 from __future__ import annotations
 
 import bisect
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final
 
 import structlog
 
 from exporter.state.changes import (
+    AwaitedUpload,
     ChangeSet,
     EventKind,
     Marks,
@@ -33,6 +34,7 @@ COUNTED_EVENTS = tuple(EventKind)
 TASK_DURATION_BUCKETS = (10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0,
                          57600.0, 86400.0)
 API_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RECENT_EVENTS = 1000  # counted events kept per app for /api/v1/events (and the state file)
 OTHER_ROOMS = "_other"  # room label for rooms past an app's cardinality cap ("*" mode)
 # The quit_reason label is one of ZEGO's documented values, "unknown" (none given) or "other"
 # (anything else), so a callback body cannot mint labels.
@@ -77,6 +79,8 @@ class Unsaved:
     live: set[str] = field(default_factory=set)  # TaskIds to write, or delete if no longer live
     finished: set[str] = field(default_factory=set)  # likewise, for finished TaskIds
     rooms: set[str] = field(default_factory=set)  # room labels whose counters moved
+    uploads: set[str] = field(default_factory=set)  # TaskIds whose awaited or settled row moved
+    events: int = 0  # counted events not written yet (the newest)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Restored:
     upload_failures: Mapping[str, int]
     last_success_time: float | None
     last_observed_ms: int | None
+    recent: Sequence[TaskEvent] = ()  # oldest first
     stale_live: frozenset[str] = frozenset()  # rows of rooms no longer configured: to delete
 
 
@@ -104,6 +109,11 @@ class AppState:
         self.max_rooms: Final = max_rooms
         self._live: dict[str, TrackedTask] = {}
         self._finished: dict[str, int] = {}
+        self._awaited: dict[str, AwaitedUpload] = {}
+        self._settled: dict[str, int] = {}
+        self._recent: deque[TaskEvent] = deque(maxlen=RECENT_EVENTS)
+        # (room label, kind) -> the latest counted event: the counters' exemplars.
+        self._latest: dict[tuple[str, EventKind], TaskEvent] = {}
         self._marks = Marks()
         self._counters: dict[str, dict[EventKind, int]] = {}
         self._durations = {o: Histogram(TASK_DURATION_BUCKETS) for o in ("normal", "abnormal")}
@@ -117,6 +127,7 @@ class AppState:
         self._flipped_at_ms: dict[str, int] = {}
         self._unsaved = Unsaved() if persistent else None
         self._up = False
+        self._upload_lookups_skipped = 0
         self._cycles_attempted = 0
         self._last_success_time: float | None = None
         self._last_poll_duration: float | None = None
@@ -132,7 +143,8 @@ class AppState:
     @property
     def tracking(self) -> Tracking:
         return Tracking(MappingProxyType(self._live), MappingProxyType(self._finished),
-                        self._marks)
+                        self._marks, MappingProxyType(self._awaited),
+                        MappingProxyType(self._settled))
 
     @property
     def counters(self) -> Mapping[str, Mapping[EventKind, int]]:
@@ -147,6 +159,15 @@ class AppState:
         return tuple(self._deferred)
 
     @property
+    def recent(self) -> Sequence[TaskEvent]:
+        """The last RECENT_EVENTS counted events, oldest first."""
+        return tuple(self._recent)
+
+    def latest(self, room: str, kind: EventKind) -> TaskEvent | None:
+        """The latest counted event of `kind` in the room label: its counter's exemplar."""
+        return self._latest.get((room, kind))
+
+    @property
     def ended_by_reason(self) -> Mapping[str, int]:
         return MappingProxyType(self._ended_by_reason)
 
@@ -158,7 +179,12 @@ class AppState:
     def unsaved(self) -> Unsaved:
         """A copy of what changed since the last save (nothing, if no store saves this app)."""
         pending = self._unsaved or Unsaved()
-        return Unsaved(set(pending.live), set(pending.finished), set(pending.rooms))
+        return Unsaved(set(pending.live), set(pending.finished), set(pending.rooms),
+                       set(pending.uploads), pending.events)
+
+    @property
+    def upload_lookups_skipped(self) -> int:
+        return self._upload_lookups_skipped
 
     @property
     def up(self) -> bool:
@@ -207,10 +233,11 @@ class AppState:
     # The one writer.
     def apply(self, changes: ChangeSet) -> None:
         """Carry out a cycle's or a callback's changes: track, count, log, mark for saving."""
-        changes.carry_out(self._live, self._finished)
+        changes.carry_out(self._live, self._finished, self._awaited, self._settled)
         if self._unsaved is not None:
             self._unsaved.live.update(changes.tracked, changes.untracked)
             self._unsaved.finished.update(changes.finished, changes.forgotten)
+            self._unsaved.uploads.update(changes.awaited, changes.settled, changes.forgotten)
         if changes.marks is not None:
             self._marks = changes.marks
         if changes.observed_ms is not None:
@@ -224,6 +251,8 @@ class AppState:
             due, self._deferred = self._deferred, []
         first_seen: set[str] = set()
         for event in changes.events:
+            if event.at_ms is None:
+                event = replace(event, at_ms=changes.learned_ms)
             label = self.room_label(event.room_id)
             if label not in self._counters:
                 first_seen.add(label)
@@ -233,6 +262,7 @@ class AppState:
             for task in changes.tracked.values():
                 self._room_counters(self.room_label(task.room_id))
         self._count(due)
+        self._upload_lookups_skipped += changes.uploads_skipped
         for failure in changes.upload_failures:
             room = self.room_label(failure.room_id)
             self._upload_failures[room] = self._upload_failures.get(room, 0) + failure.files
@@ -255,7 +285,8 @@ class AppState:
         return counters
 
     def _count(self, events: Sequence[TaskEvent]) -> None:
-        """Count each event, and log it: one line per counted event, with its source."""
+        """Count each event, and log it: one line per counted event, with its source (`via`:
+        promslog's `source` is the logger)."""
         abnormal = {e.task_id for e in events if e.kind is EventKind.ENDED_ABNORMALLY}
         for event in events:
             label = self.room_label(event.room_id)
@@ -268,8 +299,12 @@ class AppState:
             if event.quit_reason is not None:
                 reason = event.quit_reason
                 self._ended_by_reason[reason] = self._ended_by_reason.get(reason, 0) + 1
+            self._latest[(label, event.kind)] = event
+            self._recent.append(event)
+            if self._unsaved is not None:
+                self._unsaved.events = min(RECENT_EVENTS, self._unsaved.events + 1)
             log.info(f"task_{event.kind.value}", app_id=self.app_id, room_id=event.room_id,
-                     task_id=event.task_id, source=event.source.value,
+                     task_id=event.task_id, via=event.source.value,
                      **({"duration_s": round(event.duration_s, 3)}
                         if event.duration_s is not None else {}),
                      **({"quit_reason": event.quit_reason} if event.quit_reason else {}))
@@ -280,6 +315,9 @@ class AppState:
         self._live = dict(restored.tracking.live)
         self._finished = dict(restored.tracking.finished)
         self._marks = restored.tracking.marks
+        self._awaited = dict(restored.tracking.awaited)
+        self._settled = dict(restored.tracking.settled)
+        self._recent.extend(restored.recent)
         for room, by_kind in restored.counters.items():
             self._counters[room] = {**dict.fromkeys(COUNTED_EVENTS, 0), **by_kind}
         for outcome, (counts, total) in restored.durations.items():
@@ -291,6 +329,8 @@ class AppState:
         self._upload_failures = {**self._upload_failures, **restored.upload_failures}
         self._last_success_time = restored.last_success_time
         self._last_observed_ms = restored.last_observed_ms
+        for event in self._recent:  # the exemplars: the latest of each kind, per room
+            self._latest[(self.room_label(event.room_id), event.kind)] = event
         if self._unsaved is not None:
             self._unsaved = Unsaved(live=set(restored.stale_live))
 
@@ -300,6 +340,8 @@ class AppState:
             self._unsaved.live -= saved.live
             self._unsaved.finished -= saved.finished
             self._unsaved.rooms -= saved.rooms
+            self._unsaved.uploads -= saved.uploads
+            self._unsaved.events = max(0, self._unsaved.events - saved.events)
 
 
 @dataclass

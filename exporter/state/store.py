@@ -33,8 +33,16 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exporter.state.changes import EventKind, Marks, Source, TaskEvent, TrackedTask, Tracking
-from exporter.state.model import AppState, Restored, Unsaved
+from exporter.state.changes import (
+    AwaitedUpload,
+    EventKind,
+    Marks,
+    Source,
+    TaskEvent,
+    TrackedTask,
+    Tracking,
+)
+from exporter.state.model import RECENT_EVENTS, AppState, Restored, Unsaved
 from exporter.text import text_problem
 from exporter.zego.limits import HORIZON_MS, MAX_RECORD_MS, MAX_ROOM_ID_BYTES, MAX_TASK_ID_BYTES
 from exporter.zego.models import LIVE_STATUSES, MAX_SAFE_INT, TaskStatus
@@ -46,7 +54,7 @@ MAX_REASON_BYTES = 128  # a callback's quit_reason, kept as a label value
 _WHAT_TO_DO = ("Move it away to start from an empty state (counters restart at 0), or point "
                "--storage.path elsewhere.")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE apps (
@@ -85,6 +93,19 @@ MIGRATIONS: dict[int, str] = {
     3: f"""
     ALTER TABLE finished_tasks RENAME COLUMN forget_after_ms TO learned_ms;
     UPDATE finished_tasks SET learned_ms = learned_ms - {HORIZON_MS} + {MAX_RECORD_MS};
+    """,
+    # The last counted events (/api/v1/events, and the counters' exemplars), and the ended
+    # tasks whose files are awaited (settled_ms NULL) or settled (counted once).
+    4: """
+    CREATE TABLE events (
+        app_id INTEGER NOT NULL, seq INTEGER NOT NULL, event TEXT NOT NULL,
+        PRIMARY KEY (app_id, seq)
+    );
+    CREATE TABLE uploads (
+        app_id INTEGER NOT NULL, task_id TEXT NOT NULL, room_id TEXT NOT NULL,
+        ended_ms INTEGER NOT NULL, checked_ms INTEGER, settled_ms INTEGER,
+        PRIMARY KEY (app_id, task_id)
+    );
     """,
 }
 
@@ -218,10 +239,10 @@ def _array(value: object, item: Callable[[object], T]) -> list[T]:
 
 
 _SOURCE = _one_of([source.value for source in Source])
-_EVENT_KEYS = ("kind", "task_id", "room_id", "source", "duration_s", "quit_reason")
+_EVENT_KEYS = ("kind", "task_id", "room_id", "source", "duration_s", "quit_reason", "at_ms")
 
 
-def _deferred_event(value: object) -> TaskEvent:
+def _stored_event(value: object) -> TaskEvent:
     if not isinstance(value, dict) or not {"kind", "task_id", "room_id"} <= value.keys() \
             <= set(_EVENT_KEYS):
         raise _Invalid(f"{_show(value)} is not an object of {', '.join(_EVENT_KEYS)}")
@@ -229,13 +250,23 @@ def _deferred_event(value: object) -> TaskEvent:
                      check_room_id(value["room_id"]),
                      Source(_SOURCE(value.get("source", Source.POLL.value))),
                      _optional(_seconds)(value.get("duration_s")),
-                     _optional(_reason)(value.get("quit_reason")))
+                     _optional(_reason)(value.get("quit_reason")),
+                     _optional(_count)(value.get("at_ms")))
 
 
 def _event_json(event: TaskEvent) -> dict[str, object]:
     return {"kind": event.kind.value, "task_id": event.task_id, "room_id": event.room_id,
             "source": event.source.value, "duration_s": event.duration_s,
-            "quit_reason": event.quit_reason}
+            "quit_reason": event.quit_reason, "at_ms": event.at_ms}
+
+
+def _upload(row: Sequence[object]) -> tuple[str, AwaitedUpload, int | None]:
+    """(TaskId, its awaited upload, when it settled): a settled row needs no more."""
+    task_id, settled_ms = check_task_id(row[0]), _optional(_count)(row[4])
+    if settled_ms is not None:
+        return task_id, AwaitedUpload("", 0), settled_ms
+    return (task_id, AwaitedUpload(check_room_id(row[1]), _count(row[2]),
+                                   _optional(_count)(row[3])), None)
 
 
 def _histogram(value: object) -> tuple[list[int], float]:
@@ -291,6 +322,7 @@ def _tables(db: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
 class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._next_event: dict[int, int] = {}  # app -> the seq of its next event row
         try:
             version = self._inspect()
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -431,7 +463,7 @@ class Store:
                                 lambda v: _object(_json(v), check_room_id, _count))
         by_reason = column("ended_by_reason", lambda v: _object(_json(v), _reason, _count))
         uploads = column("upload_failures", lambda v: _object(_json(v), check_room_id, _count))
-        deferred = column("deferred", lambda v: _array(_json(v), _deferred_event))
+        deferred = column("deferred", lambda v: _array(_json(v), _stored_event))
         outcomes = _one_of(app.durations)
         durations = column("durations", lambda v: _object(_json(v), outcomes, _histogram))
 
@@ -453,9 +485,24 @@ class Store:
                 counters.setdefault(room, dict.fromkeys(EventKind, 0))[kind] = value
         marks = Marks(ended_since, baseline_rooms, baseline_ms,
                       {r: ms for r, ms in room_baselines.items() if in_scope(r)})
+        awaited: dict[str, AwaitedUpload] = {}
+        settled: dict[str, int] = {}
+        for task_id, upload, settled_ms in self._checked_rows(
+                "uploads", "task_id, room_id, ended_ms, checked_ms, settled_ms", app.app_id,
+                _upload):
+            if settled_ms is not None:
+                settled[task_id] = settled_ms
+            elif in_scope(upload.room_id):
+                awaited[task_id] = upload
+        events = sorted(self._checked_rows("events", "seq, event", app.app_id,
+                                           lambda row: (_count(row[0]),
+                                                        _stored_event(_json(row[1])))),
+                        key=lambda pair: pair[0])
+        self._next_event[app.app_id] = events[-1][0] + 1 if events else 0
         app.restore(Restored(
-            Tracking(live, finished, marks), counters, durations, deferred, by_reason,
-            {r: n for r, n in uploads.items() if in_scope(r)}, last_success, last_observed,
+            Tracking(live, finished, marks, awaited, settled), counters, durations, deferred,
+            by_reason, {r: n for r, n in uploads.items() if in_scope(r)}, last_success,
+            last_observed, [e for _, e in events[-RECENT_EVENTS:] if in_scope(e.room_id)],
             frozenset(stale)))
         return True
 
@@ -512,10 +559,32 @@ class Store:
             self._db.executemany(
                 "INSERT OR REPLACE INTO finished_tasks VALUES (?, ?, ?)",
                 ((app_id, t, learned_ms) for t, learned_ms in finished))
+            self._db.executemany(
+                "DELETE FROM uploads WHERE app_id = ? AND task_id = ?",
+                ((app_id, t) for t in pending.uploads
+                 if t not in tracking.awaited and t not in tracking.settled))
+            self._db.executemany(
+                "INSERT OR REPLACE INTO uploads VALUES (?, ?, ?, ?, ?, ?)",
+                (_upload_row(app_id, t, tracking) for t in pending.uploads
+                 if t in tracking.awaited or t in tracking.settled))
+            first = self._next_event.get(app_id, 0)
+            new = list(app.recent)[len(app.recent) - pending.events:]
+            self._db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?)",
+                                 ((app_id, first + i, json.dumps(_event_json(e)))
+                                  for i, e in enumerate(new)))
+            self._db.execute("DELETE FROM events WHERE app_id = ? AND seq < ?",
+                             (app_id, first + len(new) - RECENT_EVENTS))
+        self._next_event[app_id] = first + len(new)
 
     def app_ids(self) -> Iterable[int]:
         return [row[0] for row in self._db.execute("SELECT app_id FROM apps")]
 
+
+
+def _upload_row(app_id: int, task_id: str, tracking: Tracking) -> tuple[object, ...]:
+    settled_ms = tracking.settled.get(task_id)
+    upload = tracking.awaited.get(task_id) or AwaitedUpload("", 0)  # settled: no room needed
+    return app_id, task_id, upload.room_id, upload.ended_ms, upload.checked_ms, settled_ms
 
 
 def _check_saved(app: AppState, pending: Unsaved) -> None:
@@ -532,11 +601,11 @@ def _check_saved(app: AppState, pending: Unsaved) -> None:
     for room in pending.rooms:
         check_room_id(room)
         _array(list(app.counters[room].values()), _count)
-    for event in app.deferred:
-        check_task_id(event.task_id)
-        check_room_id(event.room_id)
-        _optional(_seconds)(event.duration_s)
-        _optional(_reason)(event.quit_reason)
+    for event in (*app.deferred, *list(app.recent)[len(app.recent) - pending.events:]):
+        _stored_event(json.loads(json.dumps(_event_json(event))))
+    for task_id in pending.uploads:
+        if task_id in tracking.awaited or task_id in tracking.settled:
+            _upload(_upload_row(0, task_id, tracking)[1:])
     _object(dict(app.ended_by_reason), _reason, _count)
     for room in app.upload_failures.keys() - app.counters.keys():  # counters' rooms: checked
         check_room_id(room)
