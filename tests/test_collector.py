@@ -8,6 +8,9 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as text_string_to_openmetrics,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
@@ -139,3 +142,24 @@ def test_build_info_names_the_version_the_commit_and_the_python() -> None:
     text = render(ExporterState.for_apps([(7, ("r",), 10)]))
     assert value(text, "zego_cloudrecord_exporter_build_info", version=__version__,
                  revision=head, pythonversion=platform.python_version()) == 1
+
+
+def test_event_counters_carry_their_latest_task_as_an_openmetrics_exemplar() -> None:
+    state = ExporterState.for_apps([(7, ("a",), 1000)])
+    state.apps[7].apply(cycle(TaskEvent(EventKind.STARTED, "t1", "a"),
+                              TaskEvent(EventKind.STARTED, "t2", "a"),
+                              TaskEvent(EventKind.UPLOAD_FAILED, "t0", "a"),
+                              at_ms=1_750_000_000_500))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ExporterCollector(state, {}, poll_interval=15.0))
+    families = {f.name: f for f in text_string_to_openmetrics(generate_openmetrics(registry)
+                                                              .decode())}
+    started = families["zego_cloudrecord_tasks_started"].samples[0]
+    assert started.exemplar is not None
+    assert started.exemplar.labels == {"task_id": "t2"}
+    assert float(started.exemplar.timestamp) == 1_750_000_000.5
+    failed = [s for s in families["zego_cloudrecord_upload_outcomes"].samples
+              if s.labels.get("outcome") == "failed"]
+    assert failed[0].value == 1 and failed[0].exemplar.labels == {"task_id": "t0"}
+    assert all(s.exemplar is None for s in families["zego_cloudrecord_tasks_ended"].samples)
+    assert "task_id" not in render(state)  # the text format has no exemplars

@@ -218,6 +218,7 @@ class Stack:
     webhook: WebhookReceiver
     processes: list[Process] = field(default_factory=list)
     abort_at: float = 0.0  # time.monotonic() when room-2's recording was aborted
+    aborted_task: str = ""  # its TaskId
     alert_latency: float = 0.0
 
     def query(self, expr: str) -> list[dict[str, Any]]:
@@ -325,6 +326,7 @@ def build_stack(directory: Path) -> Stack:
         f"--storage.tsdb.path={directory / 'prometheus-data'}",
         f"--web.listen-address=127.0.0.1:{prom_port}",
         "--log.level=info",
+        "--enable-feature=exemplar-storage",  # the event counters' {task_id} exemplars
     ]
 
     alertmanager_config = write_yaml(directory / "alertmanager.yml", {
@@ -419,7 +421,7 @@ def play_scenario(stack: Stack) -> None:
     )
 
     stack.control("abort", task_id=task)
-    stack.abort_at = time.monotonic()
+    stack.abort_at, stack.aborted_task = time.monotonic(), task
     arrivals = wait_for(
         f"{ABNORMAL_END_ALERT} for room-2 at the webhook",
         lambda: [t for t, labels in stack.webhook.firing(ABNORMAL_END_ALERT)
@@ -474,6 +476,20 @@ def test_abnormal_end_pages_for_its_room_within_a_minute(stack: Stack) -> None:
     assert stack.alert_latency < ALERT_LATENCY_TARGET_S, (
         f"the page took {stack.alert_latency:.1f}s, target {ALERT_LATENCY_TARGET_S:.0f}s"
     )
+
+
+def test_the_abnormal_end_names_its_task_in_an_exemplar(stack: Stack) -> None:
+    """From the alert's room to the recording: Prometheus stored the counter's exemplar."""
+    now = time.time()
+    query = urllib.parse.urlencode({
+        "query": 'zego_cloudrecord_tasks_ended_abnormally_total{room_id="room-2"}',
+        "start": now - 600, "end": now})
+    answer = wait_for("the exemplar in Prometheus", lambda: http_json(
+        f"{stack.prometheus_url}api/v1/query_exemplars?{query}")["data"], timeout=10)
+    exemplars = [e for series in answer for e in series["exemplars"]]
+    assert [e["labels"] for e in exemplars] == [{"task_id": stack.aborted_task}], answer
+    assert abs(float(exemplars[0]["timestamp"]) - (now - (time.monotonic() - stack.abort_at))) \
+        < 30
 
 
 def test_no_abnormal_end_alert_for_the_other_rooms(stack: Stack) -> None:

@@ -61,12 +61,14 @@ def reconcile(tracking: Tracking, callback: Callback, now_ms: int,
 
 
 def _uploaded(tracking: Tracking, callback: Callback, now_ms: int) -> Reconciled:
+    if callback.task_id in tracking.settled:
+        return "recognised", None  # its files were counted: by polling, or an earlier callback
     outcome = outcome_of(callback.file_statuses) if callback.file_statuses else None
     failures = (UploadFailure(callback.task_id, callback.room_id, callback.failed_files),) \
         if callback.failed_files else ()
-    if outcome is None or callback.task_id in tracking.settled:
+    if outcome is None:
         if not failures:
-            return ("counted" if outcome is None else "recognised"), None
+            return "counted", None
         return "applied", ChangeSet(Source.CALLBACK, now_ms, upload_failures=failures)
     return "applied", ChangeSet(Source.CALLBACK, now_ms, (_event(outcome, callback),),
                                 settled=frozenset({callback.task_id}), upload_failures=failures)
