@@ -109,6 +109,10 @@ VALID_ROWS: dict[str, tuple[Any, ...]] = {
     "live_tasks": (APP_ID, "t2", "b", 5, 1000),
     "finished_tasks": (APP_ID, "t1", 99_000),
     "counters": (APP_ID, "a", "ended", 3),
+    "events": (APP_ID, 4, {"kind": "upload_failed", "task_id": "t1", "room_id": "a",
+                           "source": "callback", "duration_s": None, "quit_reason": "6",
+                           "at_ms": 99_000}),
+    "uploads": (APP_ID, "t1", "a", 99_000, 120_000, None),
 }
 
 
@@ -204,7 +208,16 @@ def assert_sound(app: AppState) -> None:
         for count in histogram.counts:
             assert_count(count)
         assert_seconds(histogram.total)
-    for deferred in app.deferred:
+    for task_id, upload in tracking.awaited.items():
+        assert_clean_text(task_id, MAX_TASK_ID_BYTES)
+        assert_clean_text(upload.room_id, MAX_ROOM_ID_BYTES)
+        assert_count(upload.ended_ms)
+        if upload.checked_ms is not None:
+            assert_count(upload.checked_ms)
+    for task_id, settled_ms in tracking.settled.items():
+        assert_clean_text(task_id, MAX_TASK_ID_BYTES)
+        assert_count(settled_ms)
+    for deferred in (*app.deferred, *app.recent):
         assert isinstance(deferred.kind, EventKind)
         assert_clean_text(deferred.task_id, MAX_TASK_ID_BYTES)
         assert_clean_text(deferred.room_id, MAX_ROOM_ID_BYTES)
