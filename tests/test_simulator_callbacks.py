@@ -498,3 +498,111 @@ def test_a_bad_callbacks_section_is_an_error_naming_the_field(
            "events": events}
     with pytest.raises(ScenarioError, match=re.escape(message)):
         parse_scenario(doc).build(ManualClock(START))
+
+
+# -- upload callbacks (event 1) and the ledger's upload outcomes ------------------------------
+
+@pytest.mark.parametrize(("failure", "backup", "upload_status", "file_status", "outcome"), [
+    (0.0, 0.0, 1, 3, "uploaded"), (1.0, 1.0, 2, 4, "backup"), (1.0, 0.0, 2, 5, "failed")])
+async def test_the_upload_callback_is_sent_when_the_files_settle_and_matches_the_outcome(
+        make_sim: SimFactory, clock: ManualClock, receiver: Receiver, failure: float,
+        backup: float, upload_status: int, file_status: int, outcome: str) -> None:
+    rates = LifecycleRates(arrivals_per_hour=0.0, no_stream_probability=0.0, max_streams=3,
+                           upload_failure_probability=failure, backup_probability=backup,
+                           slow_upload_probability=1.0, slow_upload_s=(200, 400))
+    sim = await make_sim(rates=rates)
+    sender = sender_of(sim)
+    task_id = next(t for t in (sim.engine.start(APP, "room-1") for _ in range(10))
+                   if len(sim.engine.find(t).files) > 1)  # type: ignore[union-attr]
+    clock.advance(90)
+    sim.engine.stop(task_id)
+    await sender.deliver_due(clock.time())
+    task = sim.engine.find(task_id)
+    assert task is not None and task.settle_at is not None
+    await sender.deliver_due(task.settle_at - 0.01)
+    assert receiver.events(task_id) == [7, 5]
+    assert sim.engine.outcome(task_id) is None
+    await sender.deliver_due(task.settle_at)
+    assert receiver.events(task_id) == [7, 5, 1]
+    settled = sim.engine.outcome(task_id)
+    assert settled is not None and settled.outcome == outcome
+    upload = [b for b in receiver.bodies if b["task_id"] == task_id][-1]
+    assert_signed(upload)
+    assert upload["timestamp"] == str(int(settled.at))
+    detail = upload["detail"]
+    assert detail["upload_status"] == upload_status
+    assert [f["status"] for f in detail["file_info"]] == list(settled.file_statuses) == [
+        file_status] * len(task.files)
+    truth = task.describe(settled.at)["RecordFiles"]
+    assert [(f["stream_id"], f["file_id"], f["file_url"], f["file_size"], f["duration"])
+            for f in detail["file_info"]] == [
+        (f["StreamId"], f["FileId"], f["FileUrl"], f["FileSize"], f["Duration"]) for f in truth]
+
+
+async def test_a_recording_without_streams_gets_no_upload_callback(
+        make_sim: SimFactory, clock: ManualClock, receiver: Receiver) -> None:
+    rates = LifecycleRates(arrivals_per_hour=0.0, no_stream_probability=1.0)
+    sim = await make_sim(rates=rates)
+    task_id = sim.engine.start(APP, "room-1")
+    clock.advance(45)
+    sim.engine.stop(task_id)
+    await sender_of(sim).deliver_due(clock.time() + 3600)
+    assert receiver.events(task_id) == [4, 7, 5]
+    settled = sim.engine.outcome(task_id)
+    assert settled is not None and settled.outcome == "no_files"
+
+
+async def test_a_held_upload_callback_is_overtaken_and_keeps_its_sending_time(
+        make_sim: SimFactory, clock: ManualClock, receiver: Receiver) -> None:
+    rates = LifecycleRates(arrivals_per_hour=0.0, no_stream_probability=0.0, upload_s=(5, 5))
+    sim = await make_sim(rates=rates)
+    sender = sender_of(sim)
+    first = sim.engine.start(APP, "room-1")
+    clock.advance(30)
+    sim.engine.stop(first)
+    sender.hold(first, 1, 60)
+    await sender.deliver_due(clock.time() + 30)
+    assert receiver.events(first) == [7, 5]
+    await sender.deliver_due(clock.time() + 65)
+    assert receiver.events(first) == [7, 5, 1]
+    upload = receiver.bodies[-1]
+    assert upload["timestamp"] == str(int(clock.time() + 5))
+    delivery = sender.deliveries[-1]
+    assert delivery.event_type == 1 and delivery.late_s == pytest.approx(60)
+
+
+async def test_upload_callbacks_over_a_busy_run_match_the_ledgers_outcomes(
+        clock: ManualClock, receiver: Receiver) -> None:
+    """One event 1 per settled task with files (lost ones included), sent when it settled,
+    whatever is lost, repeated or late; files not uploaded add up to the ledger's count."""
+    rates = LifecycleRates(arrivals_per_hour=60.0, mean_duration_s=240.0, abnormal_probability=0.3,
+                           no_stream_probability=0.15, upload_failure_probability=0.4,
+                           backup_probability=0.5, slow_upload_probability=0.2,
+                           slow_upload_s=(60, 600))
+    engine = SimEngine(clock, {APP: SECRET}, seed=9, rooms=["a", "b"], rates=rates)
+    sender = CallbackSender(engine, receiver.url, {APP: CALLBACK_SECRET}, loss=0.2,
+                            duplicate=0.3, late=0.3)
+    try:
+        while clock.time() < START + 2 * 3600:
+            clock.advance(20)
+            await sender.deliver_due(clock.time())
+    finally:
+        await sender.close()
+    uploads: dict[str, Any] = {}
+    for d in sender.deliveries:
+        if d.event_type == 1:
+            assert uploads.setdefault(d.task_id, d.body) == d.body  # one callback per task
+    settled = {o.task_id: o for o in engine.outcomes}
+    with_files = {t for t, o in settled.items() if o.outcome != "no_files"}
+    assert len(with_files) > 50 and with_files == set(uploads)
+    assert {o.outcome for o in settled.values()} == {"uploaded", "backup", "failed", "no_files"}
+    for task_id, body in uploads.items():
+        outcome = settled[task_id]
+        assert body["timestamp"] == str(int(outcome.at))
+        assert [f["status"] for f in body["detail"]["file_info"]] == list(outcome.file_statuses)
+        assert body["detail"]["upload_status"] == (1 if outcome.outcome == "uploaded" else 2)
+    not_uploaded = sum(c.files_not_uploaded for c in engine.summary().values())
+    assert not_uploaded == sum(f["status"] != 3 for body in uploads.values()
+                               for f in body["detail"]["file_info"]) > 0
+    assert {d.outcome for d in sender.deliveries if d.event_type == 1} >= {
+        DeliveryOutcome.LOST, DeliveryOutcome.DELIVERED}

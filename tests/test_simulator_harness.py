@@ -162,8 +162,43 @@ async def test_the_summary_endpoint_counts_per_room(
     engine.pause(first)
     engine.abort(second)
     summary = await get(session, sim.url + "_sim/summary")
-    assert summary == [{"app_id": APP, "room_id": "room-1", "started": 2, "ended": 1,
-                        "ended_abnormally": 1, "paused": 1, "resumed": 0}]
+    counts = {"app_id": APP, "room_id": "room-1", "started": 2, "ended": 1,
+              "ended_abnormally": 1, "paused": 1, "resumed": 0, "uploaded": 0, "backup": 0,
+              "failed": 0, "no_files": 0, "files_not_uploaded": 0}
+    assert summary == [counts]  # the aborted task's files are still uploading
+    clock.advance(3600)
+    settled = engine.outcome(second)
+    assert settled is not None
+    summary = await get(session, sim.url + "_sim/summary")
+    assert summary == [{**counts, settled.outcome.value: 1,
+                        "files_not_uploaded": settled.files_not_uploaded}]
+
+
+async def test_the_outcomes_endpoint_lists_settled_tasks_in_order(
+        sim: SimulatorServer, session: aiohttp.ClientSession, engine: SimEngine,
+        clock: ManualClock) -> None:
+    never_recorded = engine.start(APP, "room-1")
+    engine.stop(never_recorded)  # still initialising: no files
+    recorded = engine.start(APP, "room-2")
+    clock.advance(60)
+    engine.stop(recorded)
+    live = engine.start(APP, "room-2")
+    clock.advance(3600)
+    outcomes = await get(session, sim.url + "_sim/outcomes")
+    assert [(o["task_id"], o["room_id"]) for o in outcomes] == [
+        (never_recorded, "room-1"), (recorded, "room-2")]
+    assert outcomes[0] == {"app_id": APP, "room_id": "room-1", "task_id": never_recorded,
+                           "outcome": "no_files", "file_statuses": [],
+                           "files_not_uploaded": 0, "at": START}
+    task = engine.find(recorded)
+    assert task is not None and task.end is not None
+    assert outcomes[1]["at"] == task.end + max(f.upload_s for f in task.files)
+    assert outcomes[1]["file_statuses"] == [int(f.outcome) for f in task.files]
+    assert live not in {o["task_id"] for o in outcomes}
+    later = await get(session, sim.url + f"_sim/outcomes?since={START + 1}")
+    assert [o["task_id"] for o in later] == [recorded]
+    async with session.get(sim.url + "_sim/outcomes?since=soon") as response:
+        assert response.status == 400
 
 
 async def test_health_reports_the_simulator_clock(

@@ -166,3 +166,63 @@ def test_the_schema_check_rejects_an_undocumented_status(
     with pytest.raises(Exception, match="Invalid"):
         describe_tasks_spec.validate_response(request, MockResponse(
             json.dumps(wrong).encode(), status_code=200, content_type="application/json"))
+
+
+def record_file_schema() -> dict[str, Any]:
+    spec = yaml.safe_load((SPECS / "describe-record-status.yaml").read_text())
+    return spec["components"]["schemas"]["RecordFile"]
+
+
+@pytest.mark.parametrize(("failure", "backup", "no_stream", "final"), [
+    (0.0, 0.0, 0.0, {3}), (1.0, 1.0, 0.0, {4}), (1.0, 0.0, 0.0, {5}), (0.0, 0.0, 1.0, set())])
+async def test_record_status_answers_match_zegos_schema_through_the_upload_progression(
+        record_status_spec: OpenAPI, clock: ManualClock, failure: float, backup: float,
+        no_stream: float, final: set[int]) -> None:
+    rates = LifecycleRates(arrivals_per_hour=0, no_stream_probability=no_stream, max_streams=4,
+                           upload_failure_probability=failure, backup_probability=backup,
+                           upload_s=(20, 40), slow_upload_probability=0.5,
+                           slow_upload_s=(100, 200))
+    engine = SimEngine(clock, {APP: SECRET}, seed=4, rooms=["room-1"], rates=rates)
+    task_ids = [engine.start(APP, "room-1") for _ in range(8)]
+    seen: list[tuple[int, frozenset[int]]] = []
+    schema = record_file_schema()
+    types = {name: {"string": str, "integer": int}[prop["type"]]
+             for name, prop in schema["properties"].items()}
+
+    async def check(exchange: Exchanger) -> None:
+        for task_id in task_ids:
+            request, response, answer = await exchange("DescribeRecordStatus",
+                                                       {"TaskId": task_id})
+            record_status_spec.validate_response(request, response)
+            data = answer["Data"]
+            files = data.get("RecordFiles", [])
+            assert "RecordFiles" not in data or files  # absent, never empty
+            for f in files:  # every field of the schema but VideoId (VOD storage only)
+                assert set(f) == set(types) - {"VideoId"}
+                assert all(type(f[name]) is types[name] for name in f)
+            seen.append((data["Status"], frozenset(f["Status"] for f in files)))
+
+    async with serving(engine, clock) as exchange:
+        await check(exchange)  # initialising
+        clock.advance(60)
+        await check(exchange)  # recording
+        engine.pause(task_ids[0])
+        await check(exchange)
+        for task_id in task_ids:
+            engine.stop(task_id)
+        await check(exchange)  # uploading
+        clock.advance(45)
+        await check(exchange)  # settled, but for slow uploads
+        clock.advance(300)
+        await check(exchange)  # settled
+    phases = {status for status, _ in seen}
+    assert phases == {1, 2, 3, 5}
+    files_seen: set[int] = set().union(*(statuses for _, statuses in seen))
+    if final:
+        assert files_seen == {1, 2} | final
+        assert seen[-1][1] == frozenset(final)
+        assert any(statuses == frozenset({2, *final}) for _, statuses in seen)
+    else:
+        assert files_seen == set()
+    settled = {o.task_id: o.outcome.value for o in engine.outcomes}
+    assert set(settled) == set(task_ids)

@@ -7,11 +7,13 @@ from exporter.simulator.callbacks import (
     DeliveryOutcome,
 )
 from exporter.simulator.engine import (
+    FilesSettled,
     LifecycleRates,
     RoomCounts,
     SimEngine,
     SimError,
     Transition,
+    UploadOutcome,
     room_names,
     summarize,
 )
@@ -28,6 +30,7 @@ __all__ = [
     "FaultConfig",
     "FaultKind",
     "FaultRule",
+    "FilesSettled",
     "LifecycleRates",
     "RoomCounts",
     "Scenario",
@@ -36,6 +39,7 @@ __all__ = [
     "SimError",
     "SimulatorServer",
     "Transition",
+    "UploadOutcome",
     "create_app",
     "load_scenario",
     "rate_limits",

@@ -326,10 +326,13 @@ class CallbackSender:
             self._push_upload(t, task)
 
     def _push_upload(self, t: Transition, task: SimTask | None) -> None:
-        """Event 1 once the last file is uploaded (or given up on), if the task made files."""
-        if task is None or not task.files or task.first_recording is None or task.end is None:
+        """Event 1 when the files settle (the last one uploaded, kept in backup storage or given
+        up on), if the task made files: the moment the engine writes the task's outcome.
+        upload_status is 1 when every file reached the customer's storage, else 2."""
+        if task is None or not task.has_files:
             return
-        done = task.end + max(f.upload_s for f in task.files)
+        done = task.settle_at
+        assert done is not None
         files = task.describe(done).get("RecordFiles", [])
         file_info = [{
             "user_id": f["UserId"], "user_name": f["UserName"], "stream_id": f["StreamId"],

@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "DescribeRecordStatus, Start/Stop/Pause/ResumeRecord) with seeded recording "
                     "activity, ZEGO's signature checks and rate limits, fault injection, "
                     "recording status callbacks (signed, retried, sometimes lost or repeated, as "
-                    "ZEGO sends them), and a test harness under /_sim/ (ledger, summary, stats, "
-                    "control, faults, callbacks).")
+                    "ZEGO sends them), and a test harness under /_sim/ (ledger, upload outcomes, "
+                    "summary, stats, control, faults, callbacks).")
     parser.add_argument("--listen-address", type=parse_listen_address, default=DEFAULT_LISTEN,
                         metavar="HOST:PORT", help=f"where to listen (default {DEFAULT_LISTEN})")
     parser.add_argument("--app", type=parse_app, action="append", default=[],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import bisect
 import datetime as dt
+import enum
 import hashlib
 import heapq
 import itertools
@@ -79,8 +80,14 @@ class LifecycleRates:
     pause_probability: float = 0.2  # chance of a (further) pause, up to 3 per task
     mean_pause_s: float = 60.0
     no_stream_probability: float = 0.02  # ended without files (nobody published)
-    upload_failure_probability: float = 0.05  # per file: backup storage (4) or failed (5)
-    upload_s: tuple[float, float] = (2.0, 30.0)
+    max_streams: int = 3  # a single-stream task (RecordMode 1) records 1..max_streams streams
+    # Per file: the upload to the customer's storage fails; then ZEGO's backup storage takes the
+    # file (status 4) with backup_probability, or the upload failed for good (status 5).
+    upload_failure_probability: float = 0.05
+    backup_probability: float = 0.7
+    upload_s: tuple[float, float] = (2.0, 30.0)  # status 2 (uploading) lasts this long, uniform
+    slow_upload_probability: float = 0.0  # per file: its upload takes slow_upload_s instead
+    slow_upload_s: tuple[float, float] = (120.0, 1_800.0)
     # For soak runs: every status after recording starts lasts at least this long (0: no floor),
     # and no recording lasts longer than max_duration_s (ZEGO's own cap is 24 h).
     min_segment_s: float = 0.0
@@ -88,16 +95,20 @@ class LifecycleRates:
 
     def __post_init__(self) -> None:
         probabilities = (self.abnormal_probability, self.pause_probability,
-                         self.no_stream_probability, self.upload_failure_probability)
+                         self.no_stream_probability, self.upload_failure_probability,
+                         self.backup_probability, self.slow_upload_probability)
         if any(not 0.0 <= p <= 1.0 for p in probabilities):
             raise ValueError("probabilities must lie in [0, 1]")
         if self.arrivals_per_hour < 0:
             raise ValueError("arrivals_per_hour must be >= 0")
         if self.mean_duration_s <= 0 or self.min_duration_s < 0 or self.mean_pause_s <= 0:
             raise ValueError("durations must be > 0")
-        for low, high in (self.init_s, self.upload_s):
+        for low, high in (self.init_s, self.upload_s, self.slow_upload_s):
             if not 0 <= low <= high:
                 raise ValueError("ranges must be (low, high) with 0 <= low <= high")
+        if isinstance(self.max_streams, bool) or not isinstance(self.max_streams, int) \
+                or self.max_streams < 1:
+            raise ValueError("max_streams must be an integer >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,19 +127,77 @@ class Transition:
                 "from_status": self.from_status, "to_status": self.to_status, "at": self.at}
 
 
+class UploadOutcome(enum.StrEnum):
+    """How an ended task's files settled."""
+
+    UPLOADED = "uploaded"  # every file uploaded to the customer's storage (status 3)
+    BACKUP = "backup"  # some file only in ZEGO's backup storage (4), none failed
+    FAILED = "failed"  # some file failed to upload anywhere (5)
+    NO_FILES = "no_files"  # no RecordFiles at all: nobody published (or it never recorded)
+
+
+def upload_outcome(file_statuses: Iterable[int]) -> UploadOutcome:
+    """The outcome of a task whose files settled with these statuses (3, 4 or 5 each)."""
+    statuses = set(file_statuses)
+    if not statuses:
+        return UploadOutcome.NO_FILES
+    if FileStatus.UPLOAD_FAILED in statuses:
+        return UploadOutcome.FAILED
+    if FileStatus.IN_BACKUP_STORAGE in statuses:
+        return UploadOutcome.BACKUP
+    return UploadOutcome.UPLOADED
+
+
+@dataclass(frozen=True, slots=True)
+class FilesSettled:
+    """An ended task's files reached their final statuses (or it has none): its outcome.
+
+    `file_statuses` are the final statuses of its RecordFiles, in their order (empty for
+    no_files); `at` is when the last one settled (the end itself for no_files).
+    """
+
+    app_id: int
+    room_id: str
+    task_id: str
+    outcome: UploadOutcome
+    file_statuses: tuple[int, ...]
+    at: float
+
+    @property
+    def files_not_uploaded(self) -> int:
+        """Files not in the customer's storage (status 4 or 5)."""
+        return sum(status != FileStatus.UPLOADED for status in self.file_statuses)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"app_id": self.app_id, "room_id": self.room_id, "task_id": self.task_id,
+                "outcome": self.outcome.value, "file_statuses": list(self.file_statuses),
+                "files_not_uploaded": self.files_not_uploaded, "at": self.at}
+
+
 @dataclass(slots=True)
 class RoomCounts:
-    """Ledger totals for one room: what the exporter's counters should add up to."""
+    """Ledger totals for one room: what the exporter's counters should add up to.
+
+    uploaded/backup/failed/no_files count ended tasks by how their files settled (a task counts
+    once its last file settles); files_not_uploaded counts their files with final status 4 or 5.
+    """
 
     started: int = 0
     ended: int = 0
     ended_abnormally: int = 0
     paused: int = 0
     resumed: int = 0
+    uploaded: int = 0
+    backup: int = 0
+    failed: int = 0
+    no_files: int = 0
+    files_not_uploaded: int = 0
 
 
-def summarize(ledger: Iterable[Transition]) -> dict[tuple[int, str], RoomCounts]:
-    """Per (app_id, room_id): started, ended (3 or 4), ended abnormally (4), paused, resumed."""
+def summarize(ledger: Iterable[Transition], outcomes: Iterable[FilesSettled] = (),
+              ) -> dict[tuple[int, str], RoomCounts]:
+    """Per (app_id, room_id): started, ended (3 or 4), ended abnormally (4), paused, resumed,
+    and from `outcomes`, tasks per upload outcome and files not uploaded."""
     counts: dict[tuple[int, str], RoomCounts] = {}
     for t in ledger:
         room = counts.setdefault((t.app_id, t.room_id), RoomCounts())
@@ -141,6 +210,10 @@ def summarize(ledger: Iterable[Transition]) -> dict[tuple[int, str], RoomCounts]
             room.paused += 1
         elif (t.from_status, t.to_status) == (TaskStatus.PAUSED, TaskStatus.RECORDING):
             room.resumed += 1
+    for settled in outcomes:
+        room = counts.setdefault((settled.app_id, settled.room_id), RoomCounts())
+        setattr(room, settled.outcome.value, getattr(room, settled.outcome.value) + 1)
+        room.files_not_uploaded += settled.files_not_uploaded
     return counts
 
 
@@ -150,8 +223,9 @@ class SimFile:
 
     stream_id: str
     begin_after_s: float  # after the task starts recording
-    upload_s: float
+    upload_s: float  # in status 2 (uploading) this long after the task ends
     outcome: FileStatus  # UPLOADED, IN_BACKUP_STORAGE or UPLOAD_FAILED
+    slow: bool = False  # a slow upload (upload_s drawn from slow_upload_s)
 
 
 @dataclass(slots=True)
@@ -184,7 +258,27 @@ class SimTask:
         live = 0.0 if self.recording_since is None else max(0.0, now - self.recording_since)
         return self.recorded_s + live
 
+    @property
+    def has_files(self) -> bool:
+        """Whether DescribeRecordStatus lists RecordFiles for it: it recorded, someone published."""
+        return self.first_recording is not None and bool(self.files)
+
+    @property
+    def settle_at(self) -> float | None:
+        """When its last file settles (its end if it has no files); None while it is live."""
+        if self.end is None:
+            return None
+        if not self.has_files:
+            return self.end
+        return self.end + max(f.upload_s for f in self.files)
+
+    def outcome(self) -> UploadOutcome:
+        """How its files settle (settled or not yet)."""
+        return upload_outcome(f.outcome for f in self.files) if self.has_files \
+            else UploadOutcome.NO_FILES
+
     def file_status(self, file: SimFile, now: float) -> FileStatus:
+        """1 while the task records, 2 from its end for upload_s, then 3, 4 or 5."""
         if self.end is None:
             return FileStatus.RECORDING
         return FileStatus.UPLOADING if now < self.end + file.upload_s else file.outcome
@@ -196,7 +290,7 @@ class SimTask:
             "RecordBeginTimestamp": self.begin_ms, "RecordEndTimestamp": self.end_ms,
             "Status": int(self.status),
         }
-        if self.first_recording is not None and self.files:
+        if self.has_files:
             data["RecordFiles"] = [self._file_json(f, now) for f in self.files]
         return data
 
@@ -227,11 +321,14 @@ def task_id_for(key: str) -> str:
     return base64.urlsafe_b64encode(digest).decode()
 
 
+EventKind = Literal["arrival", "natural", "cap", "script", "settle"]
+
+
 @dataclass(order=True, frozen=True, slots=True)
 class _Event:
     at: float
     seq: int
-    kind: Literal["arrival", "natural", "cap", "script"] = field(compare=False)
+    kind: EventKind = field(compare=False)
     app_id: int = field(compare=False)
     room_id: str = field(compare=False)
     task_id: str = field(compare=False, default="")
@@ -266,6 +363,8 @@ class SimEngine:
         self.seed = seed
         self.rates = rates or LifecycleRates()
         self.ledger: list[Transition] = []
+        self.outcomes: list[FilesSettled] = []  # in time order, like the ledger
+        self._outcome_of: dict[str, FilesSettled] = {}
         self.forgotten: set[str] = set()
         self._arrivals_stopped = False
         self.quit_reasons: dict[str, int] = {}  # task id -> quit_reason a scripted abort gave
@@ -311,8 +410,7 @@ class SimEngine:
         if self._now >= self._next_prune:
             self._prune()
 
-    def _push(self, at: float, kind: Literal["arrival", "natural", "cap", "script"],
-              app_id: int, room_id: str, **kw: Any) -> None:
+    def _push(self, at: float, kind: EventKind, app_id: int, room_id: str, **kw: Any) -> None:
         heapq.heappush(self._heap, _Event(at, next(self._seq), kind, app_id, room_id, **kw))
 
     def _add_room(self, app_id: int, room_id: str, *, arrivals: bool) -> None:
@@ -358,6 +456,8 @@ class SimEngine:
             self._create(event.app_id, event.room_id, task_id, event.at, natural=True)
         elif event.kind == "script":
             self._fire_script(event)
+        elif event.kind == "settle":
+            self._settle(event)
         else:
             task = self._tasks.get(event.task_id)
             if task is None or task.forgotten:
@@ -394,16 +494,23 @@ class SimEngine:
         rng = random.Random(f"{self.seed}:{task_id}")
         init = rng.uniform(*rates.init_s)
         record_mode = 2 if rng.random() < 0.5 else 1
-        streams = 1 if record_mode == 2 else rng.randint(1, 3)
+        streams = 1 if record_mode == 2 else rng.randint(1, rates.max_streams)
         files: list[SimFile] = []
+        # Slow uploads draw from their own RNG: the task's other draws stay what they were.
+        slow_rng = random.Random(f"{self.seed}:{task_id}:slow-uploads")
         if rng.random() >= rates.no_stream_probability:
             for n in range(1, streams + 1):
                 outcome = FileStatus.UPLOADED
                 if rng.random() < rates.upload_failure_probability:
-                    outcome = (FileStatus.IN_BACKUP_STORAGE if rng.random() < 0.7
+                    outcome = (FileStatus.IN_BACKUP_STORAGE
+                               if rng.random() < rates.backup_probability
                                else FileStatus.UPLOAD_FAILED)
-                files.append(SimFile(f"stream-{n}", rng.uniform(0.0, 2.0),
-                                     rng.uniform(*rates.upload_s), outcome))
+                begin_after = rng.uniform(0.0, 2.0)
+                upload = rng.uniform(*rates.upload_s)
+                slow = slow_rng.random() < rates.slow_upload_probability
+                slow_upload = slow_rng.uniform(*rates.slow_upload_s)
+                files.append(SimFile(f"stream-{n}", begin_after,
+                                     slow_upload if slow else upload, outcome, slow))
         task = SimTask(app_id, room_id, task_id, at, record_mode, tuple(files),
                        scripted=not natural)
         self._tasks[task_id] = task
@@ -467,6 +574,23 @@ class SimEngine:
             task.end = at
         self._record(task, task.status, to_status, at)
         task.status = to_status
+        settle_at = task.settle_at
+        if settle_at is not None:
+            self._push(settle_at, "settle", task.app_id, task.room_id, task_id=task.task_id)
+
+    def _settle(self, event: _Event) -> None:
+        """Its files reached their final statuses: the task's outcome goes into `outcomes`."""
+        task = self._tasks.get(event.task_id)
+        if task is None or task.end is None or event.task_id in self._outcome_of:
+            return
+        statuses = tuple(int(task.file_status(f, event.at)) for f in task.files) \
+            if task.has_files else ()
+        settled = FilesSettled(task.app_id, task.room_id, task.task_id,
+                               upload_outcome(statuses), statuses, event.at)
+        self.outcomes.append(settled)
+        self._outcome_of[task.task_id] = settled
+        log.debug("files_settled app_id=%s room_id=%s task_id=%s outcome=%s at=%.3f",
+                  task.app_id, task.room_id, task.task_id, settled.outcome.value, event.at)
 
     def _record(self, task: SimTask, from_status: TaskStatus | None, to_status: TaskStatus,
                 at: float) -> None:
@@ -487,6 +611,7 @@ class SimEngine:
         for task_id in stale:
             del self._tasks[task_id]
             self.quit_reasons.pop(task_id, None)
+            self._outcome_of.pop(task_id, None)
         self._next_prune = self._now + _PRUNE_EVERY_SECONDS
 
     # -- queries -------------------------------------------------------------------------
@@ -526,9 +651,23 @@ class SimEngine:
             return list(self.ledger)
         return self.ledger[bisect.bisect_left(self.ledger, since, key=lambda t: t.at):]
 
-    def summary(self) -> dict[tuple[int, str], RoomCounts]:
+    def outcomes_since(self, since: float | None = None) -> list[FilesSettled]:
+        """Tasks whose files settled (at or after `since`), in time order."""
         self.advance_to(self.clock.time())
-        return summarize(self.ledger)
+        if since is None:
+            return list(self.outcomes)
+        return self.outcomes[bisect.bisect_left(self.outcomes, since, key=lambda o: o.at):]
+
+    def outcome(self, task_id: str) -> FilesSettled | None:
+        """How the task's files settled; None while it is live or its files are uploading
+        (or it is unknown, or pruned)."""
+        self.advance_to(self.clock.time())
+        return self._outcome_of.get(task_id)
+
+    def summary(self) -> dict[tuple[int, str], RoomCounts]:
+        """Per room: the ledger's transitions and the upload outcomes, counted."""
+        self.advance_to(self.clock.time())
+        return summarize(self.ledger, self.outcomes)
 
     # -- control -------------------------------------------------------------------------
 

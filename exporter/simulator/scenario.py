@@ -20,9 +20,13 @@ The format (every key optional except `apps`, unless apps come from the command 
       abnormal_probability: 0.05
       pause_probability: 0.2
       mean_pause_seconds: 60
-      no_stream_probability: 0.02
-      upload_failure_probability: 0.05
-      upload_seconds: [2, 30]
+      no_stream_probability: 0.02 # a task records no stream: no RecordFiles (outcome no_files)
+      max_streams: 3              # a single-stream task records 1..max_streams files
+      upload_failure_probability: 0.05  # per file: the customer's storage refuses it, then
+      backup_probability: 0.7     #   ZEGO's backup storage keeps it (status 4), else failed (5)
+      upload_seconds: [2, 30]     # a file uploads (status 2) this long after the end, uniform
+      slow_upload_probability: 0  # per file: a slow upload, taking slow_upload_seconds instead
+      slow_upload_seconds: [120, 1800]
       min_segment_seconds: 0     # soak runs: every status lasts at least this long
       max_duration_seconds: 86400
     api:
@@ -78,6 +82,8 @@ _RATE_KEYS = {
     "abnormal_probability": "abnormal_probability", "pause_probability": "pause_probability",
     "mean_pause_seconds": "mean_pause_s", "no_stream_probability": "no_stream_probability",
     "upload_failure_probability": "upload_failure_probability", "upload_seconds": "upload_s",
+    "backup_probability": "backup_probability", "max_streams": "max_streams",
+    "slow_upload_probability": "slow_upload_probability", "slow_upload_seconds": "slow_upload_s",
     "min_segment_seconds": "min_segment_s", "max_duration_seconds": "max_duration_s",
 }
 
@@ -189,6 +195,12 @@ def _rooms(raw: Any, where: str) -> list[str]:
     raise ScenarioError(f"{where}: must be a count or a list of room ids")
 
 
+def _integer(raw: Any, where: str) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw != int(raw):
+        raise ScenarioError(f"{where}: must be an integer")
+    return int(raw)
+
+
 def _choice(raw: Any, allowed: tuple[str, ...], where: str) -> str:
     if raw not in allowed:
         raise ScenarioError(f"{where}: must be one of {', '.join(allowed)}")
@@ -228,7 +240,9 @@ def parse_scenario(doc: Any) -> Scenario:
     try:
         rates: dict[str, Any] = {
             _RATE_KEYS[k]: tuple(float(x) for x in v) if isinstance(v, list) else float(v)
-            for k, v in lifecycle.items()}
+            for k, v in lifecycle.items() if k != "max_streams"}
+        if "max_streams" in lifecycle:
+            rates["max_streams"] = _integer(lifecycle["max_streams"], "lifecycle.max_streams")
         scenario.rates = LifecycleRates(**rates)
     except (TypeError, ValueError) as exc:
         raise ScenarioError(f"lifecycle: {exc}") from None

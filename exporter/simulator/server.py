@@ -259,8 +259,20 @@ async def handle_ledger(request: web.Request) -> web.Response:
     return web.json_response([t.to_json() for t in state.engine.ledger_since(since)])
 
 
+async def handle_outcomes(request: web.Request) -> web.Response:
+    """`GET /_sim/outcomes[?since=UNIX_SECONDS]`: every task whose files settled, in order, with
+    its outcome (uploaded, backup, failed, no_files) and its files' final statuses."""
+    state = request.app[STATE]
+    raw = request.query.get("since")
+    try:
+        since = None if raw is None else float(raw)
+    except ValueError:
+        return _harness_error(400, "since must be Unix seconds")
+    return web.json_response([o.to_json() for o in state.engine.outcomes_since(since)])
+
+
 async def handle_summary(request: web.Request) -> web.Response:
-    """`GET /_sim/summary`: the ledger's counts per room."""
+    """`GET /_sim/summary`: the ledger's counts per room, upload outcomes included."""
     summary = request.app[STATE].engine.summary()
     return web.json_response([{"app_id": app_id, "room_id": room_id, **dataclasses.asdict(c)}
                               for (app_id, room_id), c in sorted(summary.items())])
@@ -334,6 +346,7 @@ def create_app(engine: SimEngine, options: ServerOptions | None = None) -> web.A
     app.router.add_get("/_sim/health", handle_health)
     app.router.add_get("/_sim/ledger", handle_ledger)
     app.router.add_get("/_sim/summary", handle_summary)
+    app.router.add_get("/_sim/outcomes", handle_outcomes)
     app.router.add_route("GET", "/_sim/stats", handle_stats)
     app.router.add_route("DELETE", "/_sim/stats", handle_stats)
     app.router.add_post("/_sim/control", handle_control)
