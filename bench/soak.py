@@ -62,7 +62,11 @@ SECRET = "0123456789abcdef0123456789abcdef"
 CALLBACK_SECRET = "soak-callback-secret"
 START = 1_760_000_000.0
 STEP_S = 0.5  # the driver's clock step: callbacks are delivered and checked at this grain
-FIELDS = ("started", "ended", "ended_abnormally", "paused", "resumed")
+TASK_FIELDS = ("started", "ended", "ended_abnormally", "paused", "resumed")
+# What became of each ended task's files (the ledger's outcomes; "unknown" must stay 0).
+UPLOAD_FIELDS = ("upload_uploaded", "upload_backup", "upload_failed", "upload_no_files",
+                 "upload_unknown")
+FIELDS = (*TASK_FIELDS, *UPLOAD_FIELDS)
 LOGGED = (*FIELDS, "lost")  # the counted events, each logged as `task_<kind>`
 LOG_FIELDS = ("app_id", "room_id", "task_id", "via")  # via: the source, poll or callback
 SOURCES = ("poll", "callback")
@@ -424,6 +428,15 @@ async def _run(settings: SoakSettings, workdir: Path) -> SoakReport:
         for _ in range(2):  # settle: two clean cycles after everything ended
             await _clean_cycle(exporter, report)
             clock.advance(poll)
+        # Every ended task's files settle (uploads take seconds), and the exporter counts each
+        # once: its look-ups come a minute apart (5 minutes after the end with callbacks on).
+        for _ in range(60):
+            if not exporter.state.apps[APP_ID].tracking.awaited:
+                break
+            while clock.time() < next_cycle:
+                await _step(sim, clock, stream)
+            await _clean_cycle(exporter, report)
+            next_cycle = clock.time() + poll
         report.faults_injected = {str(k): v for k, v in sim.state.faults.injected.items()}
         report.abnormal_latency_s = watch.latencies
         await _check_live(report, "drained", exporter, engine, rooms)
@@ -434,7 +447,8 @@ async def _run(settings: SoakSettings, workdir: Path) -> SoakReport:
     summary = engine.summary()
     for room in rooms:
         want = summary.get((APP_ID, room), RoomCounts())
-        report.expected[room] = {name: getattr(want, name) for name in FIELDS}
+        report.expected[room] = {name: getattr(want, name.removeprefix("upload_"), 0)
+                                 for name in FIELDS}
     report.counted = _counters(metrics, rooms)
     report.lost = sum(room["lost"] for room in report.counted.values())
     report.harness_problems = _check_cases(report.cases, engine.ledger)
@@ -446,7 +460,7 @@ async def _run(settings: SoakSettings, workdir: Path) -> SoakReport:
 
 # -- reading the exporter ----------------------------------------------------------------------
 
-Metrics = dict[tuple[str, str, str], float]  # (sample name, room_id, status) -> value
+Metrics = dict[tuple[str, str, str], float]  # (name, room_id, status or outcome) -> value
 
 
 async def scrape(exporter: Exporter) -> Metrics:
@@ -460,7 +474,8 @@ async def scrape(exporter: Exporter) -> Metrics:
     async with aiohttp.ClientSession() as http, http.get(url) as response:
         response.raise_for_status()
         text = await response.text()
-    return {(s.name, s.labels.get("room_id", ""), s.labels.get("status", "")): s.value
+    return {(s.name, s.labels.get("room_id", ""),
+             s.labels.get("status", s.labels.get("outcome", ""))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples
             if s.labels.get("app_id") == str(APP_ID)}
 
@@ -469,9 +484,12 @@ def _counters(metrics: Metrics, rooms: Iterable[str]) -> dict[str, dict[str, int
     """room -> counted event kind -> value (rooms on /metrics besides the configured ones too)."""
     names = {f"{PREFIX}_tasks_{kind}_total": kind for kind in LOGGED}
     counted = {room: dict.fromkeys(LOGGED, 0) for room in rooms}
-    for (name, room, _), value in metrics.items():
-        if name in names:
-            counted.setdefault(room, dict.fromkeys(LOGGED, 0))[names[name]] = int(value)
+    for (name, room, label), value in metrics.items():
+        kind = names.get(name)
+        if name == f"{PREFIX}_upload_outcomes_total":
+            kind = f"upload_{label}"
+        if kind is not None:
+            counted.setdefault(room, dict.fromkeys(LOGGED, 0))[kind] = int(value)
     return counted
 
 

@@ -11,7 +11,17 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bench.soak import APP_ID, FIELDS, SECRET, START, SoakReport, SoakSettings, audit_logs, run_soak
+from bench.soak import (
+    APP_ID,
+    LOGGED,
+    SECRET,
+    START,
+    TASK_FIELDS,
+    SoakReport,
+    SoakSettings,
+    audit_logs,
+    run_soak,
+)
 from exporter.clock import ManualClock
 from exporter.simulator.callbacks import CallbackEvent, CallbackSender
 from exporter.simulator.engine import LifecycleRates, SimEngine
@@ -43,7 +53,8 @@ async def test_counters_equal_the_ledger_under_chaos(tmp_path: Path, list_key: s
     assert report.mismatches == []
     assert report.lost == 0
     expected = report.totals(report.expected)
-    assert all(expected[name] >= 10 for name in FIELDS), expected  # a busy half hour
+    assert all(expected[name] >= 10 for name in TASK_FIELDS), expected  # a busy half hour
+    assert expected["upload_uploaded"] >= 10 and expected["upload_unknown"] == 0, expected
     # Every fault kind happened, and the clock-skew outage and the restart were survived.
     assert {"hang", "reset", "truncated", "malformed_json", "http_503", "rate_limited",
             "system_error", "gateway_error"} <= set(report.faults_injected)
@@ -135,8 +146,7 @@ def test_the_log_audit_finds_lines_without_fields_and_repeated_starts() -> None:
     logged, problems = audit_logs([line, {**line, "via": None},
                                    {**line, "event": "task_paused", "via": "ui"},
                                    {"event": "poll_cycle_done", "room_id": "a"}])
-    assert logged == {"a": {"started": 2, "ended": 0, "ended_abnormally": 0, "paused": 1,
-                            "resumed": 0, "lost": 0}}
+    assert logged == {"a": {**dict.fromkeys(LOGGED, 0), "started": 2, "paused": 1}}
     assert problems == ["task_paused lines via 'ui': 1",
                         "task_started lines without via: 1",
                         "task_started logged more than once for 1 tasks"]
