@@ -3,14 +3,24 @@ awaited and callbacks settle them, counted once whichever source comes first."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from exporter.callbacks.parse import Callback
 from exporter.callbacks.reconcile import reconcile
 from exporter.poll import uploads
 from exporter.poll.diff import NOT_FOUND, Snapshot, diff
-from exporter.state.changes import AwaitedUpload, EventKind, Marks, TrackedTask, Tracking
+from exporter.state.changes import (
+    UPLOAD_OUTCOMES,
+    AwaitedUpload,
+    EventKind,
+    Marks,
+    TrackedTask,
+    Tracking,
+)
 from exporter.zego.models import RecordFile, RecordingTask, RecordStatus, TaskStatus
+from tests.conftest import APP_ID
 
 K = EventKind
 NOW = 1_700_000_000_000
@@ -149,3 +159,48 @@ def test_an_upload_callback_before_the_end_is_known_settles_it_and_the_end_await
     ended = diff(tracking, Snapshot(NOW + 15_000, {}, {"t": row("t", TaskStatus.ENDED)}), {},
                  600_000).changes
     assert [e.kind for e in ended.events] == [K.ENDED] and ended.awaited == {}
+
+
+async def test_polling_looks_ended_tasks_up_until_their_files_settle_and_counts_each_once(
+        rig_factory: Any) -> None:
+    """Over real HTTP against the simulator: outcomes equal its ledger, each counted once, and
+    no look-up is made for a settled task."""
+    rig = await rig_factory(rooms=("r1",))
+    await rig.cycle()  # the baseline
+    tasks = [rig.engine.start(APP_ID, "r1") for _ in range(6)]
+    await rig.cycle()
+    for task in tasks[:3]:
+        rig.engine.stop(task)
+    for task in tasks[3:]:
+        rig.engine.abort(task)
+    for _ in range(12):  # three minutes: uploads take up to 30 s, look-ups come a minute apart
+        await rig.cycle()
+    app = rig.exporter.state.apps[APP_ID]
+    assert app.tracking.awaited == {} and set(tasks) <= app.tracking.settled.keys()
+    want = rig.expected("r1")
+    got = {kind.upload_outcome: app.counters["r1"][kind] for kind in UPLOAD_OUTCOMES}
+    assert got == {"uploaded": want.uploaded, "backup": want.backup, "failed": want.failed,
+                   "no_files": want.no_files, "unknown": 0}
+    assert sum(got.values()) == 6
+    asked = rig.exporter.state.api.requests[(APP_ID, "DescribeRecordStatus", "0")]
+    for _ in range(4):
+        await rig.cycle()
+    assert rig.exporter.state.api.requests[(APP_ID, "DescribeRecordStatus", "0")] == asked
+
+
+async def test_upload_look_ups_the_budget_cannot_take_wait_and_are_counted_skipped(
+        rig_factory: Any) -> None:
+    rig = await rig_factory(rooms=("r1",), rate_limit=0.5)  # 7 requests per 15 s interval
+    await rig.cycle()
+    tasks = [rig.engine.start(APP_ID, "r1") for _ in range(9)]
+    await rig.cycle()
+    for task in tasks:
+        rig.engine.stop(task)
+    await rig.cycle(advance=30)  # the ends (the ended listing shows them: no look-up)
+    await rig.cycle()  # 30 s on: nine look-ups due, the cycle's budget and time take fewer
+    app = rig.exporter.state.apps[APP_ID]
+    assert app.upload_lookups_skipped >= 3
+    for _ in range(20):
+        await rig.cycle(advance=60)
+    assert app.tracking.awaited == {}  # all settled, a few per cycle
+    assert sum(app.counters["r1"][kind] for kind in UPLOAD_OUTCOMES) == 9
