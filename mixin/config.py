@@ -16,6 +16,9 @@ SELECTOR = re.compile(rf"{_MATCHER}(?:,{_MATCHER})*")
 SEVERITY = re.compile(r"[\w.-]+")
 RUNBOOK_PLACEHOLDERS = re.compile(r"\{(\w*)\}")
 KEYS = {"job_selector", "runbook_url", "severities"}
+OPTIONAL_KEYS = {"events_url"}  # added later: a config written before still loads
+EVENTS_PLACEHOLDERS = {"exporter", "app_id", "room_id"}
+DEFAULT_EVENTS_URL = "http://{exporter}/api/v1/events?app_id={app_id}&room_id={room_id}"
 SEVERITY_KEYS = {"page", "ticket"}
 
 
@@ -29,12 +32,15 @@ class MixinConfig:
     runbook_url: str  # with {anchor} and optionally {exporter}
     severity_page: str
     severity_ticket: str
+    # The per-room alerts' events_url: with {room_id}, optionally {app_id} and {exporter}.
+    events_url: str = DEFAULT_EVENTS_URL
 
 
 def parse_config(document: Any) -> MixinConfig:
     if not isinstance(document, dict):
-        raise ConfigError("the config must be a mapping of job_selector, runbook_url, severities")
-    _exact_keys("", document, KEYS)
+        raise ConfigError("the config must be a mapping of job_selector, runbook_url, "
+                          "severities (and optionally events_url)")
+    _exact_keys("", document, KEYS, OPTIONAL_KEYS)
     selector = _string("job_selector", document["job_selector"])
     if not SELECTOR.fullmatch(selector):
         raise ConfigError(f'job_selector: {selector!r} is not label matchers like job="name"')
@@ -51,7 +57,12 @@ def parse_config(document: Any) -> MixinConfig:
         value = _string(f"severities.{key}", severities[key])
         if not SEVERITY.fullmatch(value):
             raise ConfigError(f"severities.{key}: {value!r} is not a plain label value")
-    return MixinConfig(selector.strip(), url, severities["page"], severities["ticket"])
+    events = _string("events_url", document.get("events_url", DEFAULT_EVENTS_URL))
+    unknown = set(RUNBOOK_PLACEHOLDERS.findall(events)) - EVENTS_PLACEHOLDERS
+    if unknown or "{room_id}" not in events:
+        raise ConfigError("events_url: must contain {room_id}; {app_id} and {exporter} are the "
+                          "only other placeholders")
+    return MixinConfig(selector.strip(), url, severities["page"], severities["ticket"], events)
 
 
 def load_config(path: Path) -> MixinConfig:
@@ -61,8 +72,9 @@ def load_config(path: Path) -> MixinConfig:
         raise ConfigError(f"{path}: not YAML: {error}") from None
 
 
-def _exact_keys(prefix: str, mapping: dict[Any, Any], keys: set[str]) -> None:
-    missing, extra = keys - set(mapping), set(mapping) - keys
+def _exact_keys(prefix: str, mapping: dict[Any, Any], keys: set[str],
+                optional: set[str] | None = None) -> None:
+    missing, extra = keys - set(mapping), set(mapping) - keys - (optional or set())
     if missing:
         raise ConfigError(f"{prefix}{sorted(missing)[0]}: missing")
     if extra:

@@ -12,7 +12,7 @@ from typing import Any
 
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as builders
-from grafana_foundation_sdk.builders import heatmap, prometheus, stat, timeseries
+from grafana_foundation_sdk.builders import heatmap, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.cog.builder import Builder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
@@ -34,11 +34,25 @@ ANNOTATION_FORMAT = {"titleFormat": "{{alertname}}", "textFormat": "room {{room_
                      "step": "60s"}
 
 Target = prometheus.Dataquery
-PanelBuilder = stat.Panel | timeseries.Panel | heatmap.Panel
+PanelBuilder = stat.Panel | timeseries.Panel | heatmap.Panel | table.Panel
+# Colours of the upload outcomes, the same on every panel.
+OUTCOME_COLORS = {"uploaded": "green", "backup": "yellow", "failed": "red",
+                  "no_files": "orange", "unknown": "purple"}
 
 
-def target(expr: str, legend: str = "__auto") -> Target:
-    return Target().expr(expr).legend_format(legend).datasource(DATASOURCE)
+def target(expr: str, legend: str = "__auto", exemplar: bool = False) -> Target:
+    """`exemplar`: for counters the exporter gives {task_id} exemplars (exporter-metrics.yml),
+    so a point of the graph names the recording behind it."""
+    built = Target().expr(expr).legend_format(legend).datasource(DATASOURCE)
+    return built.exemplar(True) if exemplar else built
+
+
+COLOR_TEXT = models.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-text"})
+
+
+def fixed_color(color: str) -> list[models.DynamicConfigValue]:
+    return [models.DynamicConfigValue(id_val="color",
+                                      value={"mode": "fixed", "fixedColor": color})]
 
 
 def _queries(targets: Sequence[Target]) -> list[Builder[Any]]:
@@ -154,19 +168,18 @@ def recordings() -> list[PanelBuilder]:
             "Starts and ends",
             "Task events detected per interval, selected apps and rooms.",
             "short",
-            [target(f"sum(increase(zego_cloudrecord_tasks_{name}_total{{{ROOM}}}[{RI}]))", legend)
+            [target(f"sum(increase(zego_cloudrecord_tasks_{name}_total{{{ROOM}}}[{RI}]))", legend,
+                    exemplar=True)
              for name, legend in events],
             bars=True,
-        ).override_by_name("ended abnormally", [
-            models.DynamicConfigValue(id_val="color",
-                                      value={"mode": "fixed", "fixedColor": "red"})]),
+        ).override_by_name("ended abnormally", fixed_color("red")),
         timeseries_panel(
             "Abnormal ends by room",
             "Recordings that ended abnormally (ZEGO status 4), per room. Each one pages "
-            "ZegoCloudRecordingEndedAbnormally.",
+            "ZegoCloudRecordingEndedAbnormally; the exemplars name their TaskIds.",
             "short",
             [target(f"sum by (app_id, room_id) (increase(zego_cloudrecord_tasks_ended_abnormally_total{{{ROOM}}}[{RI}])) > 0",
-                    "{{room_id}} ({{app_id}})")],
+                    "{{room_id}} ({{app_id}})", exemplar=True)],
             bars=True,
         ),
         timeseries_panel(
@@ -185,7 +198,7 @@ def recordings() -> list[PanelBuilder]:
             "reported by callbacks, per room.",
             "short",
             [target(f"sum by (room_id) (increase(zego_cloudrecord_tasks_lost_total{{{ROOM}}}[{RI}])) > 0",
-                    "lost {{room_id}}"),
+                    "lost {{room_id}}", exemplar=True),
              target(f"sum by (room_id) (increase(zego_cloudrecord_upload_failures_total{{{ROOM}}}[{RI}])) > 0",
                     "upload failed {{room_id}}")],
             bars=True,
@@ -222,6 +235,58 @@ def recordings() -> list[PanelBuilder]:
             width=24,
         ),
     ]
+
+
+def uploads() -> list[PanelBuilder]:
+    outcomes = timeseries_panel(
+        "Upload outcomes",
+        "Ended recordings by what became of their files, per interval: uploaded, backup (kept "
+        "in ZEGO's backup storage for 3 days), failed (ZegoCloudRecordingUploadFailed), "
+        "no_files (an empty recording: ZegoCloudRecordingNoFiles), unknown (not settled an "
+        "hour after the end, or ZEGO forgot the task). The exemplars name the TaskIds.",
+        "short",
+        [target(f"sum by (outcome) (increase(zego_cloudrecord_upload_outcomes_total{{{ROOM}}}[{RI}]))",
+                "{{outcome}}", exemplar=True)],
+        stack=True,
+        bars=True,
+    )
+    for outcome, color in OUTCOME_COLORS.items():
+        outcomes.override_by_name(outcome, fixed_color(color))
+    # Restart-safe counts from the recording rules the alerts use, over the dashboard's range.
+    by_room = (
+        table.Panel().title("Failed and empty recordings by room")
+        .description("Rooms with recordings whose upload failed or that ended with no files, "
+                     "over the dashboard's time range (counted like the alerts: a restart "
+                     "adds nothing). Open /api/v1/events?room_id=... on the exporter for the "
+                     "TaskIds.")
+        .datasource(DATASOURCE).unit("short").span(12).height(8)
+        .targets(_queries([
+            target(f'sum by (app_id, room_id) (sum_over_time(app_id_room_id_outcome:zego_cloudrecord_upload_outcomes:new{{{RECORDED}, room_id=~"$room", outcome="{outcome}"}}[$__range])) > 0', "")
+            .instant().format(PromQueryFormat.TABLE)
+            for outcome in ("failed", "no_files")]))
+        .transformations([
+            models.DataTransformerConfig(id_val="merge", options={}),
+            models.DataTransformerConfig(id_val="organize", options={
+                "excludeByName": {"Time": True},
+                "renameByName": {"app_id": "app", "room_id": "room", "Value #A": "failed",
+                                 "Value #B": "no files"}}),
+        ])
+        .sort_by([common_builders.TableSortByFieldState().display_name("failed").desc(True)])
+        .override_by_name("failed", [*fixed_color("red"), COLOR_TEXT])
+        .override_by_name("no files", [*fixed_color("orange"), COLOR_TEXT])
+    )
+    skipped = timeseries_panel(
+        "Upload look-ups postponed",
+        "DescribeRecordStatus look-ups of ended recordings that the request budget left for a "
+        "later cycle, per interval and app. Lasting, it delays the upload outcomes (and their "
+        "alerts); after an hour they count as unknown. Raise rate_limit or poll_interval.",
+        "short",
+        [target(f"sum by (app_id) (increase(zego_cloudrecord_upload_lookups_skipped_total{{{APP}}}[{RI}]))",
+                "{{app_id}}")],
+        width=24,
+        bars=True,
+    )
+    return [outcomes, by_room, skipped]
 
 
 def upstream_health() -> list[PanelBuilder]:
@@ -357,7 +422,7 @@ def dashboard(config: MixinConfig) -> dict[str, Any]:
     )
     panel_id = 0
     for title, panels in (("Overview", overview()), ("Recordings", recordings()),
-                          ("Upstream health", upstream_health())):
+                          ("Uploads", uploads()), ("Upstream health", upstream_health())):
         panel_id += 1
         board.with_row(builders.Row(title).id(panel_id))
         for panel in panels:

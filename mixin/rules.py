@@ -33,10 +33,42 @@ def exporter_address(config: MixinConfig) -> str:
             "{{ else }}{{ $labels.instance }}{{ end }}")
 
 
-def runbook_url(config: MixinConfig, alert: str) -> str:
+def room_exporter_address(config: MixinConfig) -> str:
+    """A Prometheus template for host:port of an up target that exports the alert's room: the
+    events are kept by the exporter that polls the room (one shard of several). Else any up
+    target, as exporter_address."""
+    selector = config.job_selector.replace("%", "%%")  # the text is printf's format
+    # %q quotes the label values as a PromQL string (Go's escapes), whatever they contain.
+    room = (f"max by (instance) (zego_cloudrecord_tasks_started_total{{{selector}, "
+            f"app_id=%q, room_id=%q}}) and on (instance) up{{{selector}}} == 1")
+    return (f"{{{{ with query (printf `{room}` $labels.app_id $labels.room_id) }}}}"
+            '{{ . | first | label "instance" }}'
+            f"{{{{ else }}}}{exporter_address(config)}{{{{ end }}}}")
+
+
+def events_url(config: MixinConfig) -> str:
+    """The per-room alerts' link to the room's recent events on the exporter."""
+    return (config.events_url.replace("{exporter}", room_exporter_address(config))
+            .replace("{app_id}", "{{ $labels.app_id | urlquery }}")
+            .replace("{room_id}", "{{ $labels.room_id | urlquery }}"))
+
+
+def runbook_url(config: MixinConfig, alert: str, per_room: bool = False) -> str:
+    """`per_room`: the alert has an events_url, and both its links open the same exporter."""
+    address = room_exporter_address(config) if per_room else exporter_address(config)
     # str.replace, not str.format: the Prometheus template is full of braces.
-    return (config.runbook_url.replace("{exporter}", exporter_address(config))
-            .replace("{anchor}", alert.lower()))
+    return config.runbook_url.replace("{exporter}", address).replace("{anchor}", alert.lower())
+
+
+def per_room_alerts(template: str) -> set[str]:
+    """The alerts of the rules template that link to their room's events."""
+    found, alert = set(), None
+    for line in template.splitlines():
+        if match := ALERT_LINE.match(line):
+            alert = match.group(1)
+        elif "${events_url}" in line and alert is not None:
+            found.add(alert)
+    return found
 
 
 def render_rules(config: MixinConfig, config_name: str = "mixin/config.yml") -> str:
@@ -48,12 +80,15 @@ def render_rules(config: MixinConfig, config_name: str = "mixin/config.yml") -> 
         "job_selector": config.job_selector,
         "severity_page": config.severity_page,
         "severity_ticket": config.severity_ticket,
+        "events_url": _yaml_quoted(events_url(config)),
     }
+    per_room = per_room_alerts(body)
     lines = []
     first = about.count("\n") + 3
     for number, line in enumerate(body.splitlines(keepends=True), start=first):
         if match := ALERT_LINE.match(line):
-            values["runbook_url"] = _yaml_quoted(runbook_url(config, match.group(1)))
+            name = match.group(1)
+            values["runbook_url"] = _yaml_quoted(runbook_url(config, name, name in per_room))
         unknown = set(PLACEHOLDER.findall(line)) - set(values)
         if unknown:
             raise ValueError(f"mixin/rules.yml line {number}: unknown ${{{unknown.pop()}}}")

@@ -76,6 +76,7 @@ EXPECTED_EMPTY: dict[str, str] = {
     r"zego_cloudrecord_upload_failures_total": "callback-only metric (upload failures)",
     r"zego_cloudrecord_tasks_lost_total.*\) > 0$": "`> 0`: no task is lost in this run",
     r'code!="0"': "no API call fails in this run, so no series with a non-zero code exists",
+    r"upload_outcomes:new\{.*\) > 0$": "`> 0`: no recording's upload fails or is empty here",
 }
 
 T = TypeVar("T")
@@ -501,6 +502,20 @@ def test_no_abnormal_end_alert_for_the_other_rooms(stack: Stack) -> None:
     firing = {labels["alertname"] for n in stack.webhook.notifications for labels in
               (a["labels"] for a in n.alerts)}
     assert firing == {ABNORMAL_END_ALERT}
+
+
+def test_the_pages_events_link_lists_the_aborted_task(stack: Stack) -> None:
+    """From the page to the recording: the link Prometheus rendered opens the room's events on
+    the exporter, the abnormal end first, naming its task."""
+    alerts = http_json(f"{stack.prometheus_url}api/v1/alerts")["data"]["alerts"]
+    (page,) = [a for a in alerts if a["labels"]["alertname"] == ABNORMAL_END_ALERT]
+    url = page["annotations"]["events_url"]
+    assert url == (f"{stack.exporter_url}api/v1/events?app_id={APP_ID}&room_id=room-2")
+    events = http_json(url)["events"]
+    assert {e["room_id"] for e in events} == {"room-2"}
+    assert (events[0]["task_id"], events[0]["event"]) == (stack.aborted_task, "ended_abnormally")
+    assert page["annotations"]["runbook_url"] == (
+        f"{stack.exporter_url}runbook#{ABNORMAL_END_ALERT.lower()}")
 
 
 def test_every_rule_evaluates_without_error(stack: Stack) -> None:

@@ -54,6 +54,11 @@ def allowed_metric_names() -> set[str]:
     return names | {"ALERTS"}
 
 
+def metrics_with_exemplars() -> set[str]:
+    metrics: dict[str, dict[str, Any]] = yaml.safe_load(CONTRACT.read_text())["metrics"]
+    return {name for name, spec in metrics.items() if spec.get("exemplars")}
+
+
 def dashboard() -> dict[str, Any]:
     loaded: dict[str, Any] = json.loads(DASHBOARD_FILE.read_text())
     return loaded
@@ -146,6 +151,45 @@ def test_variables_and_annotations_read_only_exporter_metrics() -> None:
         assert promql_metric_names(query) <= allowed_metric_names(), query
 
 
+def test_the_contract_lists_the_event_counters_exemplars() -> None:
+    events = {f"zego_cloudrecord_tasks_{kind}_total" for kind in (
+        "started", "ended", "ended_abnormally", "paused", "resumed", "lost")}
+    assert metrics_with_exemplars() == events | {"zego_cloudrecord_upload_outcomes_total"}
+
+
+@pytest.mark.parametrize("panel", list(data_panels()), ids=lambda p: p["title"])
+def test_graphs_of_event_counters_show_their_exemplars(panel: dict[str, Any]) -> None:
+    """A point of an event graph names its recording ({task_id}): every graphed query of a
+    counter with exemplars asks for them, and no other query does (Grafana would ask
+    Prometheus for nothing)."""
+    for target in panel["targets"]:
+        with_exemplars = bool(promql_metric_names(target["expr"]) & metrics_with_exemplars())
+        graphed = panel["type"] == "timeseries" and not target.get("instant")
+        assert target.get("exemplar", False) == (with_exemplars and graphed), (
+            f"{panel['title']} [{target['refId']}]: {target['expr']}")
+
+
+def test_the_upload_panels_show_outcomes_over_time_and_the_rooms_to_look_at() -> None:
+    panels = {p["title"]: p for p in data_panels()}
+    (over_time,) = panels["Upload outcomes"]["targets"]
+    assert over_time["expr"].startswith(
+        "sum by (outcome) (increase(zego_cloudrecord_upload_outcomes_total{")
+    table = panels["Failed and empty recordings by room"]
+    assert table["type"] == "table"
+    outcomes = []
+    for target in table["targets"]:
+        assert target["instant"] and target["format"] == "table"
+        # Counted like the alerts: through the high-water mark, so a restart adds nothing.
+        assert "app_id_room_id_outcome:zego_cloudrecord_upload_outcomes:new{" in target["expr"]
+        assert target["expr"].startswith("sum by (app_id, room_id) (")
+        outcomes += re.findall(r'outcome="(\w+)"', target["expr"])
+    assert outcomes == ["failed", "no_files"]
+    renamed = [t["options"]["renameByName"] for t in table["transformations"]
+               if t["id"] == "organize"]
+    assert renamed and {"Value #A": "failed", "Value #B": "no files"}.items() <= \
+        renamed[0].items()
+
+
 def test_panel_ids_are_unique_and_panels_fit_the_grid() -> None:
     panels = dashboard()["panels"]
     ids = [p["id"] for p in panels]
@@ -169,6 +213,8 @@ def test_dashboard_covers_what_on_call_needs() -> None:
         "zego_cloudrecord_rate_limit_wait_seconds_total",
         "zego_cloudrecord_rate_limit_requests_per_second",
         "zego_cloudrecord_poll_duration_seconds",
+        "zego_cloudrecord_upload_outcomes_total",
+        "zego_cloudrecord_upload_lookups_skipped_total",
     ):
         assert metric in text, f"no panel uses {metric}"
     assert any(p["type"] == "heatmap" for p in data_panels())
