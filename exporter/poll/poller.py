@@ -254,7 +254,11 @@ class AppPoller:
             joined = sum(1 for t in waiting.joined() if t.begin_ms < ended_from)
             before = [t.begin_ms for t in waiting.untaken() if t.begin_ms < ended_from]
             if joined >= EXTENDED_READ_MIN and before and self.scopes == [None]:
-                extended_pages = await self._extended_read(waiting, min(before), ended_from, found)
+                # Over the begin times of the tasks still waiting only: the newest vanished ones
+                # were mostly looked up while the pages were read, and ended rows of their begin
+                # times would settle nothing.
+                extended_pages = await self._extended_read(
+                    waiting, min(before), min(ended_from, max(before) + 1), found)
             return listing
 
         async def ended_listing() -> Listing:
