@@ -190,6 +190,7 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
         events.put(("cycle", {"started": started_at, "ended": clock.time(), "ok": report.ok,
                               "requests": report.requests, "cpu": time.process_time(),
                               "extended_pages": report.extended_pages,
+                              "lookups": report.lookups, "lookups_needed": report.lookups_needed,
                               "abnormal": list(abnormal), "by_callback": list(by_callback),
                               "plan": _plan(poller)}))
         abnormal.clear()

@@ -1,12 +1,14 @@
-"""One app's poll cycle: read every page of its scopes, ask about vanished tasks, apply the diff."""
+"""One app's poll cycle: read every page of its scopes, ask about vanished tasks as the pages
+reach past them, apply the diff."""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -30,10 +32,13 @@ from exporter.state.model import AppState
 from exporter.zego.client import ZegoApp, ZegoClient
 from exporter.zego.errors import Code, ZegoApiError, ZegoError, ZegoResponseError
 from exporter.zego.limits import LISTING_ENDED, LISTING_LIVE, PAGE_SIZE
-from exporter.zego.models import RecordingTask, RecordStatus
+from exporter.zego.models import RecordingTask, RecordStatus, TaskPage
 
 MAX_PAGES = 1000  # 50,000 tasks in one scope: past this, TotalCount is lying
 MAX_LOOKUPS_IN_FLIGHT = 16
+# Pages of one scope asked for at once (each still waits for its slot): a page's answer may then
+# take up to this many pacing intervals without leaving a slot of the budget unused.
+PAGES_IN_FLIGHT = 3
 # From this many vanished tasks begun before the cycle's Status=3 window on, a Status=3 read over
 # their begin times runs beside the look-ups (fewer are looked up within seconds).
 EXTENDED_READ_MIN = 64
@@ -51,12 +56,14 @@ class Listing:
 
 
 @dataclass(frozen=True)
-class Resolution:
-    """What became of the tasks that vanished from the live listing."""
+class Observation:
+    """What the listings of one cycle saw, and what the tail of the cycle added to it."""
 
-    lookups: dict[str, Lookup]  # DescribeRecordStatus answers
-    ended: dict[str, RecordingTask]  # Status=3 rows of the extended read, for vanished tasks only
-    pages: int  # DescribeTasks requests of the extended read
+    snapshot: Snapshot
+    requests: int  # DescribeTasks requests of the listings and probes
+    vanished: list[str]  # tracked tasks missing from the complete listings
+    ended: dict[str, RecordingTask]  # Status=3 rows of the extended read, for vanished tasks
+    extended_pages: int  # DescribeTasks requests of the extended read
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,8 @@ class CycleReport:
     events: int
     seconds: float
     extended_pages: int = 0  # DescribeTasks requests of the extended ended read
+    lookups: int = 0  # DescribeRecordStatus requests
+    lookups_needed: int = 0  # of which, for tasks the complete listings missed
 
 
 async def all_or_nothing(*steps: Awaitable[T]) -> list[T]:
@@ -137,31 +146,57 @@ class AppPoller:
                                 f"internal error: {type(exc).__name__}")
 
     async def _cycle(self) -> CycleReport:
+        """The listings, and beside them the look-ups of the tasks the pages read so far show
+        missing (see `_Sweep`); then the diff of what they saw."""
         state = self._state
         started, begun = time.perf_counter(), self._clock.monotonic()
         now_ms = int(self._clock.time() * 1000)
+        ended_from = self._ended_from(now_ms)
+        waiting = _Waiting()
+        sweep = _Sweep(state.tracking.live.values(), self.scopes, ended_from,
+                       horizon_start_ms(now_ms, self._margin_ms), waiting)
+        lookups: dict[str, Lookup] = {}
+
+        async def worker() -> None:
+            while (task := await waiting.next_oldest()) is not None:
+                # A callback may have finished it meanwhile, or a later page shown it.
+                if task.task_id in state.tracking.live and not sweep.seen(task):
+                    lookups[task.task_id] = await self._look_up(task.task_id)
+
+        async def observe() -> Observation:
+            try:
+                return await self._observe(now_ms, ended_from, sweep, waiting)
+            finally:
+                waiting.close()  # nothing more to look up: the workers end when it is empty
+
+        async def look_up_all() -> None:
+            # A few workers use the budget; thousands of waiting tasks would only crowd memory
+            # and the event loop (whose late wake-ups would bunch requests).
+            await all_or_nothing(*(worker() for _ in range(MAX_LOOKUPS_IN_FLIGHT)))
+
         try:
-            snapshot, requests = await self._observe(now_ms)
+            observed, _ = await all_or_nothing(observe(), look_up_all())
         except ZegoError as exc:
-            return self._finish(None, 0, started, str(exc))
-        self._check_budget(requests)
-        vanished = needs_lookup(state.tracking, snapshot, self._margin_ms)
-        resolution = await self._resolve([state.tracking.live[t] for t in vanished],
-                                         self._ended_from(now_ms), now_ms)
-        if resolution.ended:
-            snapshot = replace(snapshot, ended={**snapshot.ended, **resolution.ended})
+            return self._finish(None, 0, started, str(exc), lookups=len(lookups))
+        assert isinstance(observed, Observation)
+        snapshot = observed.snapshot
+        if observed.ended:
+            snapshot = replace(snapshot, ended={**snapshot.ended, **observed.ended})
+        # Look-ups of tasks a later page showed are spent, not evidence: the rows decide.
+        needed = {tid: lookups[tid] for tid in observed.vanished if tid in lookups}
         # Callbacks may have changed the tracking while this cycle awaited ZEGO: diff against
         # the tracking as it is now, and let the snapshot not undo their newer flips.
         scope = None if state.rooms is None else frozenset(state.rooms)
-        result = diff(state.tracking, snapshot, resolution.lookups, self._margin_ms,
+        result = diff(state.tracking, snapshot, needed, self._margin_ms,
                       state.fresher_than(now_ms), scope, self._max_lag_ms,
                       learned_ms=int(self._clock.time() * 1000))
         failed = len(result.pending)
         # The events stand; the pending tasks are asked about again next cycle.
         error = f"DescribeRecordStatus failed for {failed} tasks" if failed else None
-        report = self._finish(result.changes, requests + resolution.pages
-                              + len(resolution.lookups), started, error, resolution.pages)
-        await self._check_uploads(len(resolution.lookups), self._clock.monotonic() - begun)
+        requests = observed.requests + observed.extended_pages + len(lookups)
+        report = self._finish(result.changes, requests, started, error, observed.extended_pages,
+                              len(lookups), len(needed))
+        await self._check_uploads(len(lookups), self._clock.monotonic() - begun)
         return report
 
     async def _check_uploads(self, lookups_used: int, cycle_s: float) -> None:
@@ -213,7 +248,8 @@ class AppPoller:
         self._over_budget = over
 
     def _finish(self, changes: ChangeSet | None, requests: int, started: float,
-                error: str | None, extended_pages: int = 0) -> CycleReport:
+                error: str | None, extended_pages: int = 0, lookups: int = 0,
+                lookups_needed: int = 0) -> CycleReport:
         """Apply the cycle's changes (none if it failed) with its outcome, and log it."""
         seconds = time.perf_counter() - started
         now = self._clock.time()
@@ -230,7 +266,8 @@ class AppPoller:
             log.info("poll_cycle_done", **fields)
         if self._on_cycle_done is not None:
             self._on_cycle_done(self._state)
-        return CycleReport(ok, requests, len(changes.events), seconds, extended_pages)
+        return CycleReport(ok, requests, len(changes.events), seconds, extended_pages, lookups,
+                           lookups_needed)
 
     def _ended_from(self, now_ms: int) -> int:
         """Where this cycle's Status=3 read begins (a window of begin times up to now)."""
@@ -239,23 +276,52 @@ class AppPoller:
             return now_ms - self._margin_ms  # baseline: what just ended is not ours to count
         return max(horizon_start_ms(now_ms, self._margin_ms), since)
 
-    async def _observe(self, now_ms: int) -> tuple[Snapshot, int]:
+    async def _observe(self, now_ms: int, ended_from: int, sweep: _Sweep, waiting: _Waiting
+                       ) -> Observation:
+        """Both listings (and the planner's probes) at once, each page shown to `sweep` as it
+        comes, and the extended ended read once the live listing is in, if it pays; then every
+        tracked task the complete listings miss joins `waiting` (if the pages did not already
+        release it)."""
         oldest = horizon_start_ms(now_ms, self._margin_ms)
-        ended_from = self._ended_from(now_ms)
         windows = {LISTING_LIVE: oldest, LISTING_ENDED: ended_from}
         planner = self.planner
         probe = planner is not None and planner.needs_probe()
-        live, ended = await all_or_nothing(self._list_all(LISTING_LIVE, oldest, now_ms),
-                                           self._list_all(LISTING_ENDED, ended_from, now_ms))
-        probes = await all_or_nothing(
+
+        found: dict[str, RecordingTask] = {}
+        extended_pages = 0
+
+        async def live_listing() -> Listing:
+            nonlocal extended_pages
+            listing = await self._list_all(LISTING_LIVE, oldest, now_ms, sweep)
+            # When many tasks to look up began before the Status=3 window, a Status=3 read over
+            # their begin times runs beside the look-ups (each has its own rate limit) and the
+            # ended listing: an ended row is as good as a look-up and one page holds 50.
+            joined = sum(1 for t in waiting.joined() if t.begin_ms < ended_from)
+            before = [t.begin_ms for t in waiting.untaken() if t.begin_ms < ended_from]
+            if joined >= EXTENDED_READ_MIN and before and self.scopes == [None]:
+                # Over the begin times of the tasks still waiting only: the newest vanished ones
+                # were mostly looked up while the pages were read, and ended rows of their begin
+                # times would settle nothing.
+                extended_pages = await self._extended_read(
+                    waiting, min(before), min(ended_from, max(before) + 1), found)
+            return listing
+
+        async def ended_listing() -> Listing:
+            listing = await self._list_all(LISTING_ENDED, ended_from, now_ms, sweep)
+            sweep.ended_read()
+            return listing
+
+        live, ended, *probes = await all_or_nothing(
+            live_listing(), ended_listing(),
             *(self._probe(status, start, now_ms) for status, start in windows.items() if probe))
+        requests = live.requests + ended.requests + len(probes)
         if planner is not None:
             for status, listing in ((LISTING_LIVE, live), (LISTING_ENDED, ended)):
                 planner.record_rows(status, listing.rows)
                 if planner.app_wide:
                     planner.record_app_total(status, listing.total)
-            for status, total in zip(windows, probes, strict=False):
-                planner.record_app_total(status, total)
+            for status, probed in zip(windows, probes, strict=False):
+                planner.record_app_total(status, probed.total)
             plan = planner.plan
             planner.end_cycle()
             if planner.plan != plan:
@@ -267,16 +333,22 @@ class AppPoller:
             ended={r.task_id: r for r in ended.rows},
             consistent=live.consistent and ended.consistent,
         )
-        return snapshot, live.requests + ended.requests + len(probes)
+        self._check_budget(requests)
+        tracking = self._state.tracking
+        vanished = needs_lookup(tracking, snapshot, self._margin_ms)
+        for task_id in vanished:  # those the pages did not already release (or a callback added)
+            waiting.add(tracking.live[task_id])
+        return Observation(snapshot, requests, vanished, found, extended_pages)
 
-    async def _probe(self, status: int, start_ms: int, end_ms: int) -> int:
-        """The app-wide TotalCount for `status`, for one request of one row."""
+    async def _probe(self, status: int, start_ms: int, end_ms: int) -> Listing:
+        """The app-wide TotalCount for `status` (in `total`), for one request of one row."""
         page = await self._client.describe_tasks(self._app, status, None, start_ms, end_ms, 1, 1)
-        return page.total_count
+        return Listing([], True, 1, page.total_count)
 
-    async def _list_all(self, status: int, start_ms: int, end_ms: int) -> Listing:
+    async def _list_all(self, status: int, start_ms: int, end_ms: int, sweep: _Sweep
+                        ) -> Listing:
         listings = await all_or_nothing(
-            *(self._list_scope(status, room, start_ms, end_ms) for room in self.scopes)
+            *(self._list_scope(status, room, start_ms, end_ms, sweep) for room in self.scopes)
         )
         return Listing(
             rows=[row for listing in listings for row in listing.rows],
@@ -285,71 +357,70 @@ class AppPoller:
             total=sum(listing.total for listing in listings),
         )
 
-    async def _list_scope(self, status: int, room: str | None, start_ms: int, end_ms: int
-                          ) -> Listing:
-        """Every page of one scope (a room, or the app), de-duplicated, kept to the app's rooms."""
+    async def _list_scope(self, status: int, room: str | None, start_ms: int, end_ms: int,
+                          sweep: _Sweep) -> Listing:
+        """Every page of one scope (a room, or the app), de-duplicated, kept to the app's rooms.
+
+        Up to PAGES_IN_FLIGHT pages are asked for at once; the pages answered so far, in page
+        order without a gap, are shown to `sweep`."""
+        def wanted(t: RecordingTask) -> bool:
+            # Rows of another room than asked, or begun outside the window asked for, are a
+            # broken upstream: dropped, never taken as news about a task.
+            return (room is None or t.room_id == room) and start_ms <= t.begin_ms <= end_ms
+
+        answers: dict[int, TaskPage] = {}
+        shown = _Shown(sweep, status, room, self._in_scope)
+        first = await self._describe_page(status, room, start_ms, end_ms, 1)
+        answers[1] = first
+        shown.page([t for t in first.tasks if wanted(t)])
+        # The latest TotalCount says how many pages there are: a short page before the last is
+        # drift (rows moved while we read), not the end. Stopping there would leave every task
+        # of the unread pages to a look-up of its own. An empty page is the end.
+        latest, more = first.total_count, bool(first.tasks)
+        asked: dict[asyncio.Task[TaskPage], int] = {}
+        next_page = 2
+        try:
+            while True:
+                while more and len(asked) < PAGES_IN_FLIGHT \
+                        and next_page <= math.ceil(latest / PAGE_SIZE):
+                    if next_page > MAX_PAGES:
+                        raise ZegoResponseError("DescribeTasks", f"more than {MAX_PAGES} pages")
+                    request = asyncio.create_task(
+                        self._describe_page(status, room, start_ms, end_ms, next_page))
+                    asked[request] = next_page
+                    next_page += 1
+                if not asked:
+                    break
+                done, _ = await asyncio.wait(asked, return_when=asyncio.FIRST_COMPLETED)
+                for request in sorted(done, key=asked.__getitem__):
+                    number = asked.pop(request)
+                    answers[number] = result = request.result()
+                    latest, more = result.total_count, more and bool(result.tasks)
+                    while shown.next in answers:
+                        shown.page([t for t in answers[shown.next].tasks if wanted(t)])
+        finally:
+            for request in asked:
+                request.cancel()
+            if asked:
+                await asyncio.gather(*asked, return_exceptions=True)
+        shown.done()
         rows: dict[str, RecordingTask] = {}
-        totals: list[int] = []
-        page = 1
-        while True:
-            result = await self._client.describe_tasks(
-                self._app, status, room, start_ms, end_ms, page, PAGE_SIZE
-            )
-            totals.append(result.total_count)
-            rows.update({t.task_id: t for t in result.tasks})
-            # The latest TotalCount says how many pages there are: a short page before the last
-            # is drift (rows moved while we read), not the end. Stopping there would leave every
-            # task of the unread pages to a look-up of its own.
-            if not result.tasks or page >= math.ceil(result.total_count / PAGE_SIZE):
-                break
-            if page >= MAX_PAGES:
-                raise ZegoResponseError("DescribeTasks", f"more than {MAX_PAGES} pages")
-            page += 1
+        for number in sorted(answers):  # a later page's row is the newer read
+            rows.update({t.task_id: t for t in answers[number].tasks})
+        totals = [answers[number].total_count for number in sorted(answers)]
         if status == LISTING_ENDED:
             # Ended tasks never leave a window of begin times; they only join it (rows shift
             # down: duplicates, not gaps). Complete unless the total shrank or rows are missing.
             consistent = totals == sorted(totals) and len(rows) >= totals[0]
         else:
             consistent = len(set(totals)) == 1 and len(rows) == totals[0]
-        # Rows of another room than asked, or begun outside the window asked for, are a broken
-        # upstream: dropped, never taken as news about a task.
-        kept = [t for t in rows.values() if (room is None or t.room_id == room)
-                and self._in_scope(t.room_id) and start_ms <= t.begin_ms <= end_ms]
-        return Listing(kept, consistent, page, totals[0])
+        kept = [t for t in rows.values() if wanted(t) and self._in_scope(t.room_id)]
+        return Listing(kept, consistent, len(answers), totals[0])
 
-    async def _resolve(self, vanished: list[TrackedTask], ended_from_ms: int, now_ms: int
-                       ) -> Resolution:
-        """Learn what became of tasks missing from the live listing.
-
-        Each gets a DescribeRecordStatus look-up, oldest first. When many began before this
-        cycle's Status=3 window, a Status=3 read over their begin times runs beside the
-        look-ups (each has its own rate limit): an ended row is as good as a look-up and one
-        page holds 50. Rows only ever settle tasks in `vanished`; a task the read does not
-        show is still looked up, so nothing is concluded from a missing row.
-        """
-        waiting = _Waiting(vanished)
-        lookups: dict[str, Lookup] = {}
-        found: dict[str, RecordingTask] = {}
-
-        async def worker() -> None:
-            while (task := waiting.take_oldest()) is not None:
-                # A callback may have finished it meanwhile.
-                if task.task_id in self._state.tracking.live:
-                    lookups[task.task_id] = await self._look_up(task.task_id)
-
-        async def look_up_all() -> int:
-            # A few workers use the budget; thousands of waiting tasks would only crowd memory
-            # and the event loop (whose late wake-ups would bunch requests).
-            await all_or_nothing(*(worker() for _ in range(min(MAX_LOOKUPS_IN_FLIGHT,
-                                                                len(vanished)))))
-            return 0
-
-        before = [t.begin_ms for t in vanished if t.begin_ms < ended_from_ms]
-        read = len(before) >= EXTENDED_READ_MIN and self.scopes == [None]
-        pages, _ = await all_or_nothing(
-            self._extended_read(waiting, min(before), ended_from_ms, found) if read else _zero(),
-            look_up_all())
-        return Resolution(lookups, found, pages)
+    async def _describe_page(self, status: int, room: str | None, start_ms: int, end_ms: int,
+                             page: int) -> TaskPage:
+        return await self._client.describe_tasks(self._app, status, room, start_ms, end_ms,
+                                                 page, PAGE_SIZE)
 
     async def _extended_read(self, waiting: _Waiting, oldest_ms: int, end_ms: int,
                              found: dict[str, RecordingTask]) -> int:
@@ -400,16 +471,133 @@ class AppPoller:
         return LookupFailed.FAILED
 
 
-async def _zero() -> int:
-    return 0
+class _Sweep:
+    """Releases tracked tasks to the look-ups as soon as the pages read so far show them missing.
+
+    ZEGO lists newest first: once a scope's pages read so far (in page order, no gap) hold a row
+    begun at `t`, every task of the scope begun after `t` that ZEGO listed is among them. A
+    tracked task begun after `t` and missing from them has ended, or drift moved its row (its
+    look-up answers "still live"), or ZEGO left it out for a while: it is looked up now rather
+    than after the last page. Nothing is concluded from its absence: the look-up decides, and a
+    row of it on a later page still wins (the diff prefers rows; that look-up is then spent for
+    nothing). A task begun inside the Status=3 window waits for that listing, which may settle
+    it; a scope whose rows come out of order releases its tasks only when its last page is in.
+    """
+
+    def __init__(self, tracked: Iterable[TrackedTask], scopes: list[str | None],
+                 ended_from_ms: int, oldest_ms: int, waiting: _Waiting) -> None:
+        app_wide = scopes == [None]
+        rooms = set(scopes)
+        self._by_scope: dict[str | None, list[TrackedTask]] = {}
+        for task in tracked:
+            scope = None if app_wide else task.room_id
+            if scope in rooms:
+                self._by_scope.setdefault(scope, []).append(task)
+        for tasks in self._by_scope.values():
+            tasks.sort(key=lambda t: t.begin_ms)  # oldest first: the newest leave first
+        self._seen: set[tuple[str, str]] = set()
+        self._ended_from = ended_from_ms
+        self._oldest = oldest_ms
+        self._ended_read = False
+        self._held: list[TrackedTask] = []  # begun inside the Status=3 window
+        self._waiting = waiting
+
+    def saw(self, rows: Iterable[RecordingTask]) -> None:
+        self._seen.update((row.task_id, row.room_id) for row in rows)
+
+    def seen(self, task: TrackedTask) -> bool:
+        """Has a row of the task, in its own room, been read this cycle?"""
+        return (task.task_id, task.room_id) in self._seen
+
+    def reached(self, scope: str | None, begin_ms: float) -> None:
+        """Every row of `scope` begun after `begin_ms` has been read (-inf: every row)."""
+        tasks = self._by_scope.get(scope)
+        while tasks and tasks[-1].begin_ms > begin_ms:
+            self._release(tasks.pop())
+
+    def ended_read(self) -> None:
+        """The Status=3 listing is complete."""
+        self._ended_read = True
+        held, self._held = self._held, []
+        for task in held:
+            self._release(task)
+
+    def _release(self, task: TrackedTask) -> None:
+        if self.seen(task) or task.begin_ms < self._oldest:  # past the horizon: the diff decides
+            return
+        if task.begin_ms >= self._ended_from and not self._ended_read:
+            self._held.append(task)
+        else:
+            self._waiting.add(task)
+
+
+class _Shown:
+    """Feeds one scope's pages to `_Sweep` in page order: rows seen, and how far back they reach."""
+
+    def __init__(self, sweep: _Sweep, status: int, room: str | None,
+                 in_scope: Callable[[str], bool]) -> None:
+        self.next = 1  # the page to show next
+        self._sweep = sweep
+        self._live = status == LISTING_LIVE
+        self._room = room
+        self._in_scope = in_scope
+        self._ids: set[str] = set()
+        self._reach = math.inf
+        self._ordered = True
+
+    def page(self, rows: list[RecordingTask]) -> None:
+        """The next page's rows (those of the scope and window asked for)."""
+        self.next += 1
+        ours = [row for row in rows if self._in_scope(row.room_id)]
+        if not self._live:  # a Status=3 listing: only its ended rows are news
+            self._sweep.saw(row for row in ours if not row.status.live)
+            return
+        self._sweep.saw(ours)
+        # A row newer than an earlier page's oldest, and not a duplicate pushed down by drift:
+        # ZEGO is not listing newest first, and the pages read tell nothing about what is left.
+        if any(row.begin_ms > self._reach and row.task_id not in self._ids for row in rows):
+            self._ordered = False
+        self._ids.update(row.task_id for row in rows)
+        self._reach = min((row.begin_ms for row in rows), default=self._reach)
+        if self._ordered:
+            self._sweep.reached(self._room, self._reach)
+
+    def done(self) -> None:
+        """The scope's last page is in."""
+        if self._live:
+            self._sweep.reached(self._room, -math.inf)
 
 
 class _Waiting:
-    """Vanished tasks not settled yet: look-ups take the oldest, the ended read settles any."""
+    """Tasks to look up, not taken yet: look-ups take the oldest, the extended read settles any.
+    Tasks join while the listings are read; `close` says no more will."""
 
-    def __init__(self, tasks: list[TrackedTask]) -> None:
-        self._order = sorted(tasks, key=lambda t: t.begin_ms, reverse=True)  # newest first
-        self._by_id = {t.task_id: t for t in self._order}
+    def __init__(self) -> None:
+        self._order: list[TrackedTask] = []  # newest first (settled ones linger until popped)
+        self._by_id: dict[str, TrackedTask] = {}
+        self._joined: dict[str, TrackedTask] = {}
+        self._closed = False
+        self._changed = asyncio.Event()
+
+    def add(self, task: TrackedTask) -> None:
+        """Wait for a look-up (once a cycle per task)."""
+        if task.task_id in self._joined:
+            return
+        self._joined[task.task_id] = task
+        self._by_id[task.task_id] = task
+        bisect.insort(self._order, task, key=lambda t: -t.begin_ms)
+        self._changed.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._changed.set()
+
+    def joined(self) -> Iterable[TrackedTask]:
+        """Every task that joined this cycle, taken or not."""
+        return self._joined.values()
+
+    def untaken(self) -> list[TrackedTask]:
+        return list(self._by_id.values())
 
     def oldest(self) -> TrackedTask | None:
         while self._order and self._order[-1].task_id not in self._by_id:
@@ -420,6 +608,13 @@ class _Waiting:
         task = self.oldest()
         if task is not None:
             del self._by_id[task.task_id]
+        return task
+
+    async def next_oldest(self) -> TrackedTask | None:
+        """The oldest task waiting, once there is one; None once closed and empty."""
+        while (task := self.take_oldest()) is None and not self._closed:
+            self._changed.clear()
+            await self._changed.wait()
         return task
 
     def settle(self, row: RecordingTask) -> bool:
