@@ -75,6 +75,8 @@ class CycleReport:
     extended_pages: int = 0  # DescribeTasks requests of the extended ended read
     lookups: int = 0  # DescribeRecordStatus requests
     lookups_needed: int = 0  # of which, for tasks the complete listings missed
+    applied_s: float = 0.0  # the exporter's clock when its changes were applied (before the
+    # upload look-ups that follow, in what is left of the interval)
 
 
 async def all_or_nothing(*steps: Awaitable[T]) -> list[T]:
@@ -267,7 +269,7 @@ class AppPoller:
         if self._on_cycle_done is not None:
             self._on_cycle_done(self._state)
         return CycleReport(ok, requests, len(changes.events), seconds, extended_pages, lookups,
-                           lookups_needed)
+                           lookups_needed, now)
 
     def _ended_from(self, now_ms: int) -> int:
         """Where this cycle's Status=3 read begins (a window of begin times up to now)."""
