@@ -144,8 +144,8 @@ class Exporter:
 
     async def _callback_answered(self, request: web.Request,
                                  response: web.StreamResponse) -> None:
-        # Callback counters moved, and maybe events: on /metrics within a second or so, one
-        # render for a burst of callbacks.
+        # Callback counters moved, and maybe events: on /metrics after four times the last
+        # render's cost (no fixed floor), one render for the callbacks meanwhile.
         self.exposition.invalidate(soon=True)
 
     def _overran(self, app_id: int) -> None:
