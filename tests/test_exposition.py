@@ -141,7 +141,7 @@ def thing_cache(value: list[float], clock: Clock, render_cost: float = 0.0) -> E
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Thing())
-    return ExpositionCache(registry, now=clock)
+    return ExpositionCache(registry, now=clock, cpu_time=clock)
 
 
 async def test_a_callbacks_change_waits_four_times_the_last_renders_cost_and_no_fixed_floor(

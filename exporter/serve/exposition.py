@@ -225,17 +225,19 @@ class ExpositionCache:
 
     def __init__(self, registry: CollectorRegistry, live: CollectorRegistry | None = None, *,
                  in_thread: bool = True, soon_renders: float = SOON_RENDERS,
-                 now: Callable[[], float] = time.monotonic) -> None:
+                 now: Callable[[], float] = time.monotonic,
+                 cpu_time: Callable[[], float] = time.thread_time) -> None:
         self._registry = registry
         self._live = live
         self._in_thread = in_thread
         self._soon_renders = soon_renders
-        self._now = now  # measures renders, and schedules a callback's render after the last
+        self._now = now  # schedules a callback's render after the last one
+        self._cpu_time = cpu_time  # the render thread's CPU time: what a render costs
         self._version = 0
         self._exact_from = 0  # scrapes never get a render older than this version
         self._timer: asyncio.TimerHandle | None = None
         self._last_done = -math.inf  # self._now() when the last render ended
-        self._took = 0.0  # seconds the last render took, every format
+        self._took = 0.0  # CPU seconds the last render took, every format
         self._ready: dict[str, Rendered] = {}  # content type -> last render
         # The render under way or waiting its turn: (version, its end, the formats it renders).
         self._rendering: tuple[int, asyncio.Future[None], frozenset[str]] | None = None
@@ -277,8 +279,9 @@ class ExpositionCache:
 
     def soon_delay(self) -> float:
         """Seconds until a callback's change is rendered: `soon_renders` times the last render's
-        cost after that render ended (a render under way counts as just ending). No fixed
-        floor: milliseconds at a few rooms."""
+        cost (its thread's CPU time: a busy machine does not stretch it) after that render
+        ended; a render under way counts as just ending. No fixed floor: milliseconds at a few
+        rooms."""
         wait = self._soon_renders * self._took
         if self._rendering is not None:
             return wait
@@ -340,13 +343,11 @@ class ExpositionCache:
         try:
             encoders = {t: self._encoders[t] for t in formats}
             async with self._one_at_a_time:
-                begun = self._now()
                 if self._in_thread:
-                    bodies = await asyncio.to_thread(self._render, encoders)
+                    bodies, self._took = await asyncio.to_thread(self._render, encoders)
                 else:
-                    bodies = self._render(encoders)
+                    bodies, self._took = self._render(encoders)
                 self._last_done = self._now()
-                self._took = self._last_done - begun
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else must
@@ -361,24 +362,30 @@ class ExpositionCache:
                 self._ready[content_type] = Rendered(version, body)
         future.set_result(None)
 
-    def _render(self, encoders: dict[str, Encoder]) -> dict[str, bytes]:
+    def _render(self, encoders: dict[str, Encoder]) -> tuple[dict[str, bytes], float]:
+        """Every format's body, and the CPU seconds it took this thread."""
         # No cyclic garbage collection during a render. Its objects live through many young
         # collections and land in the oldest generation, which then grows by a quarter and gets
         # a full collection, with the event loop stopped (up to 130 ms at 10,000 rooms). They
         # hold no reference cycles, so reference counting frees them when the render ends.
-        begun = time.thread_time()
+        begun = self._cpu_time()
         try:
             with _GC_PAUSE:
-                for attempt in range(RETRIES):
-                    try:
-                        return self._render_once(encoders)
-                    except RuntimeError as exc:  # the loop changed a dict the thread walked
-                        if attempt == RETRIES - 1:
-                            raise
-                        log.debug("exposition_render_retried", error=str(exc))
-                raise AssertionError("unreachable")
+                bodies = self._render_retried(encoders)
         finally:
-            self.render_cpu_seconds += time.thread_time() - begun
+            took = self._cpu_time() - begun
+            self.render_cpu_seconds += took
+        return bodies, took
+
+    def _render_retried(self, encoders: dict[str, Encoder]) -> dict[str, bytes]:
+        for attempt in range(RETRIES):
+            try:
+                return self._render_once(encoders)
+            except RuntimeError as exc:  # the loop changed a dict while the thread walked it
+                if attempt == RETRIES - 1:
+                    raise
+                log.debug("exposition_render_retried", error=str(exc))
+        raise AssertionError("unreachable")
 
     def _render_once(self, encoders: dict[str, Encoder]) -> dict[str, bytes]:
         """The cached part in every format, gzipped: one gzip member per family, kept from the
