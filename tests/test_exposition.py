@@ -198,6 +198,7 @@ async def test_the_family_by_family_render_equals_prometheus_clients_own(accept:
 
 async def test_unchanged_state_is_rendered_once_for_many_scrapes(served: Served) -> None:
     await served.cycle()
+    await served.started("r2")  # plain text: rendered once asked for (Prometheus' from the start)
     renders = served.exporter.exposition.renders
     for _ in range(5):
         await served.started("r2")

@@ -5,7 +5,8 @@ thousands of series. The exposition has two parts: the cached one (every exporte
 per-request ones) and a small live one rendered on each scrape (api_*, rate_limit_*, process_*,
 python_*), appended to it (gzip members concatenate). `invalidate()` marks the cached part
 stale; the next scrape, or the eager render after a cycle (`prerender()`), renders it once, for
-every format kept ready, in a worker thread, so that the event loop, which paces ZEGO requests,
+every format kept ready (the daemon's: Prometheus' from the start, others once asked for), in a
+worker thread, so that the event loop, which paces ZEGO requests,
 is never blocked for long. The thread reads the live state while the loop may change it (a
 cycle's apply), so a render that trips over a dict changing size is retried.
 
@@ -58,7 +59,7 @@ BLOCK_ROWS = 16  # rows per block: what a change to one room costs to re-encode
 Encoder = Callable[[CollectorRegistry], bytes]
 Row = tuple[Any, ...]  # positional arguments of a family's add_metric
 Block = tuple[Any, ...]  # a block's rows (RowBlocks), or a family's samples (one block)
-# Rendered eagerly from the start: what Prometheus asks for, and plain text (curl).
+# What Prometheus asks for: the daemon renders it from the start, other formats once asked for.
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                      "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 
@@ -225,6 +226,7 @@ class ExpositionCache:
 
     def __init__(self, registry: CollectorRegistry, live: CollectorRegistry | None = None, *,
                  in_thread: bool = True, soon_renders: float = SOON_RENDERS,
+                 accepts: Iterable[str] = (PROMETHEUS_ACCEPT, ""),
                  now: Callable[[], float] = time.monotonic,
                  cpu_time: Callable[[], float] = time.thread_time) -> None:
         self._registry = registry
@@ -248,7 +250,7 @@ class ExpositionCache:
         self._one_at_a_time = asyncio.Lock()
         self.renders = 0
         self.render_cpu_seconds = 0.0  # the render thread's CPU time, all renders (benchmark)
-        for accept in (PROMETHEUS_ACCEPT, ""):
+        for accept in accepts:  # formats rendered from the start; the others once asked for
             self._remember(accept)
 
     @property
