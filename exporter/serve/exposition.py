@@ -34,8 +34,10 @@ import math
 import re
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -221,6 +223,14 @@ def _gzip(data: bytes) -> bytes:
     return zlib.compress(data, GZIP_LEVEL, wbits=GZIP_WBITS)
 
 
+def _gzip_parts(*parts: bytes) -> bytes:
+    """One gzip member of the parts, without joining them first (a family's text: megabytes)."""
+    packer = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, GZIP_WBITS)
+    packed = [packer.compress(part) for part in parts]
+    packed.append(packer.flush())
+    return b"".join(packed)
+
+
 class ExpositionCache:
     """One registry's exposition, every format kept ready, re-rendered only after `invalidate()`."""
 
@@ -246,6 +256,10 @@ class ExpositionCache:
         self._encoders: dict[str, Encoder] = {}
         self._kept: dict[str, _Kept] = {}  # family name -> its last render
         self._background: set[asyncio.Task[None]] = set()
+        # One thread for every render: what a render keeps is allocated where the next one
+        # frees it (threads taken in turn from a pool each grow a malloc arena of their own).
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="exposition-render")
+        weakref.finalize(self, self._thread.shutdown, wait=False)
         # One render at a time: they share what the last one kept, and memory.
         self._one_at_a_time = asyncio.Lock()
         self.renders = 0
@@ -346,7 +360,8 @@ class ExpositionCache:
             encoders = {t: self._encoders[t] for t in formats}
             async with self._one_at_a_time:
                 if self._in_thread:
-                    bodies, self._took = await asyncio.to_thread(self._render, encoders)
+                    bodies, self._took = await asyncio.get_running_loop().run_in_executor(
+                        self._thread, self._render, encoders)
                 else:
                     bodies, self._took = self._render(encoders)
                 self._last_done = self._now()
@@ -395,9 +410,12 @@ class ExpositionCache:
         end, unless the live part ends it."""
         kept: dict[str, _Kept] = {}
         members: dict[str, list[bytes]] = {t: [] for t in encoders}
+        old = self._kept
         for family in self._registry.collect():
             key = (family.name, family.type, family.documentation, family.unit)
-            before = self._kept.get(family.name)
+            # Taken out as used, so that old rows and texts go as the render goes (a render
+            # that fails leaves the rest to be encoded afresh).
+            before = old.pop(family.name, None)
             this = kept[family.name] = self._family(
                 family, key, before if before is not None and before.key == key else None,
                 encoders)
@@ -427,7 +445,7 @@ class ExpositionCache:
                 header, fresh = b"", [encoder(_Only(family)).removesuffix(EOF)]
                 this.blocks = (tuple(blocks),)  # one block from now on
             this.texts[content_type] = fresh
-            this.members[content_type] = _gzip(header + b"".join(fresh))
+            this.members[content_type] = _gzip_parts(header, *fresh)
         return this
 
     @staticmethod
