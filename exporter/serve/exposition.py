@@ -6,9 +6,9 @@ per-request ones) and a small live one rendered on each scrape (api_*, rate_limi
 python_*), appended to it (gzip members concatenate). `invalidate()` marks the cached part
 stale; the next scrape, or the eager render after a cycle (`prerender()`), renders it once, for
 every format kept ready (the daemon's: Prometheus' from the start, others once asked for), in a
-worker thread, so that the event loop, which paces ZEGO requests,
-is never blocked for long. The thread reads the live state while the loop may change it (a
-cycle's apply), so a render that trips over a dict changing size is retried.
+worker thread, so that the event loop, which paces ZEGO requests, is never blocked for long. The
+thread reads the live state while the loop may change it (a cycle's apply), so a render that
+trips over a dict changing size is retried.
 
 A render costs what changed, not what there is. A family comes in blocks (`RowBlocks`: rows of
 `add_metric` arguments, a few rooms' worth each; any other family is one block, its samples).
@@ -18,7 +18,7 @@ the families that changed: each family is one gzip member, and the body is their
 
 A scrape never waits for a render that is already under way: it gets the previous one (the state
 before the cycle that just ended, at most one render old). A callback's change is rendered soon
-(`invalidate(soon=True)`): four times the last render's cost after that render ended, so that
+(`invalidate(soon=True)`): four times the last render's CPU time after that render ended, so that
 under a stream of callbacks renders take at most a fifth of a core (milliseconds at a few rooms);
 scrapes get the last render until then. A scrape waits only before the first render, or when a
 cycle's change has no render under way (no `prerender`). A client without gzip gets the body
