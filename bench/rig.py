@@ -173,6 +173,7 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
     lags: list[float] = []
     lag_probe = asyncio.create_task(_probe_loop_lag(lags))
     events.put(("ready", {"port": exporter.bound_port, "pid": os.getpid()}))
+    exposition = exporter.exposition
 
     async def visible(index: int) -> None:
         """When the cycle's events are on /metrics: its render (started as it ended) is done."""
@@ -189,6 +190,8 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
         report = await poller.run_cycle()
         # The cycle's end detection; the upload look-ups after it use what is left of the interval.
         events.put(("cycle", {"started": started_at, "ended": report.applied_s, "ok": report.ok,
+                              "real": time.perf_counter(), "renders": exposition.renders,
+                              "render_cpu": getattr(exposition, "render_cpu_seconds", None),
                               "requests": report.requests, "cpu": time.process_time(),
                               "extended_pages": report.extended_pages,
                               "lookups": report.lookups, "lookups_needed": report.lookups_needed,

@@ -22,7 +22,12 @@ from exporter.logs import ContainedErrors
 from exporter.poll.poller import AppPoller
 from exporter.poll.schedule import PollScheduler
 from exporter.serve.collector import ExporterCollector
-from exporter.serve.exposition import EXPOSITION, ExpositionCache, split_registry
+from exporter.serve.exposition import (
+    EXPOSITION,
+    PROMETHEUS_ACCEPT,
+    ExpositionCache,
+    split_registry,
+)
 from exporter.serve.web import Edge, ServerLimits, make_app
 from exporter.serve.webconfig import WebConfig
 from exporter.state.model import AppState, ExporterState
@@ -100,8 +105,11 @@ class Exporter:
         self.registry.register(collector)
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(standard)
+        # Prometheus' format from the start; plain text (curl) once asked for, and kept from
+        # then on: each format kept ready costs its render and memory.
         self.exposition = ExpositionCache(*split_registry(
-            collector, (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)))
+            collector, (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)),
+            accepts=(PROMETHEUS_ACCEPT,))
         self._on_cycle_done = on_cycle_done
         self.store = Store(storage_path) if storage_path else None  # raises StoreError
         if self.store is not None:
@@ -146,8 +154,8 @@ class Exporter:
 
     async def _callback_answered(self, request: web.Request,
                                  response: web.StreamResponse) -> None:
-        # Callback counters moved, and maybe events: on /metrics within a second or so, one
-        # render for a burst of callbacks.
+        # Callback counters moved, and maybe events: on /metrics after four times the last
+        # render's cost (no fixed floor), one render for the callbacks meanwhile.
         self.exposition.invalidate(soon=True)
 
     def _overran(self, app_id: int) -> None:

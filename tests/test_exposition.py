@@ -9,21 +9,23 @@ import gzip
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 import pytest
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Exemplar
 
 from exporter.clock import ManualClock
 from exporter.daemon import Exporter, ListenAddress
-from exporter.serve.exposition import ExpositionCache, accepts_gzip
+from exporter.serve.exposition import ExpositionCache, RowBlocks, accepts_gzip
 from exporter.simulator.engine import SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
 from tests.conftest import APP_ID, QUIET, SECRET, make_config
@@ -121,16 +123,45 @@ async def test_a_scrape_during_a_render_gets_the_previous_one_without_waiting() 
     assert b"thing 2.0" in gzip.decompress((await cache.get(plain)).gzipped)
 
 
-async def test_callback_changes_are_rendered_once_soon_and_scrapes_never_wait() -> None:
-    value = [1.0]
+class Clock:
+    """A clock for the cache's render timings; a collector may move it (a render's cost)."""
 
-    class Counting(Collector):
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def thing_cache(value: list[float], clock: Clock, render_cost: float = 0.0) -> ExpositionCache:
+    class Thing(Collector):
         def collect(self) -> Iterator[Metric]:
+            clock.now += render_cost
             yield GaugeMetricFamily("thing", "A thing.", value=value[0])
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Counting())
-    cache = ExpositionCache(registry, soon_s=0.2)
+    registry.register(Thing())
+    return ExpositionCache(registry, now=clock, cpu_time=clock)
+
+
+async def test_a_callbacks_change_waits_four_times_the_last_renders_cost_and_no_fixed_floor(
+        ) -> None:
+    clock = Clock()
+    cache = thing_cache([1.0], clock, render_cost=0.25)
+    _, plain = choose_encoder("")
+    await cache.get(plain)
+    assert cache.soon_delay() == pytest.approx(1.0)  # 4 × 0.25 s, from the render's end
+    clock.now += 0.75
+    assert cache.soon_delay() == pytest.approx(0.25)
+    cheap = thing_cache([1.0], Clock(), render_cost=0.001)
+    await cheap.get(plain)
+    assert cheap.soon_delay() == pytest.approx(0.004)  # a cheap render: milliseconds
+
+
+async def test_callback_changes_are_rendered_once_soon_and_scrapes_never_wait() -> None:
+    value = [1.0]
+    clock = Clock()
+    cache = thing_cache(value, clock)
     _, plain = choose_encoder("")
 
     async def shown() -> bytes:
@@ -143,10 +174,12 @@ async def test_callback_changes_are_rendered_once_soon_and_scrapes_never_wait() 
         cache.invalidate(soon=True)
         assert b"thing 1.0" in await shown()  # the last render, at once
     assert cache.renders == renders
-    await asyncio.sleep(0.3)  # the one render scheduled for the burst
+    clock.now += 1.0  # the last render cost nothing on this clock: due at once
+    for _ in range(3):
+        await asyncio.sleep(0)
     await cache.settled()
     assert b"thing 21.0" in await shown()
-    assert cache.renders == renders + 2  # one per format kept ready (OpenMetrics, text)
+    assert cache.renders == renders + 1  # one render, every format kept ready
     value[0] = 99.0
     cache.invalidate()  # a cycle's change: the next scrape waits for it
     assert b"thing 99.0" in await shown()
@@ -165,6 +198,7 @@ async def test_the_family_by_family_render_equals_prometheus_clients_own(accept:
 
 async def test_unchanged_state_is_rendered_once_for_many_scrapes(served: Served) -> None:
     await served.cycle()
+    await served.started("r2")  # plain text: rendered once asked for (Prometheus' from the start)
     renders = served.exporter.exposition.renders
     for _ in range(5):
         await served.started("r2")
@@ -249,3 +283,81 @@ def test_overlapping_renders_turn_collection_back_on_only_after_the_last() -> No
     assert not gc.isenabled()
     second.__exit__(None, None, None)
     assert gc.isenabled()
+
+
+class Rooms(Collector):
+    """Row-block families (as the collector's per-room ones) beside ordinary ones; `made`
+    counts the families RowBlocks builds (for blocks to encode, headers and `samples`)."""
+
+    def __init__(self, rooms: int) -> None:
+        self.counts = {f"room-{i}": i % 3 for i in range(rooms)}
+        self.exemplars: dict[str, Exemplar] = {}
+        self.made = 0
+
+    def _counter(self) -> CounterMetricFamily:
+        self.made += 1
+        return CounterMetricFamily("ends", "Ends \\ \"quoted\".", labels=["room"])
+
+    def collect(self) -> Iterator[Metric]:
+        rows = [((room,), count, None, None, self.exemplars.get(room))
+                for room, count in self.counts.items()]
+        yield RowBlocks.of(self._counter, [rows[:50], rows[50:]])  # two apps, say
+        yield RowBlocks.of(partial(GaugeMetricFamily, "live", "Live.", labels=["room"]),
+                           [[((room,), count) for room, count in self.counts.items()]])
+        created = CounterMetricFamily("born", "Born.", created=1.5e9, value=1)
+        yield created
+        yield RowBlocks.of(partial(CounterMetricFamily, "with_created", "Created.",
+                                   labels=["room"]),
+                           [[((room,), 1, 1.5e9) for room in list(self.counts)[:40]]])
+        yield RowBlocks.of(partial(GaugeMetricFamily, "none_yet", "No rows."), [])
+
+
+def prometheus_clients_own(collector: Collector, accept: str) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return choose_encoder(accept)[0](registry)
+
+
+@pytest.mark.parametrize("accept", ["", OPENMETRICS])
+async def test_row_blocks_render_as_prometheus_clients_own_before_and_after_changes(
+        accept: str) -> None:
+    rooms = Rooms(120)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(rooms)
+    cache = ExpositionCache(registry)
+    content_type = cache._remember(accept)
+
+    async def ours() -> bytes:
+        cache.invalidate()
+        return gzip.decompress((await cache.get(content_type)).gzipped)
+
+    assert await ours() == prometheus_clients_own(rooms, accept)
+    rooms.counts["room-7"] += 1  # one block of one family
+    rooms.exemplars["room-70"] = Exemplar({"task_id": "t-70"}, 1.0, 1.75e9)
+    rooms.counts["room-200"] = 0  # a new room: a new block at the end
+    assert await ours() == prometheus_clients_own(rooms, accept)
+    if accept:
+        assert b'ends_total{room="room-70"} 1.0 # {task_id="t-70"} 1.0 1750000000.0' \
+            in await ours()
+    del rooms.counts["room-3"]  # every later block shifts
+    assert await ours() == prometheus_clients_own(rooms, accept)
+
+
+async def test_a_render_encodes_only_the_blocks_that_changed() -> None:
+    rooms = Rooms(100)  # "ends": 7 blocks of 16 rooms (6 + 1 for the second app's 50)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(rooms)
+    cache = ExpositionCache(registry)
+    _, plain = choose_encoder("")
+
+    async def made_by_a_render() -> int:
+        before = rooms.made
+        cache.invalidate()
+        await cache.get(plain)
+        return rooms.made - before
+
+    formats = 2  # OpenMetrics and text, both kept ready
+    assert await made_by_a_render() == 1 + formats * (1 + 8)  # collect; header + every block
+    assert await made_by_a_render() == 1  # nothing changed: collect only
+    rooms.counts["room-60"] += 1
+    assert await made_by_a_render() == 1 + formats * (1 + 1)  # header + that room's block

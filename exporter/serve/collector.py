@@ -4,6 +4,7 @@ change, off the event loop), never per scrape."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from functools import partial
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -15,8 +16,10 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
 from exporter import PYTHON_VERSION, __version__, revision
+from exporter.serve.exposition import RowBlocks
 from exporter.state.changes import UPLOAD_OUTCOMES, EventKind
 from exporter.state.model import AppState, ExporterState
+from exporter.zego.models import TaskStatus
 from exporter.zego.ratelimit import RateLimiter
 
 PREFIX = "zego_cloudrecord"
@@ -74,48 +77,51 @@ class ExporterCollector(Collector):
         yield info
 
     def _tasks(self) -> Iterator[Metric]:
-        # One family at a time: the renderer consumes each before the next is built, so at
-        # 10,000 rooms only one family's samples are in memory at once.
-        apps = self._state.apps
-        live = GaugeMetricFamily(f"{PREFIX}_tasks", "Recording tasks live now, by status.",
-                                 labels=["app_id", "room_id", "status"])
-        for app_id, app in apps.items():
-            for (room, status), count in app.live_by_room().items():
-                live.add_metric([str(app_id), room, status.label], count)
-        yield live
+        # One family at a time: the renderer consumes each before the next is built. The
+        # per-room families come as rows in blocks (RowBlocks): a render re-encodes only the
+        # blocks whose rows changed, so its cost follows the change, not the number of rooms.
+        apps = [(str(app_id), app) for app_id, app in self._state.apps.items()]
+        labels = [""] * (max(TaskStatus) + 1)  # by value: an enum's hash is Python code
+        for status in TaskStatus:
+            labels[status] = status.label
+        yield RowBlocks.of(
+            partial(GaugeMetricFamily, f"{PREFIX}_tasks", "Recording tasks live now, by status.",
+                    labels=["app_id", "room_id", "status"]),
+            ([((app_id, room, labels[status]), count)
+              for (room, status), count in app.live_by_room().items()] for app_id, app in apps))
+        rooms = [[((app_id, room), by_kind) for room, by_kind in list(app.counters.items())]
+                 for app_id, app in apps]  # each room's labels, shared by its six counters
         for kind, (name, doc) in EVENT_COUNTERS.items():
-            counter = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["app_id", "room_id"])
-            for app_id, app in apps.items():
-                for room, by_kind in list(app.counters.items()):
-                    counter.add_metric([str(app_id), room], by_kind[kind],
-                                       exemplar=_exemplar(app, room, kind))
-            yield counter
-        outcomes = CounterMetricFamily(
-            f"{PREFIX}_upload_outcomes",
-            "Ended recordings by what became of their files (DescribeRecordStatus or an upload "
-            "callback): uploaded, backup, failed, no_files, unknown.",
-            labels=["app_id", "room_id", "outcome"])
-        for app_id, app in apps.items():
-            for room, by_kind in list(app.counters.items()):
-                for kind in UPLOAD_OUTCOMES:
-                    outcomes.add_metric([str(app_id), room, str(kind.upload_outcome)],
-                                        by_kind[kind], exemplar=_exemplar(app, room, kind))
-        yield outcomes
+            yield RowBlocks.of(
+                partial(CounterMetricFamily, f"{PREFIX}_{name}", doc,
+                        labels=["app_id", "room_id"]),
+                ([(labels, by_kind[kind], None, None, _exemplar(app, labels[1], kind))
+                  for labels, by_kind in counters]
+                 for (_, app), counters in zip(apps, rooms, strict=True)))
+        yield RowBlocks.of(
+            partial(CounterMetricFamily, f"{PREFIX}_upload_outcomes",
+                    "Ended recordings by what became of their files (DescribeRecordStatus or an "
+                    "upload callback): uploaded, backup, failed, no_files, unknown.",
+                    labels=["app_id", "room_id", "outcome"]),
+            ([((*labels, str(kind.upload_outcome)), by_kind[kind], None, None,
+               _exemplar(app, labels[1], kind))
+              for labels, by_kind in counters for kind in UPLOAD_OUTCOMES]
+             for (_, app), counters in zip(apps, rooms, strict=True)))
         skipped = CounterMetricFamily(
             f"{PREFIX}_upload_lookups_skipped",
             "Upload look-ups due that the DescribeRecordStatus budget left for a later cycle.",
             labels=["app_id"])
-        for app_id, app in apps.items():
-            skipped.add_metric([str(app_id)], app.upload_lookups_skipped)
+        for app_id, app in apps:
+            skipped.add_metric([app_id], app.upload_lookups_skipped)
         yield skipped
         durations = HistogramMetricFamily(
             f"{PREFIX}_task_duration_seconds",
             "Length of recordings that ended, by outcome.",
             labels=["app_id", "outcome"],
         )
-        for app_id, app in apps.items():
+        for app_id, app in apps:
             for outcome, histogram in app.durations.items():
-                durations.add_metric([str(app_id), outcome], histogram.cumulative(),
+                durations.add_metric([app_id, outcome], histogram.cumulative(),
                                      histogram.total)
         yield durations
 
@@ -124,19 +130,20 @@ class ExporterCollector(Collector):
             f"{PREFIX}_tasks_ended_abnormally_by_reason",
             "Abnormal ends reported by ZEGO callbacks, by quit_reason.",
             labels=["app_id", "quit_reason"])
-        uploads = CounterMetricFamily(f"{PREFIX}_upload_failures",
-                                      "Recorded files ZEGO callbacks reported not uploaded.",
-                                      labels=["app_id", "room_id"])
         received = CounterMetricFamily(f"{PREFIX}_callbacks",
                                        "ZEGO callbacks received, by event type and result.",
                                        labels=["app_id", "event_type", "result"])
         for app_id, app in self._state.apps.items():
             for reason, count in sorted(app.ended_by_reason.items()):
                 by_reason.add_metric([str(app_id), reason], count)
-            for room, count in sorted(app.upload_failures.items()):
-                uploads.add_metric([str(app_id), room], count)
         for labels, count in sorted(self._state.callbacks.items()):
             received.add_metric(list(labels), count)
+        uploads = RowBlocks.of(
+            partial(CounterMetricFamily, f"{PREFIX}_upload_failures",
+                    "Recorded files ZEGO callbacks reported not uploaded.",
+                    labels=["app_id", "room_id"]),
+            ([((str(app_id), room), count) for room, count in sorted(app.upload_failures.items())]
+             for app_id, app in self._state.apps.items()))
         yield from (by_reason, uploads, received)
 
     def _edges(self) -> Iterator[Metric]:

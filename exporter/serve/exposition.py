@@ -4,18 +4,25 @@ The state changes only when a poll cycle ends or a callback arrives, so a scrape
 thousands of series. The exposition has two parts: the cached one (every exporter family but the
 per-request ones) and a small live one rendered on each scrape (api_*, rate_limit_*, process_*,
 python_*), appended to it (gzip members concatenate). `invalidate()` marks the cached part
-stale; the next scrape, or the eager render after a cycle (`prerender()`), renders it once, in a
-worker thread, so that the event loop, which paces ZEGO requests, is never blocked for long.
-Concurrent scrapes of one version share one render. The thread reads the live state while the
-loop may change it (a cycle's apply), so a render that trips over a dict changing size is
-retried.
+stale; the next scrape, or the eager render after a cycle (`prerender()`), renders it once, for
+every format kept ready (the daemon's: Prometheus' from the start, others once asked for), in a
+worker thread, so that the event loop, which paces ZEGO requests, is never blocked for long. The
+thread reads the live state while the loop may change it (a cycle's apply), so a render that
+trips over a dict changing size is retried.
+
+A render costs what changed, not what there is. A family comes in blocks (`RowBlocks`: rows of
+`add_metric` arguments, a few rooms' worth each; any other family is one block, its samples).
+Each block's text is kept per format with the rows it was encoded from; a render re-encodes
+only the blocks whose rows differ, with prometheus_client's own encoders, and recompresses only
+the families that changed: each family is one gzip member, and the body is their concatenation.
 
 A scrape never waits for a render that is already under way: it gets the previous one (the state
-before the cycle that just ended, at most one render old). A callback's change is rendered once,
-soon (`invalidate(soon=True)`), and scrapes get the last render until then. A scrape waits only
-before the first render, or when a cycle's change has no render under way (no `prerender`).
-Renders are kept gzipped only (what Prometheus asks for): at 10,000 rooms that is
-0.7 MB instead of 8; a client without gzip gets the body decompressed in a worker thread.
+before the cycle that just ended, at most one render old). A callback's change is rendered soon
+(`invalidate(soon=True)`): four times the last render's CPU time after that render ended, so that
+under a stream of callbacks renders take at most a fifth of a core (milliseconds at a few rooms);
+scrapes get the last render until then. A scrape waits only before the first render, or when a
+cycle's change has no render under way (no `prerender`). A client without gzip gets the body
+decompressed in a worker thread.
 """
 
 from __future__ import annotations
@@ -27,26 +34,34 @@ import math
 import re
 import threading
 import time
+import weakref
 import zlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
 
 log = structlog.get_logger("exporter.exposition")
 
 GZIP_LEVEL = 6
-SOON_S = 1.0  # a callback's change is on /metrics after this (or 4 renders' time), at most
+# A callback's change is rendered this many renders' time after the last render ended: renders
+# then take at most 1 / (1 + SOON_RENDERS) of a core under a stream of callbacks.
+SOON_RENDERS = 4
 GZIP_WBITS = 31  # zlib's gzip framing: one gzip member
 EOF = b"# EOF\n"
 RETRIES = 3
+BLOCK_ROWS = 16  # rows per block: what a change to one room costs to re-encode
 Encoder = Callable[[CollectorRegistry], bytes]
-# Rendered eagerly from the start: what Prometheus asks for, and plain text (curl).
+Row = tuple[Any, ...]  # positional arguments of a family's add_metric
+Block = tuple[Any, ...]  # a block's rows (RowBlocks), or a family's samples (one block)
+# What Prometheus asks for: the daemon renders it from the start, other formats once asked for.
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                      "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 
@@ -55,6 +70,49 @@ PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/ope
 class Rendered:
     version: int
     gzipped: bytes  # the body, gzip-compressed
+
+
+class RowBlocks(Metric):
+    """A family given as rows (the positional arguments of its `add_metric`, exemplars
+    included) cut into blocks, so that a render re-encodes only the blocks whose rows changed.
+
+    `new()` makes the empty family (CounterMetricFamily(...), say). `samples` builds every
+    block's samples on first use, for prometheus_client's own encoders."""
+
+    def __init__(self, new: Callable[[], Metric], blocks: Sequence[Block]) -> None:
+        self.new = new
+        self.blocks = blocks
+        self._built: list[Sample] | None = None
+        empty = new()
+        super().__init__(empty.name, empty.documentation, empty.type, empty.unit)
+
+    @classmethod
+    def of(cls, new: Callable[[], Metric], rows: Iterable[Iterable[Row]]) -> RowBlocks:
+        """Rows in groups (an app's, say), each group cut into blocks of BLOCK_ROWS."""
+        blocks: list[Block] = []
+        for group in rows:
+            listed = list(group)
+            blocks.extend(tuple(listed[i:i + BLOCK_ROWS])
+                          for i in range(0, len(listed), BLOCK_ROWS))
+        return cls(new, blocks)
+
+    def family(self, blocks: Iterable[Block]) -> Metric:
+        """The family with the samples of `blocks`."""
+        family = self.new()
+        for block in blocks:
+            for row in block:
+                family.add_metric(*row)  # type: ignore[attr-defined]
+        return family
+
+    @property
+    def samples(self) -> list[Sample]:
+        if self._built is None:
+            self._built = self.family(self.blocks).samples
+        return self._built
+
+    @samples.setter
+    def samples(self, value: list[Sample]) -> None:
+        self._built = value or None  # Metric.__init__ sets [] before the blocks exist
 
 
 class SplitCollector(Protocol):
@@ -145,28 +203,68 @@ class _GcPause:
 _GC_PAUSE = _GcPause()
 
 
+@dataclass(slots=True)
+class _Kept:
+    """A family as the last render left it: its blocks, and per format each block's text and
+    the family's gzip member."""
+
+    key: tuple[str, str, str, str]  # name, type, documentation, unit
+    blocks: Sequence[Block]
+    texts: dict[str, list[bytes]] = field(default_factory=dict)
+    members: dict[str, bytes] = field(default_factory=dict)
+
+
+class _NotConcatenable(Exception):
+    """A block's text has comment lines of its own (the text format's `_created`, `_gsum` and
+    `_gcount` sections): the family is encoded whole instead."""
+
+
+def _gzip(data: bytes) -> bytes:
+    return zlib.compress(data, GZIP_LEVEL, wbits=GZIP_WBITS)
+
+
+def _gzip_parts(*parts: bytes) -> bytes:
+    """One gzip member of the parts, without joining them first (a family's text: megabytes)."""
+    packer = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, GZIP_WBITS)
+    packed = [packer.compress(part) for part in parts]
+    packed.append(packer.flush())
+    return b"".join(packed)
+
+
 class ExpositionCache:
-    """One registry's exposition per content type, re-rendered only after `invalidate()`."""
+    """One registry's exposition, every format kept ready, re-rendered only after `invalidate()`."""
 
     def __init__(self, registry: CollectorRegistry, live: CollectorRegistry | None = None, *,
-                 in_thread: bool = True, soon_s: float = SOON_S) -> None:
+                 in_thread: bool = True, soon_renders: float = SOON_RENDERS,
+                 accepts: Iterable[str] = (PROMETHEUS_ACCEPT, ""),
+                 now: Callable[[], float] = time.monotonic,
+                 cpu_time: Callable[[], float] = time.thread_time) -> None:
         self._registry = registry
         self._live = live
         self._in_thread = in_thread
-        self._soon_s = soon_s
+        self._soon_renders = soon_renders
+        self._now = now  # schedules a callback's render after the last one
+        self._cpu_time = cpu_time  # the render thread's CPU time: what a render costs
         self._version = 0
         self._exact_from = 0  # scrapes never get a render older than this version
         self._timer: asyncio.TimerHandle | None = None
-        self._last_done = -math.inf  # time.monotonic() when the last render ended
-        self._took: dict[str, float] = {}  # content type -> seconds its last render took
+        self._last_done = -math.inf  # self._now() when the last render ended
+        self._took = 0.0  # CPU seconds the last render took, every format
         self._ready: dict[str, Rendered] = {}  # content type -> last render
-        self._rendering: dict[str, tuple[int, asyncio.Future[Rendered]]] = {}
+        # The render under way or waiting its turn: (version, its end, the formats it renders).
+        self._rendering: tuple[int, asyncio.Future[None], frozenset[str]] | None = None
         self._encoders: dict[str, Encoder] = {}
-        self._background: set[asyncio.Task[Rendered]] = set()
-        # One render at a time: two formats rendered at once would double the peak memory.
+        self._kept: dict[str, _Kept] = {}  # family name -> its last render
+        self._background: set[asyncio.Task[None]] = set()
+        # One thread for every render: what a render keeps is allocated where the next one
+        # frees it (threads taken in turn from a pool each grow a malloc arena of their own).
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="exposition-render")
+        weakref.finalize(self, self._thread.shutdown, wait=False)
+        # One render at a time: they share what the last one kept, and memory.
         self._one_at_a_time = asyncio.Lock()
         self.renders = 0
-        for accept in (PROMETHEUS_ACCEPT, ""):
+        self.render_cpu_seconds = 0.0  # the render thread's CPU time, all renders (benchmark)
+        for accept in accepts:  # formats rendered from the start; the others once asked for
             self._remember(accept)
 
     @property
@@ -183,9 +281,8 @@ class ExpositionCache:
         """The state changed: the next scrape (or `prerender`) renders afresh.
 
         `soon` (a callback's change): scrapes may go on getting the last render until a render
-        scheduled `soon_s` (or 4 × the last renders' time, every format, if longer) after the
-        last one has run: under a stream of callbacks, renders then take at most a fifth of a
-        core, and scrapes never wait for one."""
+        scheduled `soon_delay()` from now has run: one render for the changes made meanwhile,
+        at most a fifth of a core in renders under a stream of callbacks, and no scrape waits."""
         self._version += 1
         try:
             loop = asyncio.get_running_loop()
@@ -194,18 +291,20 @@ class ExpositionCache:
         if not soon:
             self._exact_from = self._version
         elif self._timer is None:
-            self._timer = loop.call_later(self._soon_delay(), self._soon_due)
+            self._timer = loop.call_later(self.soon_delay(), self._soon_due)
 
-    def _soon_delay(self) -> float:
-        """Seconds until the window after the last render has passed (a render under way
-        counts as just ending)."""
-        wait = max(self._soon_s, 4 * sum(self._took.values()))
-        if self._rendering:
+    def soon_delay(self) -> float:
+        """Seconds until a callback's change is rendered: `soon_renders` times the last render's
+        cost (its thread's CPU time: a busy machine does not stretch it) after that render
+        ended; a render under way counts as just ending. No fixed floor: milliseconds at a few
+        rooms."""
+        wait = self._soon_renders * self._took
+        if self._rendering is not None:
             return wait
-        return max(0.0, self._last_done + wait - time.monotonic())
+        return max(0.0, self._last_done + wait - self._now())
 
     def _soon_due(self) -> None:
-        delay = self._soon_delay()
+        delay = self.soon_delay()
         if delay > 0:
             self._timer = asyncio.get_running_loop().call_later(delay, self._soon_due)
             return
@@ -218,10 +317,9 @@ class ExpositionCache:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        for content_type in list(self._encoders):
-            task = loop.create_task(self._fresh(content_type))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        task = loop.create_task(self._fresh())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def settled(self) -> None:
         """Wait for the background renders `prerender` started (tests, and a clean shutdown)."""
@@ -241,75 +339,133 @@ class ExpositionCache:
         if ready is not None:
             if ready.version >= self._exact_from:
                 return ready
-            rendering = self._rendering.get(content_type)
-            if rendering is not None and rendering[0] >= self._exact_from:
+            if self._rendering is not None and self._rendering[0] >= self._exact_from:
                 return ready  # the previous state while this one renders: no waiting
-        return await self._fresh(content_type)
+        await self._fresh()
+        return self._ready[content_type]
 
-    async def _fresh(self, content_type: str) -> Rendered:
-        """The render of the current state: the one under way, or a new one."""
+    async def _fresh(self) -> None:
+        """Render the current state in every format, or wait for the render of it under way."""
         version = self._version
-        ready = self._ready.get(content_type)
-        if ready is not None and ready.version == version:
-            return ready
-        rendering = self._rendering.get(content_type)
-        if rendering is not None and rendering[0] == version:
-            return await asyncio.shield(rendering[1])
-        future: asyncio.Future[Rendered] = asyncio.get_running_loop().create_future()
-        self._rendering[content_type] = (version, future)
+        formats = frozenset(self._encoders)
+        if all(t in self._ready and self._ready[t].version == version for t in formats):
+            return
+        rendering = self._rendering
+        if rendering is not None and rendering[0] == version and formats <= rendering[2]:
+            await asyncio.shield(rendering[1])
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._rendering = (version, future, formats)
         try:
-            encoder = self._encoders[content_type]
+            encoders = {t: self._encoders[t] for t in formats}
             async with self._one_at_a_time:
-                begun = time.monotonic()
                 if self._in_thread:
-                    gzipped = await asyncio.to_thread(self._render, encoder)
+                    bodies, self._took = await asyncio.get_running_loop().run_in_executor(
+                        self._thread, self._render, encoders)
                 else:
-                    gzipped = self._render(encoder)
-                self._last_done = time.monotonic()
-                self._took[content_type] = self._last_done - begun
+                    bodies, self._took = self._render(encoders)
+                self._last_done = self._now()
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else must
             raise
         finally:
-            if self._rendering.get(content_type, (None,))[0] == version:
-                del self._rendering[content_type]
+            if self._rendering is not None and self._rendering[1] is future:
+                self._rendering = None
         self.renders += 1
-        rendered = Rendered(version, gzipped)
-        kept = self._ready.get(content_type)
-        if kept is None or kept.version < version:  # the newest render is what scrapes get
-            self._ready[content_type] = rendered
-        future.set_result(rendered)
-        return rendered
+        for content_type, body in bodies.items():
+            kept = self._ready.get(content_type)
+            if kept is None or kept.version < version:  # the newest render is what scrapes get
+                self._ready[content_type] = Rendered(version, body)
+        future.set_result(None)
 
-    def _render(self, encoder: Encoder) -> bytes:
-        # No cyclic garbage collection during a render. Its samples (100,000 at 10,000 rooms)
-        # live through many young collections and land in the oldest generation, which then
-        # grows by a quarter and gets a full collection: at 10,000 rooms with callbacks, 350
-        # of them in a benchmark run, up to 130 ms each with the event loop stopped. They hold
-        # no reference cycles, so reference counting frees them all when the render ends.
-        # (The loop's own garbage waits for the render's end: a second or so.)
-        with _GC_PAUSE:
-            for attempt in range(RETRIES):
-                try:
-                    return self._render_once(encoder)
-                except RuntimeError as exc:  # the loop changed a dict while the thread walked it
-                    if attempt == RETRIES - 1:
-                        raise
-                    log.debug("exposition_render_retried", error=str(exc))
-            raise AssertionError("unreachable")
+    def _render(self, encoders: dict[str, Encoder]) -> tuple[dict[str, bytes], float]:
+        """Every format's body, and the CPU seconds it took this thread."""
+        # No cyclic garbage collection during a render. Its objects live through many young
+        # collections and land in the oldest generation, which then grows by a quarter and gets
+        # a full collection, with the event loop stopped (up to 130 ms at 10,000 rooms). They
+        # hold no reference cycles, so reference counting frees them when the render ends.
+        begun = self._cpu_time()
+        try:
+            with _GC_PAUSE:
+                bodies = self._render_retried(encoders)
+        finally:
+            took = self._cpu_time() - begun
+            self.render_cpu_seconds += took
+        return bodies, took
 
-    def _render_once(self, encoder: Encoder) -> bytes:
-        """The cached part, gzipped, one family at a time: the text of the whole exposition
-        (8 MB at 10,000 rooms, and prometheus_client's line list besides) is never in memory
-        at once. OpenMetrics' `# EOF` is written once, at the end, unless the live part ends it."""
-        packer = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, GZIP_WBITS)
-        parts = [packer.compress(encoder(_Only(family)).removesuffix(EOF))
-                 for family in self._registry.collect()]
-        if self._live is None:
-            parts.append(packer.compress(encoder(_Only())))  # OpenMetrics: `# EOF`; text: b""
-        parts.append(packer.flush())
-        return b"".join(parts)
+    def _render_retried(self, encoders: dict[str, Encoder]) -> dict[str, bytes]:
+        for attempt in range(RETRIES):
+            try:
+                return self._render_once(encoders)
+            except RuntimeError as exc:  # the loop changed a dict while the thread walked it
+                if attempt == RETRIES - 1:
+                    raise
+                log.debug("exposition_render_retried", error=str(exc))
+        raise AssertionError("unreachable")
+
+    def _render_once(self, encoders: dict[str, Encoder]) -> dict[str, bytes]:
+        """The cached part in every format, gzipped: one gzip member per family, kept from the
+        last render if none of its blocks changed. OpenMetrics' `# EOF` is written once, at the
+        end, unless the live part ends it."""
+        kept: dict[str, _Kept] = {}
+        members: dict[str, list[bytes]] = {t: [] for t in encoders}
+        old = self._kept
+        for family in self._registry.collect():
+            key = (family.name, family.type, family.documentation, family.unit)
+            # Taken out as used, so that old rows and texts go as the render goes (a render
+            # that fails leaves the rest to be encoded afresh).
+            before = old.pop(family.name, None)
+            this = kept[family.name] = self._family(
+                family, key, before if before is not None and before.key == key else None,
+                encoders)
+            for content_type in encoders:
+                members[content_type].append(this.members[content_type])
+        if self._live is None:  # OpenMetrics: `# EOF`; text: b""
+            for content_type, encoder in encoders.items():
+                members[content_type].append(_gzip(encoder(_Only())))
+        self._kept = kept  # whole, and only after a render that went through
+        return {t: b"".join(parts) for t, parts in members.items()}
+
+    def _family(self, family: Metric, key: tuple[str, str, str, str], before: _Kept | None,
+                encoders: dict[str, Encoder]) -> _Kept:
+        blocks: Sequence[Block] = (family.blocks if isinstance(family, RowBlocks)
+                                   else (tuple(family.samples),))
+        this = _Kept(key, blocks)
+        for content_type, encoder in encoders.items():
+            texts = None if before is None else before.texts.get(content_type)
+            if texts is not None and before is not None and before.blocks == blocks:
+                this.texts[content_type] = texts
+                this.members[content_type] = before.members[content_type]
+                continue
+            old = () if before is None or texts is None else before.blocks
+            try:
+                header, fresh = self._texts(family, encoder, blocks, old, texts or [])
+            except _NotConcatenable:
+                header, fresh = b"", [encoder(_Only(family)).removesuffix(EOF)]
+                this.blocks = (tuple(blocks),)  # one block from now on
+            this.texts[content_type] = fresh
+            this.members[content_type] = _gzip_parts(header, *fresh)
+        return this
+
+    @staticmethod
+    def _texts(family: Metric, encoder: Encoder, blocks: Sequence[Block], old: Sequence[Block],
+               texts: list[bytes]) -> tuple[bytes, list[bytes]]:
+        """(header, each block's text): the old text of each block that did not change."""
+        if not isinstance(family, RowBlocks):
+            return b"", [encoder(_Only(family)).removesuffix(EOF)]
+        header = encoder(_Only(family.new())).removesuffix(EOF)
+        fresh: list[bytes] = []
+        for i, block in enumerate(blocks):
+            if i < len(old) and old[i] == block:
+                fresh.append(texts[i])
+                continue
+            text = encoder(_Only(family.family((block,)))).removesuffix(EOF)
+            body = text[len(header):]
+            if not text.startswith(header) or body.startswith(b"#") or b"\n#" in body:
+                raise _NotConcatenable
+            fresh.append(body)
+        return header, fresh
 
     async def respond(self, request: web.Request) -> web.Response:
         """The /metrics answer: the format the Accept header asks for, gzipped if allowed."""
