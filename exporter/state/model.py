@@ -240,15 +240,14 @@ class AppState:
             self._unsaved.uploads.update(changes.awaited, changes.settled, changes.forgotten)
         if changes.marks is not None:
             self._marks = changes.marks
-        if changes.observed_ms is not None:
+        due: list[TaskEvent] = []
+        if changes.observed_ms is not None:  # a cycle's listings
             self._last_observed_ms = changes.observed_ms
-            # A flip older than this cycle's listings is what they show: forget it.
+            # A flip older than the listings is what they show: forget it.
             self._flipped_at_ms = {t: at for t, at in self._flipped_at_ms.items()
                                    if at >= changes.observed_ms}
+            due, self._deferred = self._deferred, []  # the deferred events are due
         self._flipped_at_ms.update(dict.fromkeys(changes.flipped, changes.learned_ms))
-        due: list[TaskEvent] = []
-        if changes.observed_ms is not None:  # a cycle's listings: the deferred events are due
-            due, self._deferred = self._deferred, []
         first_seen: set[str] = set()
         for event in changes.events:
             if event.at_ms is None:
