@@ -73,7 +73,7 @@ class Edge:
     def __init__(self, state: ExporterState, listener: str, errors: ContainedErrors) -> None:
         self._state = state
         self.listener = listener
-        self._errors = errors
+        self.errors = errors
         self._throttle = Throttle()
 
     def refused(self, reason: str, **fields: Any) -> None:
@@ -105,7 +105,7 @@ class Edge:
             except (web.HTTPException, asyncio.CancelledError, ConnectionError):
                 raise
             except Exception as exc:
-                self._errors.record(f"{self.listener}_handler", exc)
+                self.errors.record(f"{self.listener}_handler", exc)
                 raise web.HTTPInternalServerError() from None
 
         return count_refusals, contain
@@ -121,7 +121,7 @@ class Edge:
                 if isinstance(exc_info, HttpProcessingError):
                     edge.refused(_snake(type(exc_info).__name__))
                 elif isinstance(exc_info, BaseException):
-                    edge._errors.record(f"{edge.listener}_server", exc_info)
+                    edge.errors.record(f"{edge.listener}_server", exc_info)
                 else:
                     super().exception(msg, *args, exc_info=exc_info, **kwargs)
 

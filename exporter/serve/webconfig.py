@@ -890,11 +890,11 @@ class _ReloadingSSLContext(ssl.SSLContext):
     """Hands every new connection to the web config's current context: asyncio (and blocking
     servers) create each connection's TLS object through wrap_bio / wrap_socket."""
 
-    _web_config: WebConfig
+    web_config: WebConfig
 
     def __new__(cls, web_config: WebConfig) -> _ReloadingSSLContext:
         context = super().__new__(cls, ssl.PROTOCOL_TLS_SERVER)
-        context._web_config = web_config
+        context.web_config = web_config
         return context
 
     def __init__(self, web_config: WebConfig) -> None:
@@ -903,14 +903,14 @@ class _ReloadingSSLContext(ssl.SSLContext):
     def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
                  server_side: bool = False, server_hostname: str | bytes | None = None,
                  session: ssl.SSLSession | None = None) -> ssl.SSLObject:
-        return self._web_config._current_ssl_context().wrap_bio(  # noqa: SLF001
+        return self.web_config._current_ssl_context().wrap_bio(  # noqa: SLF001
             incoming, outgoing, server_side, server_hostname, session)
 
     def wrap_socket(self, sock: Any, server_side: bool = False,
                     do_handshake_on_connect: bool = True, suppress_ragged_eofs: bool = True,
                     server_hostname: str | bytes | None = None,
                     session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
-        return self._web_config._current_ssl_context().wrap_socket(  # noqa: SLF001
+        return self.web_config._current_ssl_context().wrap_socket(  # noqa: SLF001
             sock, server_side, do_handshake_on_connect, suppress_ragged_eofs, server_hostname,
             session)
 
