@@ -256,6 +256,7 @@ class Exporter:
                 await runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        await self.exposition.settled()  # no render left running when the loop closes
         if self._save_timer is not None:
             self._save_timer.cancel()
         self._save_unsaved()
