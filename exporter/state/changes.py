@@ -33,7 +33,6 @@ class EventKind(enum.Enum):
         return self.value.removeprefix("upload_") if self.value.startswith("upload_") else None
 
 
-TASK_EVENTS = tuple(k for k in EventKind if k.upload_outcome is None)
 UPLOAD_OUTCOMES = tuple(k for k in EventKind if k.upload_outcome is not None)
 
 
