@@ -191,7 +191,7 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
         # The cycle's end detection; the upload look-ups after it use what is left of the interval.
         events.put(("cycle", {"started": started_at, "ended": report.applied_s, "ok": report.ok,
                               "real": time.perf_counter(), "renders": exposition.renders,
-                              "render_cpu": getattr(exposition, "render_cpu_seconds", None),
+                              "render_cpu": exposition.render_cpu_seconds,
                               "requests": report.requests, "cpu": time.process_time(),
                               "extended_pages": report.extended_pages,
                               "lookups": report.lookups, "lookups_needed": report.lookups_needed,

@@ -29,8 +29,8 @@ def tracking(status: TaskStatus | None = None, finished: bool = False,
 
 
 def callback(event_type: int, sent_s: int = AFTER_S, quit_reason: str = "unknown",
-             failed_files: int = 0) -> Callback:
-    return Callback(1, "t", "r", event_type, 0, sent_s, quit_reason, failed_files)
+             file_statuses: tuple[int, ...] = ()) -> Callback:
+    return Callback(1, "t", "r", event_type, 0, sent_s, quit_reason, file_statuses)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ CASES = {
                                               "recognised"),
     "pause before any baseline": Case(tracking(baseline=False), callback(PAUSED), "recognised"),
     # Uploads and the rest
-    "upload with failed files": Case(tracking(S.RECORDING), callback(UPLOADED, failed_files=2),
+    "upload with failed files": Case(tracking(S.RECORDING),
+                                     callback(UPLOADED, file_statuses=(2, 1)),
                                      "applied", status=S.RECORDING),
     "upload, every file uploaded": Case(tracking(S.RECORDING), callback(UPLOADED), "counted",
                                         status=S.RECORDING),
@@ -123,8 +124,8 @@ def test_a_task_a_callback_tracks_begins_no_later_than_the_callback_was_sent() -
 
 
 def test_an_upload_failure_names_its_task_and_files() -> None:
-    _, changes = reconcile(tracking(S.RECORDING), callback(UPLOADED, failed_files=2), NOW_MS,
-                           OBSERVED_MS)
+    _, changes = reconcile(tracking(S.RECORDING), callback(UPLOADED, file_statuses=(2, 1)),
+                           NOW_MS, OBSERVED_MS)
     assert changes is not None
     assert [(f.task_id, f.room_id, f.files) for f in changes.upload_failures] == [("t", "r", 2)]
     assert changes.events == ()

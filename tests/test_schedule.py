@@ -41,6 +41,21 @@ class TimedCycle:
         await asyncio.sleep(0)
 
 
+class EndlessCycle:
+    """A cycle that never ends by itself: it notes when it began and when it was cancelled."""
+
+    def __init__(self) -> None:
+        self.entered, self.cancelled = asyncio.Event(), asyncio.Event()
+
+    async def __call__(self) -> None:
+        self.entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
 def scheduler(clock: ManualClock, errors: ContainedErrors | None = None) -> PollScheduler:
     return PollScheduler(clock, INTERVAL, [APP_ID], errors)
 
@@ -114,21 +129,12 @@ async def test_a_cycle_that_raises_is_contained_and_the_loop_goes_on() -> None:
 async def test_stop_cancels_the_cycle_in_flight_and_ends_every_loop() -> None:
     clock = ManualClock()
     schedule = scheduler(clock)
-    entered, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def endless() -> None:
-        entered.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
+    endless = EndlessCycle()
     schedule.start({APP_ID: endless})
-    await entered.wait()
+    await endless.entered.wait()
     with structlog.testing.capture_logs() as logs:
         await schedule.stop()
-    assert cancelled.is_set()
+    assert endless.cancelled.is_set()
     assert logs == []
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("poll-")]
 
@@ -162,24 +168,15 @@ async def test_overruns_are_on_metrics_per_app_from_zero() -> None:
 
 
 async def test_exporter_stop_cancels_a_cycle_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
-    entered, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def endless(self: AppPoller) -> None:
-        entered.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
-    monkeypatch.setattr(AppPoller, "run_cycle", endless)
+    endless = EndlessCycle()
+    monkeypatch.setattr(AppPoller, "run_cycle", lambda self: endless())
     exporter = Exporter(make_config("http://127.0.0.1:9", ("a",)), clock=ManualClock())
     assert overruns_on_metrics(exporter.registry) == {str(APP_ID): 0.0}
     await exporter.start(listen=None)
-    await entered.wait()
+    await endless.entered.wait()
     with structlog.testing.capture_logs() as logs:
         await exporter.stop()
-    assert cancelled.is_set()
+    assert endless.cancelled.is_set()
     assert [line for line in logs if line["log_level"] in ("warning", "error")] == []
     assert exporter.state.internal_errors == {}
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("poll-")]

@@ -81,8 +81,7 @@ def test_settle(case: tuple[dict[str, RecordStatus | None], list[tuple[EventKind
 
 def test_files_unsettled_an_hour_after_the_end_are_unknown_without_a_look_up() -> None:
     tracking = awaiting(old=NOW - uploads.UNSETTLED_AFTER_MS, young=ENDED)
-    assert uploads.timed_out(tracking, "old", NOW) and not uploads.timed_out(tracking, "young",
-                                                                             NOW)
+    assert uploads.due(tracking, NOW) == ["young"]  # no look-up for the old one
     changes = uploads.settle(tracking, {}, NOW)
     assert [(e.kind, e.task_id) for e in changes.events] == [(K.UPLOAD_UNKNOWN, "old")]
 
@@ -121,14 +120,13 @@ def test_the_baseline_awaits_nothing() -> None:
 
 
 def upload_callback(*statuses: int, sent_s: int = NOW // 1000) -> Callback:
-    return Callback(1, "t", "r", 1, 1, sent_s, "unknown", sum(s != 3 for s in statuses),
-                    statuses)
+    return Callback(1, "t", "r", 1, 1, sent_s, "unknown", statuses)
 
 
 def test_an_upload_callback_and_polling_count_the_outcome_once() -> None:
     ended = Tracking({"t": TrackedTask("t", "r", TaskStatus.RECORDING, NOW - 60_000)},
                      marks=Marks(NOW - 600_000))
-    _, end = reconcile(ended, Callback(1, "t", "r", 5, 0, NOW // 1000, "unknown", 0), NOW,
+    _, end = reconcile(ended, Callback(1, "t", "r", 5, 0, NOW // 1000, "unknown"), NOW,
                        NOW - 5_000)
     assert end is not None and set(end.awaited) == {"t"}
     tracking = ended.after(end)

@@ -14,7 +14,6 @@ from exporter.text import text_problem
 from exporter.zego.limits import (
     CALLBACK_EVENTS,
     EVENT_UPLOADED,
-    FILE_UPLOADED,
     MAX_ROOM_ID_BYTES,
     MAX_TASK_ID_BYTES,
 )
@@ -55,9 +54,13 @@ class Callback:
     sequence: int
     sent_s: int
     quit_reason: str  # a documented code, "unknown" (none given) or "other"
-    failed_files: int  # files of an upload callback whose status is not "uploaded"
     # An upload callback's file statuses (ZEGO's 1-5; anything else is 0: not settled).
     file_statuses: tuple[int, ...] = ()
+
+    @property
+    def failed_files(self) -> int:
+        """Files of an upload callback whose status is not "uploaded"."""
+        return sum(1 for status in self.file_statuses if status != FileStatus.UPLOADED)
 
 
 # Results that are refused, with their HTTP status; every other result is answered 200.
@@ -147,7 +150,6 @@ def parse_callback(envelope: Envelope, raw: Mapping[str, Any]) -> Callback:
         raise _malformed("detail is not an object")
     event_type = _integer(raw, "event_type", -(2**31), 2**31 - 1)
     quit_reason = detail.get("quit_reason")
-    failed_files = 0
     file_statuses: tuple[int, ...] = ()
     if event_type == EVENT_UPLOADED:
         files = detail.get("file_info")
@@ -155,7 +157,6 @@ def parse_callback(envelope: Envelope, raw: Mapping[str, Any]) -> Callback:
         if not isinstance(files, list) or len(files) > MAX_FILES or \
                 not all(isinstance(f, dict) for f in files):
             raise _malformed(f"detail.file_info is not a list of at most {MAX_FILES} objects")
-        failed_files = sum(1 for f in files if f.get("status") != FILE_UPLOADED)
         file_statuses = tuple(status if type(status := f.get("status")) is int
                               and status in _FILE_STATUSES else 0 for f in files)
     return Callback(
@@ -168,7 +169,6 @@ def parse_callback(envelope: Envelope, raw: Mapping[str, Any]) -> Callback:
         quit_reason=("unknown" if quit_reason is None
                      else str(quit_reason) if type(quit_reason) is int
                      and str(quit_reason) in QUIT_REASONS else "other"),
-        failed_files=failed_files,
         file_statuses=file_statuses,
     )
 

@@ -208,9 +208,7 @@ class AppPoller:
         as skipped."""
         state = self._state
         now_ms = int(self._clock.time() * 1000)
-        tracking = state.tracking
-        wanted = [t for t in uploads.due(tracking, now_ms, self._callbacks)
-                  if not uploads.timed_out(tracking, t, now_ms)]
+        wanted = uploads.due(state.tracking, now_ms, self._callbacks)
         room = len(wanted)
         if not math.isinf(self._lookup_budget):
             per_s = self._lookup_budget / self._interval_s

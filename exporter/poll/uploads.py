@@ -37,23 +37,24 @@ def outcome_of(file_statuses: Iterable[int]) -> EventKind | None:
     return EventKind.UPLOAD_UPLOADED
 
 
+def _timed_out(upload: AwaitedUpload, now_ms: int) -> bool:
+    return now_ms - upload.ended_ms >= UNSETTLED_AFTER_MS
+
+
 def due(tracking: Tracking, now_ms: int, callbacks: bool = False) -> list[str]:
-    """Awaited tasks a look-up should ask about now, oldest end first (timed-out ones too:
-    they need no look-up, `settle` counts them unknown)."""
+    """Awaited tasks a look-up should ask about now, oldest end first (not the timed-out ones:
+    `settle` counts them unknown without a look-up)."""
     first = FIRST_CHECK_WITH_CALLBACKS_MS if callbacks else FIRST_CHECK_MS
 
     def ready(upload: AwaitedUpload) -> bool:
+        if _timed_out(upload, now_ms):
+            return False
         if upload.checked_ms is None:
             return now_ms - upload.ended_ms >= first
         return now_ms - upload.checked_ms >= RECHECK_MS
 
     waiting = [(u.ended_ms, t) for t, u in tracking.awaited.items() if ready(u)]
     return [t for _, t in sorted(waiting)]
-
-
-def timed_out(tracking: Tracking, task_id: str, now_ms: int) -> bool:
-    upload = tracking.awaited.get(task_id)
-    return upload is not None and now_ms - upload.ended_ms >= UNSETTLED_AFTER_MS
 
 
 def settle(tracking: Tracking, answers: Mapping[str, RecordStatus | None], now_ms: int,
@@ -73,7 +74,7 @@ def settle(tracking: Tracking, answers: Mapping[str, RecordStatus | None], now_m
             outcome = outcome_of(f.status for f in answer.files)
         else:
             outcome = None
-        if outcome is None and now_ms - upload.ended_ms >= UNSETTLED_AFTER_MS:
+        if outcome is None and _timed_out(upload, now_ms):
             outcome = EventKind.UPLOAD_UNKNOWN
         if outcome is not None:
             events.append(TaskEvent(outcome, task_id, upload.room_id))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +59,8 @@ class EventQuery:
 
 def recent(state: ExporterState, query: EventQuery) -> list[tuple[int, TaskEvent]]:
     """(app_id, event) of the latest events that match, newest first."""
-    def matching(app_id: int, events: Iterable[TaskEvent]) -> Iterator[tuple[int, TaskEvent]]:
-        for event in reversed(list(events)):
+    def matching(app_id: int, events: Sequence[TaskEvent]) -> Iterator[tuple[int, TaskEvent]]:
+        for event in reversed(events):
             if (query.room_id is None or event.room_id == query.room_id) and \
                     (query.event is None or event.kind is query.event):
                 yield app_id, event

@@ -248,27 +248,31 @@ def _harness_error(status: int, message: str, code: int | None = None) -> web.Re
     return web.json_response({"error": message, "code": code}, status=status)
 
 
-async def handle_ledger(request: web.Request) -> web.Response:
-    """`GET /_sim/ledger[?since=UNIX_SECONDS]`: every transition so far, in order."""
-    state = request.app[STATE]
+def _since(request: web.Request) -> float | web.Response | None:
+    """The `since` query parameter (Unix seconds), or the 400 that refuses it."""
     raw = request.query.get("since")
     try:
-        since = None if raw is None else float(raw)
+        return None if raw is None else float(raw)
     except ValueError:
         return _harness_error(400, "since must be Unix seconds")
-    return web.json_response([t.to_json() for t in state.engine.ledger_since(since)])
+
+
+async def handle_ledger(request: web.Request) -> web.Response:
+    """`GET /_sim/ledger[?since=UNIX_SECONDS]`: every transition so far, in order."""
+    since = _since(request)
+    if isinstance(since, web.Response):
+        return since
+    return web.json_response([t.to_json() for t in request.app[STATE].engine.ledger_since(since)])
 
 
 async def handle_outcomes(request: web.Request) -> web.Response:
     """`GET /_sim/outcomes[?since=UNIX_SECONDS]`: every task whose files settled, in order, with
     its outcome (uploaded, backup, failed, no_files) and its files' final statuses."""
-    state = request.app[STATE]
-    raw = request.query.get("since")
-    try:
-        since = None if raw is None else float(raw)
-    except ValueError:
-        return _harness_error(400, "since must be Unix seconds")
-    return web.json_response([o.to_json() for o in state.engine.outcomes_since(since)])
+    since = _since(request)
+    if isinstance(since, web.Response):
+        return since
+    return web.json_response([o.to_json()
+                              for o in request.app[STATE].engine.outcomes_since(since)])
 
 
 async def handle_summary(request: web.Request) -> web.Response:

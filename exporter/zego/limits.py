@@ -23,6 +23,5 @@ EVENT_NORMAL_END: Final = 5
 EVENT_PAUSED: Final = 201
 EVENT_RESUMED: Final = 202
 CALLBACK_EVENTS: Final = frozenset({1, 2, 3, 4, 5, 6, 7, 102, 201, 202})
-FILE_UPLOADED: Final = 3  # a file_info status of an upload callback
 # quit_reason values of an abnormal end (callback event 2).
 QUIT_REASONS: Final = (1, 2, 3, 4, 5, 6, *range(1001, 1012))
