@@ -6,6 +6,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import (
@@ -16,8 +18,16 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.clock import ManualClock
-from exporter.serve.collector import ExporterCollector
-from exporter.state.changes import EventKind, TaskEvent, TrackedTask
+from exporter.serve.collector import BLOCK_ROOMS, ExporterCollector
+from exporter.serve.exposition import RowBlocks
+from exporter.state.changes import (
+    ChangeSet,
+    EventKind,
+    Source,
+    TaskEvent,
+    TrackedTask,
+    UploadFailure,
+)
 from exporter.state.model import OTHER_ROOMS, ExporterState
 from exporter.zego.models import TaskStatus
 from exporter.zego.ratelimit import RateLimiter
@@ -163,3 +173,61 @@ def test_event_counters_carry_their_latest_task_as_an_openmetrics_exemplar() -> 
     assert failed[0].value == 1 and failed[0].exemplar.labels == {"task_id": "t0"}
     assert all(s.exemplar is None for s in families["zego_cloudrecord_tasks_ended"].samples)
     assert "task_id" not in render(state)  # the text format has no exemplars
+
+
+ROOMS = tuple(f"r{i}" for i in range(40))  # three blocks of BLOCK_ROOMS
+TASKS = tuple(f"t{i}" for i in range(60))
+LIVE = (TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED)
+
+
+@st.composite
+def change_sets(draw: st.DrawFn) -> ChangeSet:
+    tasks, rooms = st.sampled_from(TASKS), st.sampled_from(ROOMS)
+    return ChangeSet(
+        draw(st.sampled_from(Source)), draw(st.integers(0, 10**6)),
+        events=tuple(draw(st.lists(st.builds(TaskEvent, st.sampled_from(EventKind), tasks,
+                                             rooms), max_size=4))),
+        tracked={t.task_id: t for t in draw(st.lists(st.builds(
+            TrackedTask, tasks, rooms, st.sampled_from(LIVE), st.just(0)), max_size=4))},
+        untracked=frozenset(draw(st.lists(tasks, max_size=3))),
+        upload_failures=tuple(draw(st.lists(st.builds(UploadFailure, tasks, rooms,
+                                                      st.integers(1, 3)), max_size=2))),
+        observed_ms=draw(st.none() | st.just(0)))  # a cycle's: releases deferred events
+
+
+def openmetrics(collector: ExporterCollector) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_openmetrics(registry).decode()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([ROOMS, None]), st.lists(change_sets(), min_size=1, max_size=12))
+def test_the_kept_blocks_always_render_what_a_fresh_collector_renders(
+        rooms: tuple[str, ...] | None, changes: list[ChangeSet]) -> None:
+    """Rows kept between renders are rebuilt for every room a change touched (its tasks, its
+    counters and exemplars, its upload failures, a room first seen, the cap's `_other`)."""
+    state = ExporterState.for_apps([(7, rooms, 25)], callbacks=frozenset({7}))
+    kept = ExporterCollector(state, {}, poll_interval=15.0)
+    openmetrics(kept)
+    for change in changes:
+        state.apps[7].apply(change)
+        assert openmetrics(kept) == openmetrics(ExporterCollector(state, {}, poll_interval=15.0))
+
+
+def test_a_change_to_one_room_rebuilds_only_its_block() -> None:
+    state = ExporterState.for_apps([(7, ROOMS, 1000)], callbacks=frozenset({7}))
+    collector = ExporterCollector(state, {}, poll_interval=15.0)
+
+    def blocks() -> dict[str, list[tuple[object, ...]]]:
+        return {f.name: list(f.blocks) for f in collector.collect() if isinstance(f, RowBlocks)}
+
+    before = blocks()
+    state.apps[7].apply(ChangeSet(Source.CALLBACK, 1, (TaskEvent(
+        EventKind.ENDED_ABNORMALLY, "t", "r20", Source.CALLBACK),)))
+    after = blocks()
+    changed = ROOMS.index("r20") // BLOCK_ROOMS
+    for name, was in before.items():
+        assert len(after[name]) == len(was) == 3
+        for index, block in enumerate(after[name]):
+            assert (block is was[index]) is (index != changed), (name, index)

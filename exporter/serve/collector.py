@@ -3,7 +3,9 @@ change, off the event loop), never per scrape."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 
 from prometheus_client.core import (
@@ -16,7 +18,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
 from exporter import PYTHON_VERSION, __version__, revision
-from exporter.serve.exposition import RowBlocks
+from exporter.serve.exposition import Block, Row, RowBlocks
 from exporter.state.changes import UPLOAD_OUTCOMES, EventKind
 from exporter.state.model import AppState, ExporterState
 from exporter.zego.models import TaskStatus
@@ -44,6 +46,81 @@ def _exemplar(app: AppState, room: str, kind: EventKind) -> Exemplar | None:
     return Exemplar({"task_id": event.task_id}, 1, event.at_ms / 1000)
 
 
+BLOCK_ROOMS = 16  # rooms per block: what a change to one room costs to rebuild and re-encode
+LIVE_STATUSES = (TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED)
+UPLOAD_FAILURES = "upload_failures"
+# The per-room families, by name: how each is made empty (RowBlocks.new).
+_PER_ROOM: dict[str, Callable[[], Metric]] = {
+    "tasks": partial(GaugeMetricFamily, f"{PREFIX}_tasks", "Recording tasks live now, by status.",
+                     labels=["app_id", "room_id", "status"]),
+    **{name: partial(CounterMetricFamily, f"{PREFIX}_{name}", doc, labels=["app_id", "room_id"])
+       for name, doc in EVENT_COUNTERS.values()},
+    "upload_outcomes": partial(
+        CounterMetricFamily, f"{PREFIX}_upload_outcomes",
+        "Ended recordings by what became of their files (DescribeRecordStatus or an upload "
+        "callback): uploaded, backup, failed, no_files, unknown.",
+        labels=["app_id", "room_id", "outcome"]),
+    UPLOAD_FAILURES: partial(CounterMetricFamily, f"{PREFIX}_upload_failures",
+                             "Recorded files ZEGO callbacks reported not uploaded.",
+                             labels=["app_id", "room_id"]),
+}
+
+
+def _room_rows(app_id: str, app: AppState, room: str) -> Iterator[tuple[str, Row]]:
+    """(family, row) for each series of one room label."""
+    labels = (app_id, room)
+    live = app.live_in(room)
+    for status in (*LIVE_STATUSES, *(s for s in sorted(live) if s not in LIVE_STATUSES)):
+        yield "tasks", ((app_id, room, status.label), live[status])
+    by_kind = dict(app.counters[room])
+    for kind, (name, _) in EVENT_COUNTERS.items():
+        yield name, (labels, by_kind[kind], None, None, _exemplar(app, room, kind))
+    for kind in UPLOAD_OUTCOMES:
+        yield "upload_outcomes", ((*labels, str(kind.upload_outcome)), by_kind[kind], None,
+                                  None, _exemplar(app, room, kind))
+    if (failed := app.upload_failures.get(room)) is not None:
+        yield UPLOAD_FAILURES, (labels, failed)
+
+
+class _RoomBlocks:
+    """One app's per-room families as rows in blocks of BLOCK_ROOMS rooms (in the order the
+    rooms were first seen), kept between collects: `update` rebuilds only the blocks of the
+    rooms the app changed since the last."""
+
+    def __init__(self) -> None:
+        self._revision = -1
+        self._rooms: list[str] = []
+        self._where: dict[str, int] = {}  # room label -> its place in _rooms
+        self._blocks: dict[str, list[Block]] = {name: [] for name in _PER_ROOM}
+
+    def __getitem__(self, family: str) -> list[Block]:
+        return self._blocks[family]
+
+    def update(self, app_id: str, app: AppState) -> _RoomBlocks:
+        revision = app.revision  # first: see AppState.rooms_changed_since
+        changed = app.rooms_changed_since(self._revision)
+        known = len(self._rooms)
+        for room in list(app.counters)[known:]:  # counters only grow, in order
+            self._where[room] = len(self._rooms)
+            self._rooms.append(room)
+        dirty = {self._where[room] // BLOCK_ROOMS for room in changed if room in self._where}
+        if len(self._rooms) > known:  # new rooms: the last block and any new ones
+            dirty.update(range(known // BLOCK_ROOMS, math.ceil(len(self._rooms) / BLOCK_ROOMS)))
+        for index in sorted(dirty):
+            rows: dict[str, list[Row]] = {name: [] for name in _PER_ROOM}
+            for room in self._rooms[index * BLOCK_ROOMS:(index + 1) * BLOCK_ROOMS]:
+                for name, row in _room_rows(app_id, app, room):
+                    rows[name].append(row)
+            for name, blocks in self._blocks.items():
+                block = tuple(rows[name])
+                if index < len(blocks):
+                    blocks[index] = block
+                else:
+                    blocks.append(block)
+        self._revision = revision
+        return self
+
+
 class ExporterCollector(Collector):
     def __init__(
         self,
@@ -56,6 +133,8 @@ class ExporterCollector(Collector):
         self._limiters = limiters
         self._poll_interval = poll_interval
         self._overruns = {} if overruns is None else overruns  # PollScheduler.overruns
+        self._rooms: dict[str, _RoomBlocks] = {}  # app_id label -> its per-room blocks
+        self._lock = threading.Lock()  # renders of two caches may collect at once
 
     def collect(self) -> Iterator[Metric]:
         # This runs in the render thread while callbacks change the state on the event loop, in
@@ -78,35 +157,16 @@ class ExporterCollector(Collector):
 
     def _tasks(self) -> Iterator[Metric]:
         # One family at a time: the renderer consumes each before the next is built. The
-        # per-room families come as rows in blocks (RowBlocks): a render re-encodes only the
-        # blocks whose rows changed, so its cost follows the change, not the number of rooms.
+        # per-room families come in blocks of BLOCK_ROOMS rooms (RowBlocks), kept between
+        # renders: only the blocks of rooms that changed are rebuilt, and only those are
+        # re-encoded, so a render's cost follows the change, not the number of rooms.
         apps = [(str(app_id), app) for app_id, app in self._state.apps.items()]
-        labels = [""] * (max(TaskStatus) + 1)  # by value: an enum's hash is Python code
-        for status in TaskStatus:
-            labels[status] = status.label
-        yield RowBlocks.of(
-            partial(GaugeMetricFamily, f"{PREFIX}_tasks", "Recording tasks live now, by status.",
-                    labels=["app_id", "room_id", "status"]),
-            ([((app_id, room, labels[status]), count)
-              for (room, status), count in app.live_by_room().items()] for app_id, app in apps))
-        rooms = [[((app_id, room), by_kind) for room, by_kind in list(app.counters.items())]
-                 for app_id, app in apps]  # each room's labels, shared by its six counters
-        for kind, (name, doc) in EVENT_COUNTERS.items():
-            yield RowBlocks.of(
-                partial(CounterMetricFamily, f"{PREFIX}_{name}", doc,
-                        labels=["app_id", "room_id"]),
-                ([(labels, by_kind[kind], None, None, _exemplar(app, labels[1], kind))
-                  for labels, by_kind in counters]
-                 for (_, app), counters in zip(apps, rooms, strict=True)))
-        yield RowBlocks.of(
-            partial(CounterMetricFamily, f"{PREFIX}_upload_outcomes",
-                    "Ended recordings by what became of their files (DescribeRecordStatus or an "
-                    "upload callback): uploaded, backup, failed, no_files, unknown.",
-                    labels=["app_id", "room_id", "outcome"]),
-            ([((*labels, str(kind.upload_outcome)), by_kind[kind], None, None,
-               _exemplar(app, labels[1], kind))
-              for labels, by_kind in counters for kind in UPLOAD_OUTCOMES]
-             for (_, app), counters in zip(apps, rooms, strict=True)))
+        with self._lock:
+            blocks = [self._rooms.setdefault(app_id, _RoomBlocks()).update(app_id, app)
+                      for app_id, app in apps]
+        for name, new in _PER_ROOM.items():
+            if name != UPLOAD_FAILURES:
+                yield RowBlocks(new, [block for app in blocks for block in app[name]])
         skipped = CounterMetricFamily(
             f"{PREFIX}_upload_lookups_skipped",
             "Upload look-ups due that the DescribeRecordStatus budget left for a later cycle.",
@@ -138,12 +198,9 @@ class ExporterCollector(Collector):
                 by_reason.add_metric([str(app_id), reason], count)
         for labels, count in sorted(self._state.callbacks.items()):
             received.add_metric(list(labels), count)
-        uploads = RowBlocks.of(
-            partial(CounterMetricFamily, f"{PREFIX}_upload_failures",
-                    "Recorded files ZEGO callbacks reported not uploaded.",
-                    labels=["app_id", "room_id"]),
-            ([((str(app_id), room), count) for room, count in sorted(app.upload_failures.items())]
-             for app_id, app in self._state.apps.items()))
+        with self._lock:
+            uploads = RowBlocks(_PER_ROOM[UPLOAD_FAILURES], [
+                block for kept in self._rooms.values() for block in kept[UPLOAD_FAILURES]])
         yield from (by_reason, uploads, received)
 
     def _edges(self) -> Iterator[Metric]:

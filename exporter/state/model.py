@@ -133,11 +133,18 @@ class AppState:
         self._last_poll_duration: float | None = None
         self._last_error: str | None = None
         self._last_observed_ms: int | None = None  # when the last good cycle's listings began
+        # For renders that cost what changed: room label -> its live tasks' statuses, and which
+        # labels' series (gauges, counters, exemplars, upload failures) each apply changed.
+        self._by_room: dict[str, dict[str, TaskStatus]] = {}
+        self._changing: set[str] = set()  # labels the apply under way changes
+        self._room_revisions: dict[str, int] = {}  # label -> revision that last changed it
+        self._revision = 0
         for room in rooms or ():
             self._room_counters(room)
         if callbacks:  # callback-only series at 0 from the start: the first shows in increase()
             self._ended_by_reason = dict.fromkeys((*QUIT_REASONS, "other"), 0)
             self._upload_failures = dict.fromkeys(rooms or (), 0)
+        self._publish()
 
     # Read-only views.
     @property
@@ -220,19 +227,34 @@ class AppState:
             return room_id
         return room_id if len(self._counters) < self.max_rooms else OTHER_ROOMS
 
-    def live_by_room(self) -> dict[tuple[str, TaskStatus], int]:
-        """(room label, status) -> number of live tasks; configured rooms appear at 0."""
-        gauges: dict[tuple[str, TaskStatus], int] = defaultdict(int)
-        for room in list(self._counters):  # list(): one step, see the module's docstring
-            for status in (TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED):
-                gauges[(room, status)] += 0
-        for task in list(self._live.values()):
-            gauges[(self.room_label(task.room_id), task.status)] += 1
-        return dict(gauges)
+    def live_in(self, label: str) -> Counter[TaskStatus]:
+        """Status -> number of live tasks in the room label."""
+        return Counter(list(self._by_room.get(label, {}).values()))  # list(): one step
+
+    @property
+    def revision(self) -> int:
+        """How many applies changed a room's series: see `rooms_changed_since`."""
+        return self._revision
+
+    def rooms_changed_since(self, revision: int) -> list[str]:
+        """Room labels whose series changed after `revision`, newest first. Read `revision`
+        before calling (and before reading the rooms): `apply` records its rooms before it
+        moves `revision` on, so a change made meanwhile shows again next time, never missed."""
+        changed = []
+        for label, at in reversed(list(self._room_revisions.items())):  # list(): one step
+            if at <= revision:
+                break
+            changed.append(label)
+        return changed
 
     # The one writer.
     def apply(self, changes: ChangeSet) -> None:
         """Carry out a cycle's or a callback's changes: track, count, log, mark for saving."""
+        for task_id in (*changes.untracked, *changes.tracked):
+            if (old := self._live.get(task_id)) is not None:
+                label = self.room_label(old.room_id)
+                self._by_room.get(label, {}).pop(task_id, None)
+                self._changing.add(label)
         changes.carry_out(self._live, self._finished, self._awaited, self._settled)
         if self._unsaved is not None:
             self._unsaved.live.update(changes.tracked, changes.untracked)
@@ -257,13 +279,13 @@ class AppState:
                 first_seen.add(label)
                 self._room_counters(label)
             (self._deferred if label in first_seen else due).append(event)
-        if self.rooms is None:  # a room's series appear when it is first seen
-            for task in changes.tracked.values():
-                self._room_counters(self.room_label(task.room_id))
+        for task_id, task in changes.tracked.items():  # a room's series appear when first seen
+            self._index(task_id, task)
         self._count(due)
         self._upload_lookups_skipped += changes.uploads_skipped
         for failure in changes.upload_failures:
             room = self.room_label(failure.room_id)
+            self._room_counters(room)
             self._upload_failures[room] = self._upload_failures.get(room, 0) + failure.files
             log.warning("upload_failed", app_id=self.app_id, room_id=failure.room_id,
                         task_id=failure.task_id, files=failure.files)
@@ -274,8 +296,26 @@ class AppState:
             self._last_error = cycle.error
             if cycle.ok:
                 self._last_success_time = cycle.finished_s
+        self._publish()
+
+    def _index(self, task_id: str, task: TrackedTask) -> None:
+        label = self.room_label(task.room_id)
+        self._room_counters(label)  # every label with live tasks has counters
+        self._by_room.setdefault(label, {})[task_id] = task.status
+
+    def _publish(self) -> None:
+        """Record the rooms this apply changed, then move `revision` on (in that order)."""
+        if not self._changing:
+            return
+        revision = self._revision + 1
+        for label in self._changing:
+            self._room_revisions.pop(label, None)  # newest last
+            self._room_revisions[label] = revision
+        self._changing.clear()
+        self._revision = revision
 
     def _room_counters(self, label: str) -> dict[EventKind, int]:
+        self._changing.add(label)
         counters = self._counters.get(label)
         if counters is None:
             counters = self._counters[label] = dict.fromkeys(COUNTED_EVENTS, 0)
@@ -289,7 +329,7 @@ class AppState:
         abnormal = {e.task_id for e in events if e.kind is EventKind.ENDED_ABNORMALLY}
         for event in events:
             label = self.room_label(event.room_id)
-            self._counters[label][event.kind] += 1
+            self._room_counters(label)[event.kind] += 1
             if self._unsaved is not None:
                 self._unsaved.rooms.add(label)
             if event.kind is EventKind.ENDED and event.duration_s is not None:
@@ -330,6 +370,11 @@ class AppState:
         self._last_observed_ms = restored.last_observed_ms
         for event in self._recent:  # the exemplars: the latest of each kind, per room
             self._latest[(self.room_label(event.room_id), event.kind)] = event
+        for task_id, task in self._live.items():
+            self._index(task_id, task)
+        for room in (*self._counters, *self._upload_failures):
+            self._room_counters(room)
+        self._publish()
         if self._unsaved is not None:
             self._unsaved = Unsaved(live=set(restored.stale_live))
 
