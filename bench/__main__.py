@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import itertools
 import json
 import math
@@ -24,21 +23,13 @@ from typing import Any
 import aiohttp
 
 from bench import rig
+from bench.probe import decoded, probe_main, scrape
 from exporter.demo import free_port
 
-PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0;q=0.5,"
-                     "text/plain;version=0.0.4;q=0.3,*/*;q=0.1")
 ABNORMAL_LINE = re.compile(
     rb"^zego_cloudrecord_tasks_ended_abnormally_total\{[^}]*\} ([0-9.e+]+)", re.MULTILINE)
 CALLBACKS_LINE = re.compile(
     rb"^zego_cloudrecord_callbacks_total\{[^}]*\} ([0-9.e+]+)", re.MULTILINE)
-# The driver's probe callbacks name a room outside the configured ones: counted "ignored", which
-# nothing else is in the benchmark.
-PROBE_LINE = re.compile(
-    rb'^zego_cloudrecord_callbacks_total\{[^}]*result="ignored"[^}]*\} ([0-9.e+]+)', re.MULTILINE)
-PROBE_ROOM = "bench-probe"
-PROBE_POLL_S = 0.005  # real seconds between the probe's scrapes
-PROBE_GIVE_UP_S = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,20 +69,6 @@ def auto_speed(args: argparse.Namespace) -> float:
     return float(max(1.0, min(10.0, 100.0 / args.rate_limit, 10.0 * 25_000 / max(tasks, 1))))
 
 
-async def scrape(session: aiohttp.ClientSession, url: str) -> tuple[float, bytes, str]:
-    """One scrape as Prometheus does it; returns (seconds, body as sent, content encoding)."""
-    begun = time.perf_counter()
-    async with session.get(url, headers={"Accept": PROMETHEUS_ACCEPT,
-                                         "Accept-Encoding": "gzip"}) as response:
-        body = await response.read()
-        response.raise_for_status()
-        return time.perf_counter() - begun, body, response.headers.get("Content-Encoding", "")
-
-
-def decoded(body: bytes, encoding: str) -> bytes:
-    return gzip.decompress(body) if encoding == "gzip" else body
-
-
 def generate_latest_seconds(text: str, budget_s: float = 3.0) -> tuple[list[float], int]:
     """prometheus_client's own generate_latest on the families of `text`: times and samples."""
     from prometheus_client import generate_latest
@@ -114,44 +91,6 @@ def generate_latest_seconds(text: str, budget_s: float = 3.0) -> tuple[list[floa
         generate_latest(registry)
         times.append(time.perf_counter() - begun)
     return times, sum(len(f.samples) for f in families)
-
-
-def probe_body(number: int, now: float) -> bytes:
-    """A signed abnormal-end callback for a task in a room the exporter does not watch."""
-    from exporter.zego.callback_signing import callback_signature
-
-    timestamp, nonce = str(int(now)), str(10_000_000 + number)
-    return json.dumps({
-        "app_id": rig.APP_ID, "task_id": f"bench-probe-{number}", "room_id": PROBE_ROOM,
-        "event_type": 2, "message": "record task exited abnormally", "nonce": nonce,
-        "timestamp": timestamp, "sequence": 0, "detail": {"quit_reason": 1},
-        "signature": callback_signature(rig.CALLBACK_SECRET, timestamp, nonce),
-    }).encode()
-
-
-async def probe_callbacks(callback_url: str, metrics_url: str, clock: Any,
-                          latencies: list[float]) -> None:
-    """Callback -> /metrics in real time: send one callback, then scrape every few ms until a
-    body shows it; from the callback's HTTP answer to the end of that scrape. Then a pause of
-    0.1 to 0.5 s (random, so that probes fall anywhere between renders), and the next."""
-    import random
-
-    rng = random.Random(7)
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        for number in itertools.count(1):
-            async with session.post(callback_url, data=probe_body(number, clock.time()),
-                                    headers={"Content-Type": "application/json"}) as response:
-                await response.read()
-            answered = time.perf_counter()
-            while time.perf_counter() - answered < PROBE_GIVE_UP_S:
-                _, body, encoding = await scrape(session, metrics_url)
-                if sum(float(v) for v in PROBE_LINE.findall(decoded(body, encoding))) >= number:
-                    latencies.append(time.perf_counter() - answered)
-                    break
-                await asyncio.sleep(PROBE_POLL_S)
-            else:
-                latencies.append(math.inf)
-            await asyncio.sleep(rng.uniform(0.1, 0.5))
 
 
 def diff_seconds(tasks: int) -> float:
@@ -226,7 +165,9 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
                                      timeout=aiohttp.ClientTimeout(total=300)) as session:
         next_scrape = clock.time()
         probes: list[float] = []
-        prober: asyncio.Task[None] | None = None
+        prober: multiprocessing.process.BaseProcess | None = None
+        probe_stop = multiprocessing.get_context("spawn").Event()
+        probe_out = multiprocessing.get_context("spawn").Queue()
         while done is None:
             while True:
                 try:
@@ -241,9 +182,9 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
                     done = payload
             if (cycles and prober is None and workload.callback_port is not None
                     and not workload.all_rooms):
-                prober = asyncio.create_task(probe_callbacks(
-                    f"http://127.0.0.1:{workload.callback_port}/callback", metrics_url, clock,
-                    probes))
+                prober = rig.spawn(probe_main, workload,
+                                   f"http://127.0.0.1:{workload.callback_port}/callback",
+                                   metrics_url, probe_out, probe_stop)
             # Scraping starts once the first cycle is done (the exporter is ready).
             if cycles and (clock.time() >= next_scrape or done is not None):
                 scrape_started.append(clock.time())
@@ -254,7 +195,10 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
             await asyncio.sleep(min(0.05, args.scrape_interval / workload.speed))
         assert done is not None
         if prober is not None:
-            prober.cancel()
+            probe_stop.set()
+            probes = await asyncio.get_running_loop().run_in_executor(
+                None, probe_out.get, True, 60)
+            prober.join(10)
         _, body, encoding = await scrape(session, metrics_url)
         last_text = decoded(body, encoding)
         async with session.get(f"{sim_url}_sim/stats") as r:

@@ -64,7 +64,7 @@ def _pages(count: int) -> int:
     return max(1, math.ceil(count / PAGE_SIZE))
 
 
-async def _wait(stop: Any) -> None:
+async def wait_for(stop: Any) -> None:
     """Wait for the driver's multiprocessing Event without blocking the loop."""
     await asyncio.get_running_loop().run_in_executor(None, stop.wait)
 
@@ -132,7 +132,7 @@ async def _simulator(workload: Workload, port_out: Any, stop: Any) -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     port_out.put(int(runner.addresses[0][1]))
-    await _wait(stop)
+    await wait_for(stop)
     await runner.cleanup()
 
 
@@ -217,7 +217,7 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
                          "by_callback": by_callback, "gc_pauses": pauses[2],
                          "gc_pause_max": max(max(p, default=0.0) for p in pauses.values()),
                          "loop_lags": lags}))
-    await _wait(stop)  # keep serving /metrics for the driver's last scrapes
+    await wait_for(stop)  # keep serving /metrics for the driver's last scrapes
     await exporter.stop()
     state_dir.cleanup()
 

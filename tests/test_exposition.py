@@ -133,10 +133,13 @@ class Clock:
         return self.now
 
 
-def thing_cache(value: list[float], clock: Clock, render_cost: float = 0.0) -> ExpositionCache:
+def thing_cache(value: list[float], clock: Clock, render_cost: float | list[float] = 0.0
+                ) -> ExpositionCache:
+    cost = render_cost if isinstance(render_cost, list) else [render_cost]  # list: it may change
+
     class Thing(Collector):
         def collect(self) -> Iterator[Metric]:
-            clock.now += render_cost
+            clock.now += cost[0]
             yield GaugeMetricFamily("thing", "A thing.", value=value[0])
 
     registry = CollectorRegistry(auto_describe=False)
@@ -144,18 +147,41 @@ def thing_cache(value: list[float], clock: Clock, render_cost: float = 0.0) -> E
     return ExpositionCache(registry, now=clock, cpu_time=clock)
 
 
-async def test_a_callbacks_change_waits_four_times_the_last_renders_cost_and_no_fixed_floor(
+async def test_a_callbacks_change_waits_four_times_the_last_callback_renders_cost(
         ) -> None:
     clock = Clock()
     cache = thing_cache([1.0], clock, render_cost=0.25)
     _, plain = choose_encoder("")
-    await cache.get(plain)
+    await cache.get(plain)  # the first render: a scrape's, not a callback's
+    assert cache.soon_delay() == 0.0
+    cache.invalidate(soon=True)
+    await asyncio.sleep(0.01)  # the callback's render, at once
+    await cache.settled()
     assert cache.soon_delay() == pytest.approx(1.0)  # 4 × 0.25 s, from the render's end
     clock.now += 0.75
     assert cache.soon_delay() == pytest.approx(0.25)
     cheap = thing_cache([1.0], Clock(), render_cost=0.001)
     await cheap.get(plain)
+    cheap.invalidate(soon=True)
+    await asyncio.sleep(0.01)
+    await cheap.settled()
     assert cheap.soon_delay() == pytest.approx(0.004)  # a cheap render: milliseconds
+
+
+async def test_a_cycles_costly_render_does_not_delay_the_next_callbacks() -> None:
+    clock = Clock()
+    cost = [0.001]
+    cache = thing_cache([1.0], clock, render_cost=cost)
+    _, plain = choose_encoder("")
+    await cache.get(plain)
+    cache.invalidate(soon=True)
+    await asyncio.sleep(0.01)
+    await cache.settled()
+    cost[0] = 0.5  # a cycle changed every room
+    cache.invalidate()
+    cache.prerender()
+    await cache.settled()
+    assert cache.soon_delay() == pytest.approx(0.004)  # the callbacks' renders still cost 1 ms
 
 
 async def test_callback_changes_are_rendered_once_soon_and_scrapes_never_wait() -> None:

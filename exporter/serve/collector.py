@@ -46,7 +46,7 @@ def _exemplar(app: AppState, room: str, kind: EventKind) -> Exemplar | None:
     return Exemplar({"task_id": event.task_id}, 1, event.at_ms / 1000)
 
 
-BLOCK_ROOMS = 16  # rooms per block: what a change to one room costs to rebuild and re-encode
+BLOCK_ROOMS = 4  # rooms per block: what a change to one room costs to rebuild and re-encode
 LIVE_STATUSES = (TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED)
 UPLOAD_FAILURES = "upload_failures"
 # The per-room families, by name: how each is made empty (RowBlocks.new).

@@ -11,18 +11,20 @@ thread reads the live state while the loop may change it (a cycle's apply), so a
 trips over a dict changing size is retried.
 
 A render costs what changed, not what there is. A family comes in blocks (`RowBlocks`: rows of
-`add_metric` arguments, a few rooms' worth each; any other family is one block, its samples).
-Each block's text is kept per format with the rows it was encoded from; a render re-encodes
-only the blocks whose rows differ, with prometheus_client's own encoders, and recompresses only
-the families that changed: each family is one gzip member, and the body is their concatenation.
+`add_metric` arguments, a few rooms' worth each, which the collector keeps between renders; any
+other family is one block, its samples). Each block's text is kept per format with the rows it
+was encoded from; a render re-encodes only the blocks whose rows differ, with prometheus_client's
+own encoders, and recompresses only the gzip members whose texts changed: a member holds
+MEMBER_TEXTS block texts, and the body is the members' concatenation (valid gzip).
 
 A scrape never waits for a render that is already under way: it gets the previous one (the state
 before the cycle that just ended, at most one render old). A callback's change is rendered soon
-(`invalidate(soon=True)`): four times the last render's CPU time after that render ended, so that
-under a stream of callbacks renders take at most a fifth of a core (milliseconds at a few rooms);
-scrapes get the last render until then. A scrape waits only before the first render, or when a
-cycle's change has no render under way (no `prerender`). A client without gzip gets the body
-decompressed in a worker thread.
+(`invalidate(soon=True)`): four times the last such render's CPU time after the last render
+ended, so that under a stream of callbacks their renders take at most a fifth of a core
+(milliseconds at a few rooms); scrapes get the last render until then. A cycle's render, which
+may cost a hundred callbacks' worth, comes once a poll interval and does not set the wait. A
+scrape waits only before the first render, or when a cycle's change has no render under way (no
+`prerender`). A client without gzip gets the body decompressed in a worker thread.
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ GZIP_WBITS = 31  # zlib's gzip framing: one gzip member
 EOF = b"# EOF\n"
 RETRIES = 3
 BLOCK_ROWS = 16  # rows per block (RowBlocks.of): what a change to one row costs to re-encode
-# Block texts per gzip member: what a change to one block costs to recompress (tens of KB), and
-# what the body gives up against one member per family (7 % larger at 10,000 rooms).
-MEMBER_TEXTS = 16
+# Block texts per gzip member (256 rooms with the collector's blocks of 4): what a change costs to
+# recompress (tens of KB), and what the body gives up against one member per family (3 % larger
+# at 1,000 rooms, 7 % at 10,000).
+MEMBER_TEXTS = 64
 Encoder = Callable[[CollectorRegistry], bytes]
 Row = tuple[Any, ...]  # positional arguments of a family's add_metric
 Block = tuple[Any, ...]  # a block's rows (RowBlocks), or a family's samples (one block)
@@ -268,7 +271,7 @@ class ExpositionCache:
         self._exact_from = 0  # scrapes never get a render older than this version
         self._timer: asyncio.TimerHandle | None = None
         self._last_done = -math.inf  # self._now() when the last render ended
-        self._took = 0.0  # CPU seconds the last render took, every format
+        self._soon_took = 0.0  # CPU seconds the last callback render took, every format
         self._ready: dict[str, Rendered] = {}  # content type -> last render
         # The render under way or waiting its turn: (version, its end, the formats it renders).
         self._rendering: tuple[int, asyncio.Future[None], frozenset[str]] | None = None
@@ -313,11 +316,11 @@ class ExpositionCache:
             self._timer = loop.call_later(self.soon_delay(), self._soon_due)
 
     def soon_delay(self) -> float:
-        """Seconds until a callback's change is rendered: `soon_renders` times the last render's
-        cost (its thread's CPU time: a busy machine does not stretch it) after that render
-        ended; a render under way counts as just ending. No fixed floor: milliseconds at a few
-        rooms."""
-        wait = self._soon_renders * self._took
+        """Seconds until a callback's change is rendered: `soon_renders` times the last callback
+        render's cost (its thread's CPU time: a busy machine does not stretch it) after the last
+        render ended; a render under way counts as just ending. No fixed floor: milliseconds at
+        a few rooms."""
+        wait = self._soon_renders * self._soon_took
         if self._rendering is not None:
             return wait
         return max(0.0, self._last_done + wait - self._now())
@@ -328,15 +331,16 @@ class ExpositionCache:
             self._timer = asyncio.get_running_loop().call_later(delay, self._soon_due)
             return
         self._timer = None
-        self.prerender()
+        self.prerender(soon=True)
 
-    def prerender(self) -> None:
-        """Render, in the background, every format seen so far (call on the event loop)."""
+    def prerender(self, soon: bool = False) -> None:
+        """Render, in the background, every format seen so far (call on the event loop).
+        `soon`: the render for callbacks' changes, whose cost sets the next one's wait."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        task = loop.create_task(self._fresh())
+        task = loop.create_task(self._fresh(soon))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -363,7 +367,7 @@ class ExpositionCache:
         await self._fresh()
         return self._ready[content_type]
 
-    async def _fresh(self) -> None:
+    async def _fresh(self, soon: bool = False) -> None:
         """Render the current state in every format, or wait for the render of it under way."""
         version = self._version
         formats = frozenset(self._encoders)
@@ -379,11 +383,13 @@ class ExpositionCache:
             encoders = {t: self._encoders[t] for t in formats}
             async with self._one_at_a_time:
                 if self._in_thread:
-                    bodies, self._took = await asyncio.get_running_loop().run_in_executor(
+                    bodies, took = await asyncio.get_running_loop().run_in_executor(
                         self._thread, self._render, encoders)
                 else:
-                    bodies, self._took = self._render(encoders)
+                    bodies, took = self._render(encoders)
                 self._last_done = self._now()
+                if soon:
+                    self._soon_took = took
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else must
