@@ -201,6 +201,7 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
             prober.join(10)
         _, body, encoding = await scrape(session, metrics_url)
         last_text = decoded(body, encoding)
+        last_gzip = len(body) if encoding == "gzip" else None
         async with session.get(f"{sim_url}_sim/stats") as r:
             stats = await r.json()
         # Asked once, at the end (it walks every room): the last cycle's window.
@@ -287,6 +288,7 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
                                    for action, figures in by_action.items()},
         "series": samples,
         "metrics_bytes": len(last_text),
+        "metrics_gzip_bytes": last_gzip,
         "scrapes": len(scrape_times),
         "scrapes_gzip": gzip_answers,
         "scrape_p50_s": rig.percentile(scrape_times, 0.5),
@@ -352,7 +354,8 @@ def table(r: dict[str, Any]) -> str:
          f"{r['rate_limited_by_action']}"),
         ("/metrics scrape", f"p50 {_fmt(r['scrape_p50_s'] * 1000, ' ms')}, p99 "
          f"{_fmt(r['scrape_p99_s'] * 1000, ' ms')} ({r['scrapes']} scrapes, {r['scrapes_gzip']} "
-         f"gzip; {r['series']} series, {r['metrics_bytes'] / 2**20:.2f} MB)"),
+         f"gzip; {r['series']} series, {r['metrics_bytes'] / 2**20:.2f} MB, "
+         f"{_fmt((r['metrics_gzip_bytes'] or 0) / 2**20, ' MB')} gzipped)"),
         ("generate_latest, same series", f"p50 {_fmt(r['generate_latest_p50_s'] * 1000, ' ms')}, "
          f"p99 {_fmt(r['generate_latest_p99_s'] * 1000, ' ms')}; scrape/generate_latest p99 = "
          f"{_fmt(r['scrape_to_generate_latest_p99'])}"),

@@ -148,7 +148,7 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
     from exporter.logs import configure_logging
     from exporter.simulator import room_names
 
-    configure_logging("error", "logfmt")
+    configure_logging("warn", "logfmt")  # on stderr: why a cycle failed, say
     clock = workload.clock()
     rooms = None if workload.all_rooms else tuple(room_names(workload.rooms))
     port = workload.callback_port

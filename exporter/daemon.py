@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -246,10 +245,6 @@ class Exporter:
                      tls=bool(web_config and web_config.tls_enabled),
                      basic_auth=bool(web_config and web_config.settings.users))
         self.exposition.prerender()  # the first scrape finds the starting state rendered
-        # What start made (modules, config, the restored state) lives as long as the process:
-        # out of the collector's sight, a full collection, which stops the event loop, scans
-        # only what came after (bench: 49 → 19 ms at 1,000 rooms).
-        gc.freeze()
         if schedule:
             self.scheduler.start({app_id: poller.run_cycle
                                   for app_id, poller in self.pollers.items()})

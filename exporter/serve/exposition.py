@@ -60,9 +60,9 @@ GZIP_WBITS = 31  # zlib's gzip framing: one gzip member
 EOF = b"# EOF\n"
 RETRIES = 3
 BLOCK_ROWS = 16  # rows per block (RowBlocks.of): what a change to one row costs to re-encode
-# Block texts per gzip member (256 rooms with the collector's blocks of 4): what a change costs to
-# recompress (tens of KB), and what the body gives up against one member per family (3 % larger
-# at 1,000 rooms, 7 % at 10,000).
+# Block texts per gzip member (128 rooms with the collector's blocks of 2): what a change costs to
+# recompress (tens of KB), and what the body gives up against one member per family (10 % larger
+# at 1,000 rooms, 15 % at 10,000; `python -m bench` prints the body's size).
 MEMBER_TEXTS = 64
 Encoder = Callable[[CollectorRegistry], bytes]
 Row = tuple[Any, ...]  # positional arguments of a family's add_metric
@@ -483,15 +483,31 @@ class ExpositionCache:
             return [b"", encoder(_Only(family)).removesuffix(EOF)]
         header = encoder(_Only(family.new())).removesuffix(EOF)
         fresh = [texts[0] if texts and texts[0] == header else header]
-        for i, block in enumerate(blocks):
-            if i < len(old) and (old[i] is block or old[i] == block):
-                fresh.append(texts[i + 1])
-                continue
-            text = encoder(_Only(family.family((block,)))).removesuffix(EOF)
-            body = text[len(header):]
-            if not text.startswith(header) or body.startswith(b"#") or b"\n#" in body:
-                raise _NotConcatenable
-            fresh.append(body)
+        changed: list[int] = []  # places in `fresh` of the blocks to encode
+        for i, block in enumerate(blocks, start=1):
+            unchanged = i <= len(old) and (old[i - 1] is block or old[i - 1] == block)
+            fresh.append(texts[i] if unchanged else b"")
+            if not unchanged:
+                changed.append(i)
+        if not changed:
+            return fresh
+        # The changed blocks in one encoder call (its per-call cost is the header's), cut back
+        # into blocks by their sample counts: a sample is a line, where no comment line is.
+        together, counts = family.new(), []
+        for i in changed:
+            before = len(together.samples)
+            for row in blocks[i - 1]:
+                together.add_metric(*row)  # type: ignore[attr-defined]
+            counts.append(len(together.samples) - before)
+        text = encoder(_Only(together)).removesuffix(EOF)
+        lines = text[len(header):].split(b"\n")  # escaped label values hold no newline
+        if (not text.startswith(header) or len(lines) != sum(counts) + 1
+                or any(line.startswith(b"#") for line in lines)):
+            raise _NotConcatenable
+        at = 0
+        for i, count in zip(changed, counts, strict=True):
+            fresh[i] = b"".join(line + b"\n" for line in lines[at:at + count])
+            at += count
         return fresh
 
     async def respond(self, request: web.Request) -> web.Response:
