@@ -239,6 +239,16 @@ def test_a_listing_older_than_a_callback_flip_does_not_flip_it_back() -> None:
     assert looked_up.events == ()
 
 
+def test_a_task_a_callback_tracked_during_the_cycle_is_neither_pending_nor_ended() -> None:
+    # A pause callback tracked "a" after this cycle's listings were read (it began after them):
+    # no page shows it and no look-up was asked. Nothing is pending: the cycle has not failed.
+    state = tracking(row("a", S.PAUSED))
+    result = diff(state, snap(), {}, MARGIN, fresher={"a"})
+    assert result.pending == [] and result.events == ()
+    assert result.tracking.live["a"].status is S.PAUSED
+    assert diff(state, snap(), {}, MARGIN).pending == ["a"]  # not fresher: its look-up failed
+
+
 def test_a_fresher_task_still_ends_when_the_listing_says_so() -> None:
     state = tracking(row("a", S.PAUSED))
     result = diff(state, snap(ended=[row("a", S.ENDED)]), {}, MARGIN, fresher={"a"})

@@ -212,6 +212,8 @@ def diff(
         elif old.begin_ms < horizon_start_ms(now, margin_ms):
             events.append(TaskEvent(EventKind.LOST, tid, old.room_id))
             finish(old)
+        elif tid not in lookups and tid in fresher:
+            continue  # a callback tracked or flipped it after the listings began: not in them
         else:
             outcome = lookups.get(tid, LookupFailed.FAILED)
             if isinstance(outcome, RecordStatus) and outcome.room_id not in ("", old.room_id):
