@@ -64,6 +64,7 @@ BLOCK_ROWS = 16  # rows per block (RowBlocks.of): what a change to one row costs
 # recompress (tens of KB), and what the body gives up against one member per family (10 % larger
 # at 1,000 rooms, 15 % at 10,000; `python -m bench` prints the body's size).
 MEMBER_TEXTS = 64
+ENCODE_BLOCKS = 256  # changed blocks per encoder call
 Encoder = Callable[[CollectorRegistry], bytes]
 Row = tuple[Any, ...]  # positional arguments of a family's add_metric
 Block = tuple[Any, ...]  # a block's rows (RowBlocks), or a family's samples (one block)
@@ -491,23 +492,27 @@ class ExpositionCache:
                 changed.append(i)
         if not changed:
             return fresh
-        # The changed blocks in one encoder call (its per-call cost is the header's), cut back
+        # The changed blocks in few encoder calls (a call's own cost is the header's), cut back
         # into blocks by their sample counts: a sample is a line, where no comment line is.
-        together, counts = family.new(), []
-        for i in changed:
-            before = len(together.samples)
-            for row in blocks[i - 1]:
-                together.add_metric(*row)  # type: ignore[attr-defined]
-            counts.append(len(together.samples) - before)
-        text = encoder(_Only(together)).removesuffix(EOF)
-        lines = text[len(header):].split(b"\n")  # escaped label values hold no newline
-        if (not text.startswith(header) or len(lines) != sum(counts) + 1
-                or any(line.startswith(b"#") for line in lines)):
-            raise _NotConcatenable
-        at = 0
-        for i, count in zip(changed, counts, strict=True):
-            fresh[i] = b"".join(line + b"\n" for line in lines[at:at + count])
-            at += count
+        # ENCODE_BLOCKS at a time: the first render's samples and text at once would add tens of
+        # MB to the peak at 10,000 rooms.
+        for start in range(0, len(changed), ENCODE_BLOCKS):
+            some = changed[start:start + ENCODE_BLOCKS]
+            together, counts = family.new(), []
+            for i in some:
+                before = len(together.samples)
+                for row in blocks[i - 1]:
+                    together.add_metric(*row)  # type: ignore[attr-defined]
+                counts.append(len(together.samples) - before)
+            text = encoder(_Only(together)).removesuffix(EOF)
+            lines = text[len(header):].split(b"\n")  # escaped label values hold no newline
+            if (not text.startswith(header) or len(lines) != sum(counts) + 1
+                    or any(line.startswith(b"#") for line in lines)):
+                raise _NotConcatenable
+            at = 0
+            for i, count in zip(some, counts, strict=True):
+                fresh[i] = b"".join(line + b"\n" for line in lines[at:at + count])
+                at += count
         return fresh
 
     async def respond(self, request: web.Request) -> web.Response:
