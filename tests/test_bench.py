@@ -40,4 +40,16 @@ def test_the_state_file_benchmark_prints_its_figures() -> None:
     figures = json.loads(done.stdout)
     assert figures["rooms"] == 50 and figures["live_tasks"] == 250
     assert all(figures[key] > 0 for key in ("first_save_s", "unchanged_save_s",
-                                            "callback_save_p50_s", "cycle_save_1pct_s"))
+                                            "callback_save_p50_s", "cycle_save_1pct_s",
+                                            "busy_cycle_apply_s", "busy_cycle_save_s"))
+
+
+def test_the_render_benchmark_prints_its_figures() -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.render", "--rooms", "40", "--changes",
+                           "3", "--renders", "4"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=True)
+    figures = json.loads(done.stdout)
+    assert figures["rooms"] == 40 and figures["changes_per_render"] == 3
+    assert figures["gzip_bytes"] < figures["text_bytes"]
+    assert all(figures[key] > 0 for key in ("first_render_s", "render_after_changes_p50_s",
+                                            "gzip_to_one_member", "peak_rss_mb"))
