@@ -167,17 +167,16 @@ class ExporterCollector(Collector):
         yield info
 
     def _tasks(self) -> Iterator[Metric]:
-        # One family at a time: the renderer consumes each before the next is built. The
-        # per-room families come in blocks of BLOCK_ROOMS rooms (RowBlocks), kept between
+        # The per-room families come in blocks of BLOCK_ROOMS rooms (RowBlocks), kept between
         # renders: only the blocks of rooms that changed are rebuilt, and only those are
         # re-encoded, so a render's cost follows the change, not the number of rooms.
         apps = [(str(app_id), app) for app_id, app in self._state.apps.items()]
-        with self._lock:
+        with self._lock:  # the block lists too: another collect may update them
             blocks = [self._rooms.setdefault(app_id, _RoomBlocks()).update(app_id, app)
                       for app_id, app in apps]
-        for name, new in _PER_ROOM.items():
-            if name != UPLOAD_FAILURES:
-                yield RowBlocks(new, [block for app in blocks for block in app[name]])
+            families = [RowBlocks(new, [block for app in blocks for block in app[name]])
+                        for name, new in _PER_ROOM.items() if name != UPLOAD_FAILURES]
+        yield from families
         skipped = CounterMetricFamily(
             f"{PREFIX}_upload_lookups_skipped",
             "Upload look-ups due that the DescribeRecordStatus budget left for a later cycle.",
