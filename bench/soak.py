@@ -392,7 +392,10 @@ async def _run(settings: SoakSettings, workdir: Path) -> SoakReport:
             if restart is not None and now >= restart:
                 restart = None
                 _add_process_figures(exporter, report)
-                # kill -9: the state file as it is now; what stop() would write is undone.
+                # kill -9: the state file as it is now (between two writes of the writer
+                # thread, so that the three files are copied at one point); what stop()
+                # would write is undone.
+                await exporter.saves_settled()
                 image = _disk_image(storage)
                 await exporter.stop()
                 _restore(storage, image)

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from exporter.config import AppConfig, Secret
 from exporter.daemon import CALLBACK_SAVE_DELAY_S, Exporter, ListenAddress
 from exporter.state.changes import EventKind
 from exporter.state.model import AppState, ExporterState, Unsaved
-from exporter.state.store import Store
+from exporter.state.store import Rows, Store
 from exporter.zego.callback_signing import callback_signature
 from exporter.zego.models import TaskStatus
 from tests.conftest import APP_ID, Rig
@@ -226,14 +227,15 @@ async def test_a_burst_of_callbacks_reaches_the_state_file_in_one_write_within_a
     tasks = [rig.engine.start(APP_ID, "r1") for _ in range(4)]
     await rig.cycle()
     paused = tasks.pop()
+    await rig.exporter.saves_settled()  # the cycles' writes
     writes: list[int] = []
-    real_save = Store.save
+    real_write = Store.write
 
-    def counted_save(self: Store, app: AppState) -> None:
-        writes.append(app.app_id)
-        real_save(self, app)
+    def counted_write(self: Store, rows: Rows) -> None:
+        writes.append(rows.app_id)
+        real_write(self, rows)
 
-    monkeypatch.setattr(Store, "save", counted_save)
+    monkeypatch.setattr(Store, "write", counted_write)
     for sequence, task in enumerate(tasks):
         rig.engine.abort(task)
         assert (await post(rig, signed(rig, task, "r1", 2, sequence, {"quit_reason": 6})))[0] == 200
@@ -241,6 +243,7 @@ async def test_a_burst_of_callbacks_reaches_the_state_file_in_one_write_within_a
     assert (await post(rig, signed(rig, paused, "r1", 201, 0)))[0] == 200
     assert writes == []  # not one transaction per callback
     await asyncio.sleep(CALLBACK_SAVE_DELAY_S + 0.5)
+    await rig.exporter.saves_settled()
     assert writes == [APP_ID]
     saved = stored(tmp_path / "state.db")
     assert saved.counters["r1"][EventKind.ENDED_ABNORMALLY] == 3
@@ -295,6 +298,7 @@ async def test_a_failed_write_of_callbacks_is_tried_again_on_stop(stored_rig: Ri
                                                                  tmp_path: Path) -> None:
     rig = stored_rig
     task = await live_task(rig)
+    await rig.exporter.saves_settled()  # the cycles' writes, before the fault
     path = tmp_path / "state.db"
     with sqlite3.connect(path) as db:  # a fault injected in SQLite: every write fails
         db.execute("CREATE TRIGGER full BEFORE INSERT ON counters "
@@ -309,6 +313,42 @@ async def test_a_failed_write_of_callbacks_is_tried_again_on_stop(stored_rig: Ri
     saved = stored(path)
     assert saved.counters["r1"][EventKind.ENDED_ABNORMALLY] == 1
     assert saved.ended_by_reason["6"] == 1
+
+
+async def test_a_change_made_while_its_app_is_written_stays_pending_and_is_written_next(
+        stored_rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state file is written in a worker thread from rows taken on the loop: a callback's
+    change arriving meanwhile is not marked saved by that write, and a save asked for during
+    it follows it."""
+    rig = stored_rig
+    task = await live_task(rig)
+    await rig.exporter.saves_settled()
+    release = threading.Event()
+    real_write = Store.write
+
+    def slow_write(self: Store, rows: Rows) -> None:
+        assert release.wait(10)
+        real_write(self, rows)
+
+    monkeypatch.setattr(Store, "write", slow_write)
+    app = rig.exporter.state.apps[APP_ID]
+    rig.engine.pause(task)
+    assert (await post(rig, signed(rig, task, "r1", 201, 0)))[0] == 200
+    rig.exporter._save(app)  # its write (the task paused) is held up
+    rig.engine.resume(task)
+    assert (await post(rig, signed(rig, task, "r1", 202, 1)))[0] == 200  # meanwhile
+    release.set()
+    await rig.exporter.saves_settled()
+    assert task in app.unsaved.live  # that write took its rows before the resume
+    assert stored(tmp_path / "state.db").tracking.live[task].status is TaskStatus.PAUSED
+    release.clear()
+    rig.exporter._save(app)
+    rig.exporter._save(app)  # asked for during the write: follows it
+    release.set()
+    await rig.exporter.saves_settled()
+    assert rig.exporter.state.storage_errors == 0
+    assert app.unsaved.live == set()
+    assert stored(tmp_path / "state.db").tracking.live[task].status is TaskStatus.RECORDING
 
 
 async def test_without_a_state_file_nothing_waits_to_be_written(rig: Rig) -> None:

@@ -378,6 +378,16 @@ class AppState:
         if self._unsaved is not None:
             self._unsaved = Unsaved(live=set(restored.stale_live))
 
+    def mark_unsaved(self, failed: Unsaved) -> None:
+        """The store could not write `failed` (marked saved when its rows were taken): pending
+        again, for the next save."""
+        if self._unsaved is not None:
+            self._unsaved.live |= failed.live
+            self._unsaved.finished |= failed.finished
+            self._unsaved.rooms |= failed.rooms
+            self._unsaved.uploads |= failed.uploads
+            self._unsaved.events = min(RECENT_EVENTS, self._unsaved.events + failed.events)
+
     def mark_saved(self, saved: Unsaved) -> None:
         """The store wrote `saved`: it is no longer pending."""
         if self._unsaved is not None:

@@ -30,6 +30,7 @@ import json
 import math
 import sqlite3
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -319,6 +320,16 @@ def _tables(db: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
             for name in names}
 
 
+@dataclass(frozen=True)
+class Rows:
+    """One save of one app, as plain rows: (statement, its parameter rows) in order."""
+
+    app_id: int
+    pending: Unsaved  # what the rows write: AppState.mark_saved takes it
+    statements: tuple[tuple[str, list[tuple[Any, ...]]], ...]
+    next_event: int  # the seq of the app's next event row once these are written
+
+
 class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -326,7 +337,10 @@ class Store:
         try:
             version = self._inspect()
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None)
+            # One thread at a time: the daemon writes from one worker thread, reads and its
+            # last save on stop() come when no write is under way.
+            self._db = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a kill -9
             self._migrate(version)
@@ -514,67 +528,78 @@ class Store:
         Raises sqlite3.Error (the file could not be written) or StoreError (a value could not
         be, or load would refuse it); either way the file keeps its last saved state, and what
         was not saved stays pending for the next save. Callers count both as failed saves."""
+        rows = self.rows(app)
+        self.write(rows)
+        app.mark_saved(rows.pending)
+
+    def rows(self, app: AppState) -> Rows:
+        """What a save of `app` writes, taken from the state now (on the event loop), so that
+        `write` can run anywhere (a worker thread). One `write` at a time, and the next `rows`
+        after it: the events' sequence numbers follow the last write."""
         pending = app.unsaved
         try:
             _check_saved(app, pending)
-            self._write(app, pending)
+            return self._rows_of(app, pending)
+        except Exception as exc:  # a value load would refuse, or JSON cannot take
+            raise StoreError(f"{self.path}: app {app.app_id}'s state not saved, the file keeps "
+                             f"the last saved state ({type(exc).__name__}: {exc})") from exc
+
+    def write(self, rows: Rows) -> None:
+        """Write `rows` in one transaction (see `save` for what it raises)."""
+        try:
+            with self._transaction():
+                for statement, parameters in rows.statements:
+                    self._db.executemany(statement, parameters)
         except BaseException as exc:
             if isinstance(exc, sqlite3.Error) or not isinstance(exc, Exception):
                 raise
-            # Anything else (a value load would refuse, one SQLite or JSON cannot take) is a
-            # failed save too, for the caller to count: never a half-written or poisoned file.
-            raise StoreError(f"{self.path}: app {app.app_id}'s state not saved, the file keeps "
-                             f"the last saved state ({type(exc).__name__}: {exc})") from exc
-        app.mark_saved(pending)
+            # Anything else (a value SQLite cannot take) is a failed save too, for the caller
+            # to count: never a half-written or poisoned file.
+            raise StoreError(f"{self.path}: app {rows.app_id}'s state not saved, the file "
+                             f"keeps the last saved state ({type(exc).__name__}: {exc})"
+                             ) from exc
+        self._next_event[rows.app_id] = rows.next_event
 
-    def _write(self, app: AppState, pending: Unsaved) -> None:
+    def _rows_of(self, app: AppState, pending: Unsaved) -> Rows:
         tracking, app_id = app.tracking, app.app_id
         marks = tracking.marks
         live = [tracking.live[t] for t in pending.live if t in tracking.live]
         finished = [(t, tracking.finished[t]) for t in pending.finished if t in tracking.finished]
-        with self._transaction():
-            self._db.execute(
-                "INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (app_id, marks.ended_since_ms,
-                 None if marks.rooms is None else json.dumps(sorted(marks.rooms)),
-                 app.last_success_time, app.last_observed_ms,
-                 json.dumps({o: {"counts": h.counts, "total": h.total}
-                             for o, h in app.durations.items()}),
-                 json.dumps([_event_json(e) for e in app.deferred]),
-                 json.dumps(dict(app.ended_by_reason)), json.dumps(dict(app.upload_failures)),
-                 marks.baseline_ms, json.dumps(dict(marks.room_baselines_ms))))
-            self._db.executemany(
-                "INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?)",
-                ((app_id, room, kind.value, value) for room in pending.rooms
-                 for kind, value in app.counters[room].items()))
-            self._db.executemany(
-                "DELETE FROM live_tasks WHERE app_id = ? AND task_id = ?",
-                ((app_id, t) for t in pending.live if t not in tracking.live))
-            self._db.executemany(
-                "INSERT OR REPLACE INTO live_tasks VALUES (?, ?, ?, ?, ?)",
-                ((app_id, t.task_id, t.room_id, int(t.status), t.begin_ms) for t in live))
-            self._db.executemany(
-                "DELETE FROM finished_tasks WHERE app_id = ? AND task_id = ?",
-                ((app_id, t) for t in pending.finished if t not in tracking.finished))
-            self._db.executemany(
-                "INSERT OR REPLACE INTO finished_tasks VALUES (?, ?, ?)",
-                ((app_id, t, learned_ms) for t, learned_ms in finished))
-            self._db.executemany(
-                "DELETE FROM uploads WHERE app_id = ? AND task_id = ?",
-                ((app_id, t) for t in pending.uploads
-                 if t not in tracking.awaited and t not in tracking.settled))
-            self._db.executemany(
-                "INSERT OR REPLACE INTO uploads VALUES (?, ?, ?, ?, ?, ?)",
-                (_upload_row(app_id, t, tracking) for t in pending.uploads
-                 if t in tracking.awaited or t in tracking.settled))
-            first = self._next_event.get(app_id, 0)
-            new = list(app.recent)[len(app.recent) - pending.events:]
-            self._db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?)",
-                                 ((app_id, first + i, json.dumps(_event_json(e)))
-                                  for i, e in enumerate(new)))
-            self._db.execute("DELETE FROM events WHERE app_id = ? AND seq < ?",
-                             (app_id, first + len(new) - RECENT_EVENTS))
-        self._next_event[app_id] = first + len(new)
+        first = self._next_event.get(app_id, 0)
+        new = list(app.recent)[len(app.recent) - pending.events:]
+        statements: list[tuple[str, list[tuple[Any, ...]]]] = [
+            ("INSERT OR REPLACE INTO apps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             [(app_id, marks.ended_since_ms,
+               None if marks.rooms is None else json.dumps(sorted(marks.rooms)),
+               app.last_success_time, app.last_observed_ms,
+               json.dumps({o: {"counts": h.counts, "total": h.total}
+                           for o, h in app.durations.items()}),
+               json.dumps([_event_json(e) for e in app.deferred]),
+               json.dumps(dict(app.ended_by_reason)), json.dumps(dict(app.upload_failures)),
+               marks.baseline_ms, json.dumps(dict(marks.room_baselines_ms)))]),
+            ("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?)",
+             [(app_id, room, kind.value, value) for room in pending.rooms
+              for kind, value in app.counters[room].items()]),
+            ("DELETE FROM live_tasks WHERE app_id = ? AND task_id = ?",
+             [(app_id, t) for t in pending.live if t not in tracking.live]),
+            ("INSERT OR REPLACE INTO live_tasks VALUES (?, ?, ?, ?, ?)",
+             [(app_id, t.task_id, t.room_id, int(t.status), t.begin_ms) for t in live]),
+            ("DELETE FROM finished_tasks WHERE app_id = ? AND task_id = ?",
+             [(app_id, t) for t in pending.finished if t not in tracking.finished]),
+            ("INSERT OR REPLACE INTO finished_tasks VALUES (?, ?, ?)",
+             [(app_id, t, learned_ms) for t, learned_ms in finished]),
+            ("DELETE FROM uploads WHERE app_id = ? AND task_id = ?",
+             [(app_id, t) for t in pending.uploads
+              if t not in tracking.awaited and t not in tracking.settled]),
+            ("INSERT OR REPLACE INTO uploads VALUES (?, ?, ?, ?, ?, ?)",
+             [_upload_row(app_id, t, tracking) for t in pending.uploads
+              if t in tracking.awaited or t in tracking.settled]),
+            ("INSERT OR REPLACE INTO events VALUES (?, ?, ?)",
+             [(app_id, first + i, json.dumps(_event_json(e))) for i, e in enumerate(new)]),
+            ("DELETE FROM events WHERE app_id = ? AND seq < ?",
+             [(app_id, first + len(new) - RECENT_EVENTS)]),
+        ]
+        return Rows(app_id, pending, tuple(statements), first + len(new))
 
     def app_ids(self) -> Iterable[int]:
         return [row[0] for row in self._db.execute("SELECT app_id FROM apps")]
