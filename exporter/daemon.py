@@ -208,9 +208,12 @@ class Exporter:
         try:
             rows = self.store.rows(app)
         except Exception as exc:
-            self._save_failed(app, exc)
+            self._save_failed(app, None, exc)
             return
-        app.mark_saved(rows.pending)  # what changes from now on is pending again
+        # Marked saved now: what changes from now on is pending again, and a callback's
+        # change made during the write asks for a save of its own (_save_soon).
+        app.mark_saved(rows.pending)
+        self._unsaved.discard(app.app_id)
         try:
             loop = None if self._stopping else asyncio.get_running_loop()
         except RuntimeError:
@@ -219,10 +222,7 @@ class Exporter:
             try:
                 self.store.write(rows)
             except Exception as exc:
-                app.mark_unsaved(rows.pending)
-                self._save_failed(app, exc)
-                return
-            self._unsaved.discard(app.app_id)
+                self._save_failed(app, rows, exc)
             return
         self._writing = loop.run_in_executor(self._writer, self.store.write, rows)
         self._writing.add_done_callback(partial(self._written, app, rows))
@@ -230,17 +230,17 @@ class Exporter:
     def _written(self, app: AppState, rows: Rows, done: asyncio.Future[None]) -> None:
         self._writing = None
         failure = asyncio.CancelledError() if done.cancelled() else done.exception()
-        if failure is None:
-            self._unsaved.discard(app.app_id)
-        else:
-            app.mark_unsaved(rows.pending)
-            self._save_failed(app, failure)
+        if failure is not None:
+            self._save_failed(app, rows, failure)
         again, self._again = self._again, set()
         for app_id in sorted(again):
             self._save(self.state.apps[app_id])
 
-    def _save_failed(self, app: AppState, exc: BaseException) -> None:
+    def _save_failed(self, app: AppState, rows: Rows | None, exc: BaseException) -> None:
         # Keep polling from memory; the next save (a cycle's, or stop()'s) tries again.
+        if rows is not None:
+            app.mark_unsaved(rows.pending)
+            self._unsaved.add(app.app_id)
         self.state.storage_errors += 1
         if not isinstance(exc, sqlite3.Error | StoreError):
             self.errors.record("state_save", exc)  # a bug: its traceback, once

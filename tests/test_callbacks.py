@@ -351,6 +351,31 @@ async def test_a_change_made_while_its_app_is_written_stays_pending_and_is_writt
     assert stored(tmp_path / "state.db").tracking.live[task].status is TaskStatus.RECORDING
 
 
+async def test_a_callback_during_a_write_is_written_on_stop(
+        stored_rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end of that write does not take the app off the list of apps stop() must save."""
+    rig = stored_rig
+    task = await live_task(rig)
+    await rig.exporter.saves_settled()
+    release = threading.Event()
+    real_write = Store.write
+
+    def slow_write(self: Store, rows: Rows) -> None:
+        assert release.wait(10)
+        real_write(self, rows)
+
+    monkeypatch.setattr(Store, "write", slow_write)
+    rig.exporter._save(rig.exporter.state.apps[APP_ID])  # a cycle's save, held up
+    rig.engine.abort(task)
+    assert (await post(rig, signed(rig, task, "r1", 2, 0, {"quit_reason": 6})))[0] == 200
+    release.set()
+    await rig.exporter.saves_settled()
+    await rig.exporter.stop()  # before the callback's own save was due
+    saved = stored(tmp_path / "state.db")
+    assert saved.counters["r1"][EventKind.ENDED_ABNORMALLY] == 1
+    assert task in saved.tracking.finished
+
+
 async def test_without_a_state_file_nothing_waits_to_be_written(rig: Rig) -> None:
     """The tasks callbacks changed are kept for the next write; with no file, for nobody."""
     task = await live_task(rig)
