@@ -315,14 +315,8 @@ async def test_a_failed_write_of_callbacks_is_tried_again_on_stop(stored_rig: Ri
     assert saved.ended_by_reason["6"] == 1
 
 
-async def test_a_change_made_while_its_app_is_written_stays_pending_and_is_written_next(
-        stored_rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The state file is written in a worker thread from rows taken on the loop: a callback's
-    change arriving meanwhile is not marked saved by that write, and a save asked for during
-    it follows it."""
-    rig = stored_rig
-    task = await live_task(rig)
-    await rig.exporter.saves_settled()
+def hold_writes(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """State-file writes wait until the returned event is set (a slow disk, injected)."""
     release = threading.Event()
     real_write = Store.write
 
@@ -331,6 +325,18 @@ async def test_a_change_made_while_its_app_is_written_stays_pending_and_is_writt
         real_write(self, rows)
 
     monkeypatch.setattr(Store, "write", slow_write)
+    return release
+
+
+async def test_a_change_made_while_its_app_is_written_stays_pending_and_is_written_next(
+        stored_rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state file is written in a worker thread from rows taken on the loop: a callback's
+    change arriving meanwhile is not marked saved by that write, and a save asked for during
+    it follows it."""
+    rig = stored_rig
+    task = await live_task(rig)
+    await rig.exporter.saves_settled()
+    release = hold_writes(monkeypatch)
     app = rig.exporter.state.apps[APP_ID]
     rig.engine.pause(task)
     assert (await post(rig, signed(rig, task, "r1", 201, 0)))[0] == 200
@@ -357,14 +363,7 @@ async def test_a_callback_during_a_write_is_written_on_stop(
     rig = stored_rig
     task = await live_task(rig)
     await rig.exporter.saves_settled()
-    release = threading.Event()
-    real_write = Store.write
-
-    def slow_write(self: Store, rows: Rows) -> None:
-        assert release.wait(10)
-        real_write(self, rows)
-
-    monkeypatch.setattr(Store, "write", slow_write)
+    release = hold_writes(monkeypatch)
     rig.exporter._save(rig.exporter.state.apps[APP_ID])  # a cycle's save, held up
     rig.engine.abort(task)
     assert (await post(rig, signed(rig, task, "r1", 2, 0, {"quit_reason": 6})))[0] == 200
