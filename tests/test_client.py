@@ -33,7 +33,7 @@ from exporter.zego.errors import (
     ZegoTransportError,
 )
 from exporter.zego.models import TaskStatus
-from exporter.zego.ratelimit import RateLimiter
+from exporter.zego.ratelimit import Departure, RateLimiter, departure_trace
 from tests.test_simulator_openapi import load_spec
 
 APP_ID = 1234567890
@@ -191,6 +191,58 @@ async def test_rate_limited_answers_wait_at_least_a_second_before_retrying(
     await harness.tasks()
     assert harness.seen == [(DESCRIBE_TASKS, "300000003"), (DESCRIBE_TASKS, "0")]
     assert harness.clock.time() - now >= 1.0
+
+
+class RecordingLimiter(RateLimiter):
+    """Keeps each grant: (clock at the grant, the Departure handed out)."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(10, clock)
+        self.grants: list[tuple[float, Departure]] = []
+
+    async def acquire(self) -> Departure:
+        departure = await super().acquire()
+        self.grants.append((self._clock.monotonic(), departure))
+        return departure
+
+
+async def test_a_request_stalled_on_its_way_out_is_counted_from_when_it_left(
+    harness: Harness,
+) -> None:
+    """The injected fault: 5 s pass between the grant and the write (a busy loop). The limiter
+    must count the request from the write, where the server sees it, not from the grant."""
+    async def stall(*_: Any) -> None:
+        harness.clock.advance(5.0)
+
+    async def answered(*_: Any) -> None:
+        harness.clock.advance(1.0)
+
+    stalling = aiohttp.TraceConfig()
+    stalling.on_request_start.append(stall)  # after the grant, before the connection and write
+    stalling.on_request_end.append(answered)  # the answer comes a second after the write
+    limiter = RecordingLimiter(harness.clock)
+    app = ZegoApp(APP_ID, Secret(SECRET), {DESCRIBE_TASKS: limiter})
+    async with aiohttp.ClientSession(trace_configs=[stalling, departure_trace()]) as session:
+        client = ZegoClient(session, harness.sim.url, harness.clock)
+        now_ms = int(harness.clock.time() * 1000)
+        await client.describe_tasks(app, 2, None, now_ms - 60_000, now_ms)
+    [(granted, departure)] = limiter.grants
+    [arrived] = harness.sim.state.traffic.by_key[(APP_ID, DESCRIBE_TASKS)].arrivals
+    assert departure.at == granted + 5.0 == arrived
+
+
+async def test_without_the_trace_a_request_counts_from_when_its_call_ended(
+    harness: Harness,
+) -> None:
+    """A session without departure_trace() (or a call that fails before writing) never leaves
+    a grant unsent, which would hold its place in the window for good."""
+    limiter = RecordingLimiter(harness.clock)
+    app = ZegoApp(APP_ID, Secret(SECRET), {DESCRIBE_TASKS: limiter})
+    harness.faults(FaultRule(FaultKind.HTTP_500, 1.0))
+    with pytest.raises(ZegoTransportError):
+        await harness.client.describe_tasks(app, 2, None, 0, 1)
+    assert len(limiter.grants) == RetryPolicy().attempts
+    assert all(departure.at is not None for _, departure in limiter.grants)
 
 
 def test_errors_and_apps_never_show_the_secret() -> None:

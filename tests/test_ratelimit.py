@@ -92,7 +92,7 @@ async def test_concurrent_callers_are_paced_and_waiting_is_measured() -> None:
 
     async def call(start: float) -> None:
         await clock.sleep(start)
-        await limiter.acquire()
+        (await limiter.acquire()).left()
         sent.append(clock.now)
 
     tasks = [asyncio.create_task(call(start=(i % 7) * 0.05)) for i in range(60)]
@@ -129,13 +129,40 @@ async def test_callers_woken_late_still_leave_at_most_limit_per_paced_window(
     sent: list[float] = []
 
     async def call() -> None:
-        await limiter.acquire()
+        (await limiter.acquire()).left()
         sent.append(clock.now)
 
     tasks = [asyncio.create_task(call()) for _ in range(80)]
     await clock.run(tasks)
     assert len(sent) == 80
     assert max_in_any_window(sent, width=1 / pacing) <= 10
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 3, allow_nan=False),
+                          st.sampled_from([0.0, 0.0, 0.0, 0.01, 0.2, 0.7, 1.5])),
+                min_size=1, max_size=60),
+       st.sampled_from([1, 3, 10]), st.sampled_from([0.8, 0.95, 1.0]))
+async def test_a_request_stalled_after_its_grant_is_counted_when_it_really_leaves(
+    calls: list[tuple[float, float]], limit: int, pacing: float
+) -> None:
+    """Between the grant and the write the loop may run anything else first (a render, a
+    diff, a GC): a request that leaves late still counts in the window it lands in."""
+    clock = VirtualClock()
+    limiter = RateLimiter(limit, clock=clock, pacing=pacing)
+    sent: list[float] = []
+
+    async def call(start: float, stall: float) -> None:
+        await clock.sleep(start)
+        departure = await limiter.acquire()
+        await clock.sleep(stall)
+        departure.left()
+        sent.append(clock.now)
+
+    tasks = [asyncio.create_task(call(start, stall)) for start, stall in calls]
+    await clock.run(tasks)
+    assert len(sent) == len(calls)
+    assert max_in_any_window(sent, width=1 / pacing) <= limit
 
 
 def test_rejects_a_non_positive_limit() -> None:

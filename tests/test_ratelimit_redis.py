@@ -95,7 +95,7 @@ async def test_an_unreachable_redis_falls_back_to_the_local_share() -> None:
     limiter = RedisRateLimiter(client, 42, "DescribeTasks", LIMIT, SystemClock(),
                                fallback_limit=LIMIT / REPLICAS)
     try:
-        waits = [await limiter.acquire() for _ in range(3)]
+        waits = [(await limiter.acquire()).waited for _ in range(3)]
     finally:
         await client.aclose()
     assert waits[0] == 0
@@ -113,6 +113,6 @@ async def test_the_factory_shares_the_whole_limit_and_falls_back_to_the_replicas
         limiter = make(AppConfig(42, Secret("s" * 32), ("a",), rate_limit=5.0), "DescribeTasks")
         assert isinstance(limiter, RedisRateLimiter)
         assert (limiter.limit, limiter.fallback_limit) == (20.0, 5.0)
-        assert await limiter.acquire() == 0
+        assert (await limiter.acquire()).waited == 0
     finally:
         await client.aclose()

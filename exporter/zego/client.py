@@ -29,7 +29,7 @@ from exporter.zego.models import (
     parse_record_status,
     parse_task_page,
 )
-from exporter.zego.ratelimit import RateLimiter
+from exporter.zego.ratelimit import Departure, RateLimiter
 from exporter.zego.signing import common_params
 
 DESCRIBE_TASKS = "DescribeTasks"
@@ -137,11 +137,14 @@ class ZegoClient:
         attempt = 0
         while True:
             attempt += 1
-            await limiter.acquire()
+            departure = await limiter.acquire()
             params = common_params(action, app.app_id, app.secret.reveal(), self._clock.time())
             started = time.perf_counter()
             try:
-                data = await self._post(action, params, body)
+                try:
+                    data = await self._post(action, params, body, departure)
+                finally:
+                    departure.left()  # if the session's trace did not mark it: sent by now
                 try:
                     result = parse(data)
                 except ShapeError as exc:
@@ -170,10 +173,12 @@ class ZegoClient:
             delay = max(delay, self._retry.rate_limited_delay)
         return delay
 
-    async def _post(self, action: str, params: dict[str, str], body: Mapping[str, Any]) -> Any:
+    async def _post(self, action: str, params: dict[str, str], body: Mapping[str, Any],
+                    departure: Departure) -> Any:
         try:
             async with self._session.post(
-                self._endpoint, params=params, json=body, timeout=self._timeout
+                self._endpoint, params=params, json=body, timeout=self._timeout,
+                trace_request_ctx=departure,
             ) as response:
                 raw = await response.content.read(MAX_BODY_BYTES + 1)
                 status = response.status

@@ -21,7 +21,7 @@ import structlog
 
 from exporter.clock import Clock, SystemClock
 from exporter.config import AppConfig
-from exporter.zego.ratelimit import DEFAULT_PACING, RateLimiter
+from exporter.zego.ratelimit import DEFAULT_PACING, Departure, RateLimiter
 
 log = structlog.get_logger("exporter.zego.ratelimit_redis")
 
@@ -73,8 +73,8 @@ class RedisRateLimiter(RateLimiter):
         self._degraded = False
         self.booked: list[float] | None = None  # set to a list to record slots (Redis time, s)
 
-    async def acquire(self) -> float:
-        """Wait for a shared slot; return the seconds waited."""
+    async def acquire(self) -> Departure:
+        """Wait for a shared slot (booked in Redis when granted; `left` marks nothing there)."""
         try:
             wait_us, at_us = await self._script(keys=self._keys, args=self._args)
         except Exception as exc:  # any Redis failure: keep polling within the local share
@@ -93,7 +93,7 @@ class RedisRateLimiter(RateLimiter):
         if wait > 0:
             self.waited_seconds += wait
             await asyncio.sleep(wait)  # Redis' clock is real time, whatever the local clock
-        return max(0.0, wait)
+        return Departure(self._clock, max(0.0, wait))
 
 
 def redis_limiter_factory(
