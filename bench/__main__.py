@@ -204,6 +204,8 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         last_gzip = len(body) if encoding == "gzip" else None
         async with session.get(f"{sim_url}_sim/stats") as r:
             stats = await r.json()
+        async with session.get(f"{sim_url}_bench/lag") as r:
+            sim_lag = await r.json()
         # Asked once, at the end (it walks every room): the last cycle's window.
         ended_from_ms = int(cycles[-2]["started"] * 1000) if len(cycles) > 1 else 0
         async with session.get(f"{sim_url}_bench/minimum",
@@ -310,6 +312,8 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         "gc_pause_max_s": done["gc_pause_max"],
         "loop_lag_p99_s": rig.percentile(done["loop_lags"], 0.99),
         "loop_lag_max_s": max(done["loop_lags"], default=None),
+        "simulator_lag_p99_s": sim_lag["p99"], "simulator_lag_max_s": sim_lag["max"],
+        "simulator_priority": sim_lag["priority"],
         "diff_seconds": {str(n): s for n, s in diff_costs.items()},
         "diff_us_per_task": {str(n): s / n * 1e6 for n, s in diff_costs.items()},
         "wall_seconds": time.perf_counter() - wall_begun,
@@ -352,6 +356,9 @@ def table(r: dict[str, Any]) -> str:
         ("budget use", f"{_fmt(r['budget_use'])} of {r['rate_limit']}/s; busiest second "
          f"{r['max_requests_in_a_second']}; 300000003 answers {r['rate_limited_answers']} "
          f"{r['rate_limited_by_action']}"),
+        ("simulator", f"woke late by p99 {_fmt(_ms(r['simulator_lag_p99_s']), ' ms')}, worst "
+         f"{_fmt(_ms(r['simulator_lag_max_s']), ' ms')} (real); priority "
+         f"{r['simulator_priority']}"),
         ("/metrics scrape", f"p50 {_fmt(r['scrape_p50_s'] * 1000, ' ms')}, p99 "
          f"{_fmt(r['scrape_p99_s'] * 1000, ' ms')} ({r['scrapes']} scrapes, {r['scrapes_gzip']} "
          f"gzip; {r['series']} series, {r['metrics_bytes'] / 2**20:.2f} MB, "
