@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 from collections import defaultdict
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter.clock import ManualClock
 from exporter.simulator.engine import (
@@ -342,3 +345,41 @@ def test_after_a_week_the_last_three_days_are_still_all_listed() -> None:
                if t.from_status is None and t.app_id == APP and t.at * 1000 >= since_ms}
     assert len(created) > 500
     assert listed == created
+
+
+LISTED = [frozenset(TaskStatus), frozenset({TaskStatus.RECORDING}), frozenset(
+    {TaskStatus.INITIALIZING, TaskStatus.RECORDING, TaskStatus.PAUSED}),
+    frozenset({TaskStatus.ENDED, TaskStatus.ENDED_ABNORMALLY})]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["wait", "start", "stop", "pause", "forget", "list"]),
+                          st.integers(0, 3), st.integers(0, 3), st.integers(1, 900)),
+                min_size=1, max_size=60), st.integers(1, 5))
+def test_a_kept_listing_is_always_what_a_fresh_filter_gives(
+        ops: list[tuple[str, int, int, int]], seed: int) -> None:
+    """list_tasks keeps each listing and replays the tasks touched since: whatever happened in
+    between (arrivals, transitions, control ops, forgetting), it answers what a scan does."""
+    clock, engine = busy_engine(seed)
+    rooms = [*room_names(4)]
+    windows: list[tuple[str | None, int, int]] = []
+    for op, room, pick, seconds in ops:
+        now_ms = int(clock.time() * 1000)
+        live = [t for t in engine.live_tasks() if t.app_id == APP]
+        task = live[pick % len(live)] if live else None
+        if op == "wait":
+            run_for(clock, engine, seconds)
+        elif op == "start":
+            engine.start(APP, rooms[room])
+        elif op == "list" or task is None:
+            windows.append((None if pick == 0 else rooms[room], now_ms - seconds * 60_000,
+                            now_ms + (seconds if pick % 2 else 0)))
+        else:
+            with contextlib.suppress(SimError):  # pausing a task not recording, say
+                getattr(engine, op)(task.task_id)
+        for scope, begin_from, begin_to in windows[-3:]:
+            for statuses in LISTED:
+                kept = engine.list_tasks(APP, scope, begin_from, begin_to, statuses)
+                assert kept == engine.scan_tasks(APP, scope, begin_from, begin_to, statuses)
+                total, page = engine.list_page(APP, scope, begin_from, begin_to, statuses, 2, 3)
+                assert (total, page) == (len(kept), kept[2:5])

@@ -94,10 +94,11 @@ def describe_tasks(ctx: ActionContext, app_id: int, body: Body) -> Body:
     if end - start > WINDOW_MS:
         raise _invalid("EndTime - StartTime must not exceed 3 days")
     statuses = STATUS_FILTER[(ctx.status_semantics, status)]
-    tasks = ctx.engine.list_tasks(app_id, room_id or None, start, end, statuses)
+    total, tasks = ctx.engine.list_page(app_id, room_id or None, start, end, statuses,
+                                        (page - 1) * size, size)
     rows = [{"RecordBeginTimestamp": t.begin_ms, "TaskId": t.task_id, "RoomId": t.room_id,
-             "Status": int(t.status)} for t in tasks[(page - 1) * size: page * size]]
-    return {"PageOffset": page, "PageSize": size, "TotalCount": len(tasks), ctx.list_key: rows}
+             "Status": int(t.status)} for t in tasks]
+    return {"PageOffset": page, "PageSize": size, "TotalCount": total, ctx.list_key: rows}
 
 
 def describe_record_status(ctx: ActionContext, app_id: int, body: Body) -> Body:
