@@ -345,6 +345,12 @@ def test_after_a_week_the_last_three_days_are_still_all_listed() -> None:
                if t.from_status is None and t.app_id == APP and t.at * 1000 >= since_ms}
     assert len(created) > 500
     assert listed == created
+    # Older tasks are pruned, not kept for good: none begun over 3 days and 2 hours ago is held.
+    first = [t.task_id for t in engine.ledger if t.from_status is None]
+    old = [t for t in engine.ledger if t.from_status is None and t.at < clock.time() - 3 * 86_400
+           - 7_200]
+    assert len(old) > 500 and all(engine.find(t.task_id) is None for t in old)
+    assert engine.find(first[-1]) is not None
 
 
 LISTED = [frozenset(TaskStatus), frozenset({TaskStatus.RECORDING}), frozenset(
