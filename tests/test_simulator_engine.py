@@ -358,14 +358,17 @@ LISTED = [frozenset(TaskStatus), frozenset({TaskStatus.RECORDING}), frozenset(
     frozenset({TaskStatus.ENDED, TaskStatus.ENDED_ABNORMALLY})]
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["wait", "start", "stop", "pause", "forget", "list"]),
-                          st.integers(0, 3), st.integers(0, 3), st.integers(1, 900)),
-                min_size=1, max_size=60), st.integers(1, 5))
+OPS = ["wait", "start", "stop", "pause", "forget", "list", "next"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 3), st.integers(0, 3),
+                          st.integers(1, 900)), min_size=1, max_size=60), st.integers(1, 5))
 def test_a_kept_listing_is_always_what_a_fresh_filter_gives(
         ops: list[tuple[str, int, int, int]], seed: int) -> None:
-    """list_tasks keeps each listing and replays the tasks touched since: whatever happened in
-    between (arrivals, transitions, control ops, forgetting), it answers what a scan does."""
+    """list_tasks keeps each listing and replays the tasks touched since, and starts the next
+    cycle's listing from the last: whatever happened in between (arrivals, transitions, control
+    ops, forgetting), it answers what a scan does."""
     clock, engine = busy_engine(seed)
     rooms = [*room_names(4)]
     windows: list[tuple[str | None, int, int]] = []
@@ -377,15 +380,31 @@ def test_a_kept_listing_is_always_what_a_fresh_filter_gives(
             run_for(clock, engine, seconds)
         elif op == "start":
             engine.start(APP, rooms[room])
-        elif op == "list" or task is None:
+        elif op == "next" and windows:  # the next cycle's listing: a later start, up to now
+            scope, begin_from, begin_to = windows[-1]
+            windows.append((scope, min(begin_from + seconds * 10_000, begin_to), now_ms))
+        elif op in ("list", "next") or task is None:
             windows.append((None if pick == 0 else rooms[room], now_ms - seconds * 60_000,
                             now_ms + (seconds if pick % 2 else 0)))
         else:
             with contextlib.suppress(SimError):  # pausing a task not recording, say
                 getattr(engine, op)(task.task_id)
-        for scope, begin_from, begin_to in windows[-3:]:
+        for scope, begin_from, begin_to in windows[-2:]:
             for statuses in LISTED:
                 kept = engine.list_tasks(APP, scope, begin_from, begin_to, statuses)
                 assert kept == engine.scan_tasks(APP, scope, begin_from, begin_to, statuses)
                 total, page = engine.list_page(APP, scope, begin_from, begin_to, statuses, 2, 3)
                 assert (total, page) == (len(kept), kept[2:5])
+
+
+def test_a_listing_started_from_a_kept_one_that_ends_later_leaves_out_the_later_tasks() -> None:
+    clock, engine = quiet_engine()
+    now_ms = int(clock.time() * 1000)
+    every = frozenset(TaskStatus)
+    assert engine.list_tasks(APP, None, now_ms - 60_000, now_ms + 3_600_000, every) == []
+    run_for(clock, engine, 10)
+    first = engine.start(APP, "room-1")
+    run_for(clock, engine, 10)
+    engine.start(APP, "room-1")  # begun 20 s on: after the window below
+    listed = engine.list_tasks(APP, None, now_ms - 30_000, now_ms + 15_000, every)
+    assert [t.task_id for t in listed] == [first]

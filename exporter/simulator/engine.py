@@ -674,8 +674,19 @@ class SimEngine:
         key = (app_id, room_id, begin_from_ms, begin_to_ms, statuses)
         listing = self._listings.pop(key, None)
         if listing is None:
+            listing = self._derived(key)
+        if listing is None:
             tasks = self.scan_tasks(app_id, room_id, begin_from_ms, begin_to_ms, statuses)
             listing = _Listing(len(self._touched), [-t.number for t in tasks], tasks)
+        self._catch_up(key, listing)
+        self._listings[key] = listing
+        if len(self._listings) > _LISTINGS_KEPT:
+            del self._listings[next(iter(self._listings))]
+        return listing.tasks
+
+    def _catch_up(self, key: tuple[Any, ...], listing: _Listing) -> None:
+        """Bring a kept listing up to date: the tasks touched since, in or out."""
+        app_id, room_id, begin_from_ms, begin_to_ms, statuses = key
         for task in self._touched[listing.version:]:
             place = bisect.bisect_left(listing.order, -task.number)
             there = place < len(listing.order) and listing.order[place] == -task.number
@@ -688,10 +699,24 @@ class SimEngine:
             elif there and not wanted:
                 del listing.order[place], listing.tasks[place]
         listing.version = len(self._touched)
-        self._listings[key] = listing
-        if len(self._listings) > _LISTINGS_KEPT:
-            del self._listings[next(iter(self._listings))]
-        return listing.tasks
+
+    def _derived(self, key: tuple[Any, ...]) -> _Listing | None:
+        """A new listing from a kept one of the same scope and statuses whose window holds the
+        new one's start (the next cycle's listing): its tasks still in the window, and a scan of
+        only the newer part. A fresh scan of a 10,000-room app stopped the loop for 60 ms."""
+        app_id, room_id, begin_from_ms, begin_to_ms, statuses = key
+        base_key = next((k for k in reversed(self._listings) if k[:2] == key[:2]
+                         and k[4] == statuses and k[2] <= begin_from_ms <= k[3]), None)
+        if base_key is None:
+            return None
+        base = self._listings[base_key]
+        self._catch_up(base_key, base)
+        newest_first = (lambda t: -t.begin_ms)  # noqa: E731
+        low = bisect.bisect_left(base.tasks, -begin_to_ms, key=newest_first)
+        high = bisect.bisect_right(base.tasks, -begin_from_ms, key=newest_first)
+        newer = self.scan_tasks(app_id, room_id, base_key[3] + 1, begin_to_ms, statuses)
+        return _Listing(len(self._touched), [-t.number for t in newer] + base.order[low:high],
+                        newer + base.tasks[low:high])
 
     def scan_tasks(self, app_id: int, room_id: str | None, begin_from_ms: int, begin_to_ms: int,
                    statuses: frozenset[TaskStatus]) -> list[SimTask]:
