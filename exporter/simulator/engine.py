@@ -337,6 +337,7 @@ class _Listing:
 
 
 _LISTINGS_KEPT = 8  # listings paged through at once: the live and ended ones of a few apps
+_REBUILD_AFTER = 64  # touched tasks a kept listing takes one by one; more: in one pass
 
 
 @dataclass(order=True, frozen=True, slots=True)
@@ -687,18 +688,29 @@ class SimEngine:
     def _catch_up(self, key: tuple[Any, ...], listing: _Listing) -> None:
         """Bring a kept listing up to date: the tasks touched since, in or out."""
         app_id, room_id, begin_from_ms, begin_to_ms, statuses = key
-        for task in self._touched[listing.version:]:
+
+        def wanted(task: SimTask) -> bool:
+            return (task.app_id == app_id and room_id in (None, task.room_id)
+                    and begin_from_ms <= task.begin_ms <= begin_to_ms
+                    and task.status in statuses and not task.forgotten)
+
+        touched = self._touched[listing.version:]
+        listing.version = len(self._touched)
+        if len(touched) > _REBUILD_AFTER:  # a cycle's worth: one pass, not an insert each
+            moved = {t.number for t in touched}
+            tasks = [t for t in listing.tasks if t.number not in moved]
+            tasks += {t.number: t for t in touched if wanted(t)}.values()
+            tasks.sort(key=lambda t: -t.number)
+            listing.tasks, listing.order = tasks, [-t.number for t in tasks]
+            return
+        for task in touched:
             place = bisect.bisect_left(listing.order, -task.number)
             there = place < len(listing.order) and listing.order[place] == -task.number
-            wanted = (task.app_id == app_id and room_id in (None, task.room_id)
-                      and begin_from_ms <= task.begin_ms <= begin_to_ms
-                      and task.status in statuses and not task.forgotten)
-            if wanted and not there:
+            if wanted(task) and not there:
                 listing.order.insert(place, -task.number)
                 listing.tasks.insert(place, task)
-            elif there and not wanted:
+            elif there and not wanted(task):
                 del listing.order[place], listing.tasks[place]
-        listing.version = len(self._touched)
 
     def _derived(self, key: tuple[Any, ...]) -> _Listing | None:
         """A new listing from a kept one of the same scope and statuses whose window holds the
