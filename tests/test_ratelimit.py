@@ -117,18 +117,6 @@ class LateClock(VirtualClock):
         await super().sleep(seconds + self._rng.uniform(0, 0.3))
 
 
-async def sent_at(clock: VirtualClock, limiter: RateLimiter, callers: int) -> list[float]:
-    """When each of `callers` concurrent requests left (each marked sent when granted)."""
-    sent: list[float] = []
-
-    async def call() -> None:
-        (await limiter.acquire()).left()
-        sent.append(clock.now)
-
-    await clock.run([asyncio.create_task(call()) for _ in range(callers)])
-    return sent
-
-
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("pacing", [1.0, 0.95, 0.8])
 async def test_callers_woken_late_still_leave_at_most_limit_per_paced_window(
@@ -137,7 +125,15 @@ async def test_callers_woken_late_still_leave_at_most_limit_per_paced_window(
     """After a stall, the backlog leaves at most `limit` per 1 / pacing seconds (10 per 1.25 s
     at 0.8): late wakers do not eat the margin kept for the network's jitter."""
     clock = LateClock(seed)
-    sent = await sent_at(clock, RateLimiter(10, clock=clock, pacing=pacing), 80)
+    limiter = RateLimiter(10, clock=clock, pacing=pacing)
+    sent: list[float] = []
+
+    async def call() -> None:
+        (await limiter.acquire()).left()
+        sent.append(clock.now)
+
+    tasks = [asyncio.create_task(call()) for _ in range(80)]
+    await clock.run(tasks)
     assert len(sent) == 80
     assert max_in_any_window(sent, width=1 / pacing) <= 10
 
@@ -156,7 +152,15 @@ async def test_the_backlog_of_a_stall_leaves_paced_not_in_a_burst(pacing: float)
     the margin the hard rule keeps for jitter: after the stall, no two leave closer than half
     the paced interval."""
     clock = StallingClock()
-    sent = await sent_at(clock, RateLimiter(10, clock=clock, pacing=pacing), 60)
+    limiter = RateLimiter(10, clock=clock, pacing=pacing)
+    sent: list[float] = []
+
+    async def call() -> None:
+        (await limiter.acquire()).left()
+        sent.append(clock.now)
+
+    tasks = [asyncio.create_task(call()) for _ in range(60)]
+    await clock.run(tasks)
     gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert sum(t == 4.0 for t in sent) == 1  # the stall's backlog: one at its end, then paced
     assert min(gaps) >= 0.5 / (10 * pacing) - 1e-9
