@@ -138,35 +138,6 @@ async def test_callers_woken_late_still_leave_at_most_limit_per_paced_window(
     assert max_in_any_window(sent, width=1 / pacing) <= 10
 
 
-class StallingClock(VirtualClock):
-    """The loop is busy from 1 s to 4 s: every sleeper due meanwhile wakes at 4 s."""
-
-    async def sleep(self, seconds: float) -> None:
-        due = self.now + max(0.0, seconds)
-        await super().sleep(4.0 - self.now if 1.0 <= due < 4.0 else seconds)
-
-
-@pytest.mark.parametrize("pacing", [0.8, 0.95, 1.0])
-async def test_the_backlog_of_a_stall_leaves_paced_not_in_a_burst(pacing: float) -> None:
-    """A burst of `limit` requests at one instant queues at the server, and the queueing eats
-    the margin the hard rule keeps for jitter: after the stall, no two leave closer than half
-    the paced interval."""
-    clock = StallingClock()
-    limiter = RateLimiter(10, clock=clock, pacing=pacing)
-    sent: list[float] = []
-
-    async def call() -> None:
-        (await limiter.acquire()).left()
-        sent.append(clock.now)
-
-    tasks = [asyncio.create_task(call()) for _ in range(60)]
-    await clock.run(tasks)
-    gaps = [b - a for a, b in itertools.pairwise(sent)]
-    assert sum(t == 4.0 for t in sent) == 1  # the stall's backlog: one at its end, then paced
-    assert min(gaps) >= 0.5 / (10 * pacing) - 1e-9
-    assert max_in_any_window(sent, width=1 / pacing) <= 10
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 3, allow_nan=False),
                           st.sampled_from([0.0, 0.0, 0.0, 0.01, 0.2, 0.7, 1.5])),

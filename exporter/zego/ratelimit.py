@@ -16,11 +16,8 @@ when a request may leave:
   the default 0.95), no server second can hold `limit + 1`. In steady state the two rules agree.
 
 Slots are reserved synchronously, in call order, so concurrency cannot break either rule. A
-caller woken late is checked once more against both rules, on the times requests were really
-let go: it waits again if it would make `limit + 1` in one window, or leave less than half an
-interval after the request before it. So the backlog of a stall (callers whose slots passed
-while the loop was busy) leaves paced, not as a burst of `limit` requests at one instant, whose
-queueing at the server would eat the margin kept for jitter.
+caller woken late is checked once more against the hard rule on the times requests really
+left, and waits again if it would make `limit + 1` in one window.
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ import aiohttp
 from exporter.clock import Clock
 
 DEFAULT_PACING = 0.95
-_CLOSE_ENOUGH = 1e-6  # seconds
 
 
 class Departure:
@@ -81,7 +77,6 @@ class RateLimiter:
         self._recent: collections.deque[float] = collections.deque(maxlen=self._window)
         self._granted: collections.deque[Departure] = collections.deque()  # in grant order
         self._next_free = -math.inf
-        self._paced_at = -math.inf  # when the next grant is due by the pacing rule
         self.waited_seconds = 0.0
         self.granted = 0
 
@@ -122,10 +117,9 @@ class RateLimiter:
             if wait > 0:
                 await self._clock.sleep(wait)
                 now = self._clock.monotonic()
-            wait = max(self._hard_wait(now), self._paced_at - self._interval / 2 - now)
-            if wait <= _CLOSE_ENOUGH:  # a sleep this short may not move a float clock at all
+            wait = self._hard_wait(now)
+            if wait <= 0:
                 break
-        self._paced_at = max(now, self._paced_at) + self._interval
         departure = Departure(self._clock, now - asked)
         self._granted.append(departure)
         self.waited_seconds += now - asked
