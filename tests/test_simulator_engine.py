@@ -6,12 +6,14 @@ import contextlib
 import random
 import re
 from collections import defaultdict
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.clock import ManualClock
+from exporter.simulator import engine as engine_module
 from exporter.simulator.engine import (
     MAX_RECORD_SECONDS,
     LifecycleRates,
@@ -358,17 +360,24 @@ LISTED = [frozenset(TaskStatus), frozenset({TaskStatus.RECORDING}), frozenset(
     frozenset({TaskStatus.ENDED, TaskStatus.ENDED_ABNORMALLY})]
 
 
-OPS = ["wait", "start", "stop", "pause", "forget", "list", "next"]
+OPS = ["wait", "start", "stop", "pause", "forget", "list", "next", "keep_up"]
 
 
+@pytest.mark.parametrize("in_place", [engine_module._EDITS_IN_PLACE, 0])  # edits one by one,
+# or all in one pass of slices (what a listing a while behind takes)
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 3), st.integers(0, 3),
                           st.integers(1, 900)), min_size=1, max_size=60), st.integers(1, 5))
 def test_a_kept_listing_is_always_what_a_fresh_filter_gives(
-        ops: list[tuple[str, int, int, int]], seed: int) -> None:
+        in_place: int, ops: list[tuple[str, int, int, int]], seed: int) -> None:
     """list_tasks keeps each listing and replays the tasks touched since, and starts the next
     cycle's listing from the last: whatever happened in between (arrivals, transitions, control
-    ops, forgetting), it answers what a scan does."""
+    ops, forgetting, the server's keeping up), it answers what a scan does."""
+    with mock.patch.object(engine_module, "_EDITS_IN_PLACE", in_place):
+        check_listings_against_scans(ops, seed)
+
+
+def check_listings_against_scans(ops: list[tuple[str, int, int, int]], seed: int) -> None:
     clock, engine = busy_engine(seed)
     rooms = [*room_names(4)]
     windows: list[tuple[str | None, int, int]] = []
@@ -378,6 +387,9 @@ def test_a_kept_listing_is_always_what_a_fresh_filter_gives(
         task = live[pick % len(live)] if live else None
         if op == "wait":
             run_for(clock, engine, seconds)
+        elif op == "keep_up":  # what the server does every few ms, with or without requests
+            clock.advance(seconds)
+            engine.keep_up()
         elif op == "start":
             engine.start(APP, rooms[room])
         elif op == "next" and windows:  # the next cycle's listing: a later start, up to now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -204,3 +205,18 @@ async def test_the_outcomes_endpoint_lists_settled_tasks_in_order(
 async def test_health_reports_the_simulator_clock(
         sim: SimulatorServer, session: aiohttp.ClientSession) -> None:
     assert await get(session, sim.url + "_sim/health") == {"status": "ok", "time": START}
+
+
+async def test_the_server_applies_what_fell_due_without_a_request(clock: ManualClock) -> None:
+    """ZEGO's state moves whether or not anyone asks: the server keeps its engine up, so that
+    a request never meets an hour of transitions (or a listing's backlog) to apply first."""
+    engine = SimEngine(clock, {APP: SECRET}, seed=1, rooms=room_names(4),
+                       rates=LifecycleRates(arrivals_per_hour=30))
+    async with SimulatorServer(engine, ServerOptions(rate_limits={})):
+        clock.advance(3600)
+        for _ in range(200):  # a few of the server's real-time ticks
+            if engine.now >= clock.time():
+                break
+            await asyncio.sleep(0.01)
+        assert engine.now == clock.time()
+        assert len(engine.ledger) > 20

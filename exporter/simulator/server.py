@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_TTL_SECONDS = 600.0  # ZEGO: a signature is valid for 10 minutes, clock error included
 _MAX_APP_ID = 2**32 - 1
+# How often the engine applies what fell due and updates its kept listings, real seconds: at
+# 10,000 rooms ×5 a request then meets at most ~1 ms of that work, not 100 ms of it.
+KEEP_UP_SECONDS = 0.02
 
 
 def rate_limits(describe_limit: int = 10) -> dict[str, int]:
@@ -376,8 +379,23 @@ def create_app(engine: SimEngine, options: ServerOptions | None = None) -> web.A
         if sender is not None:
             await sender.close()
 
+    async def keep_up(app: web.Application) -> AsyncIterator[None]:
+        engine = app[STATE].engine
+
+        async def run() -> None:
+            while True:
+                engine.keep_up()
+                await asyncio.sleep(KEEP_UP_SECONDS)  # real time, whatever the engine's clock
+
+        task = asyncio.create_task(run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     app.on_shutdown.append(release_hangs)
     app.cleanup_ctx.append(deliver_callbacks)
+    app.cleanup_ctx.append(keep_up)
     return app
 
 
