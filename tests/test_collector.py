@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import platform
 import subprocess
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as text_string_to_openmetrics,
@@ -19,7 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.clock import ManualClock
 from exporter.serve.collector import BLOCK_ROOMS, ExporterCollector
-from exporter.serve.exposition import RowBlocks
+from exporter.serve.exposition import PROMETHEUS_ACCEPT, ExpositionCache, RowBlocks
 from exporter.state.changes import (
     ChangeSet,
     EventKind,
@@ -216,18 +218,47 @@ def test_the_kept_blocks_always_render_what_a_fresh_collector_renders(
 
 
 def test_a_change_to_one_room_rebuilds_only_its_block() -> None:
+    """Only the changed room's block is rebuilt; its stamp is new in the families whose rows
+    changed there, and only in those (a render re-encodes by stamp)."""
     state = ExporterState.for_apps([(7, ROOMS, 1000)], callbacks=frozenset({7}))
     collector = ExporterCollector(state, {}, poll_interval=15.0)
 
-    def blocks() -> dict[str, list[tuple[object, ...]]]:
-        return {f.name: list(f.blocks) for f in collector.collect() if isinstance(f, RowBlocks)}
+    def blocks() -> dict[str, tuple[list[tuple[object, ...]], list[int]]]:
+        return {f.name: (list(f.blocks), list(f.stamps or ())) for f in collector.collect()
+                if isinstance(f, RowBlocks)}
 
     before = blocks()
     state.apps[7].apply(ChangeSet(Source.CALLBACK, 1, (TaskEvent(
         EventKind.ENDED_ABNORMALLY, "t", "r20", Source.CALLBACK),)))
     after = blocks()
     changed = ROOMS.index("r20") // BLOCK_ROOMS
-    for name, was in before.items():
-        assert len(after[name]) == len(was) == -(-len(ROOMS) // BLOCK_ROOMS) > 2
-        for index, block in enumerate(after[name]):
-            assert (block is was[index]) is (index != changed), (name, index)
+    renewed = set()
+    for name, (was, was_stamps) in before.items():
+        now, stamps = after[name]
+        assert len(now) == len(was) == len(stamps) == -(-len(ROOMS) // BLOCK_ROOMS) > 2
+        for index, block in enumerate(now):
+            if index != changed:
+                assert block is was[index] and stamps[index] == was_stamps[index], (name, index)
+            elif stamps[index] != was_stamps[index]:
+                renewed.add(name)
+            else:
+                assert block is was[index], name  # rebuilt the same: the old block, kept
+    assert renewed == {"zego_cloudrecord_tasks_ended_abnormally"}
+
+
+async def test_a_room_first_seen_in_one_app_moves_the_next_apps_blocks_and_renders_follow(
+) -> None:
+    """Blocks are told apart by stamp, not place: a room new to the first app shifts every
+    block of the second, and the kept render still equals prometheus_client's own."""
+    state = ExporterState.for_apps([(7, None, 25), (8, None, 25)], callbacks=frozenset({7, 8}))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ExporterCollector(state, {}, poll_interval=15.0))
+    cache = ExpositionCache(registry, in_thread=False, accepts=(PROMETHEUS_ACCEPT,))
+    content_type = choose_encoder(PROMETHEUS_ACCEPT)[1]
+    for number, (app_id, room) in enumerate(
+            [(8, "b1"), (7, "a1"), (8, "b2"), (8, "b3"), (7, "a2"), (7, "a3"), (8, "b4")]):
+        state.apps[app_id].apply(ChangeSet(Source.CALLBACK, 1, (TaskEvent(
+            EventKind.ENDED_ABNORMALLY, f"t{number}", room, Source.CALLBACK),)))
+        cache.invalidate()
+        ours = gzip.decompress((await cache.get(content_type)).gzipped).decode()
+        assert ours == openmetrics(ExporterCollector(state, {}, poll_interval=15.0)), room

@@ -88,9 +88,13 @@ class RowBlocks(Metric):
     `new()` makes the empty family (CounterMetricFamily(...), say). `samples` builds every
     block's samples on first use, for prometheus_client's own encoders."""
 
-    def __init__(self, new: Callable[[], Metric], blocks: Sequence[Block]) -> None:
+    def __init__(self, new: Callable[[], Metric], blocks: Sequence[Block],
+                 stamps: Sequence[int] | None = None) -> None:
         self.new = new
         self.blocks = blocks
+        # Optional: one number per block, new whenever the block's rows change (the collector's).
+        # A render then keeps the stamps, not the rows, to tell which blocks changed.
+        self.stamps = stamps
         self._built: list[Sample] | None = None
         empty = new()
         super().__init__(empty.name, empty.documentation, empty.type, empty.unit)
@@ -219,7 +223,7 @@ class _Kept:
     are not kept (13 MB at 10,000 rooms): a member to redo gives back its unchanged ones."""
 
     key: tuple[str, str, str, str]  # name, type, documentation, unit
-    blocks: Sequence[Block]
+    marks: Sequence[Any]  # what tells a changed block: its stamp if it has one, else its rows
     headers: dict[str, bytes] = field(default_factory=dict)
     lengths: dict[str, list[int]] = field(default_factory=dict)  # the header's, then each block's
     members: dict[str, list[bytes]] = field(default_factory=dict)  # MEMBER_TEXTS texts each
@@ -469,21 +473,23 @@ class ExpositionCache:
                 encoders: dict[str, Encoder]) -> _Kept:
         blocks: Sequence[Block] = (family.blocks if isinstance(family, RowBlocks)
                                    else (tuple(family.samples),))
-        this = _Kept(key, blocks)
+        marks = blocks if not isinstance(family, RowBlocks) or family.stamps is None \
+            else family.stamps
+        this = _Kept(key, marks)
         for content_type, encoder in encoders.items():
             lengths = None if before is None else before.lengths.get(content_type)
-            if lengths is not None and before is not None and before.blocks == blocks:
+            if lengths is not None and before is not None and before.marks == marks:
                 this.headers[content_type] = before.headers[content_type]
                 this.lengths[content_type] = lengths
                 this.members[content_type] = before.members[content_type]
                 continue
-            old = () if before is None or lengths is None else before.blocks
+            old = () if before is None or lengths is None else before.marks
             old_header = None if before is None or lengths is None else before.headers[content_type]
             try:
-                header, fresh = self._texts(family, encoder, blocks, old, old_header)
+                header, fresh = self._texts(family, encoder, blocks, marks, old, old_header)
             except _NotConcatenable:
                 header, fresh = b"", [b"", encoder(_Only(family)).removesuffix(EOF)]
-                this.blocks = (tuple(blocks),)  # one block from now on
+                this.marks = (tuple(blocks),)  # one block from now on
             this.headers[content_type] = header
             old_members = [] if before is None else before.members.get(content_type, [])
             this.members[content_type], this.lengths[content_type] = _members(
@@ -491,17 +497,17 @@ class ExpositionCache:
         return this
 
     @staticmethod
-    def _texts(family: Metric, encoder: Encoder, blocks: Sequence[Block], old: Sequence[Block],
-               old_header: bytes | None) -> tuple[bytes, list[bytes | None]]:
+    def _texts(family: Metric, encoder: Encoder, blocks: Sequence[Block], marks: Sequence[Any],
+               old: Sequence[Any], old_header: bytes | None) -> tuple[bytes, list[bytes | None]]:
         """The header, and the header's text then each block's, None for each that did not
-        change since the last render (`old`: its blocks; `old_header`: None if none)."""
+        change since the last render (`old`: its marks; `old_header`: None if none)."""
         if not isinstance(family, RowBlocks):
             return b"", [b"", encoder(_Only(family)).removesuffix(EOF)]
         header = encoder(_Only(family.new())).removesuffix(EOF)
         fresh: list[bytes | None] = [None if header == old_header else header]
         changed: list[int] = []  # places in `fresh` of the blocks to encode
-        for i, block in enumerate(blocks, start=1):
-            unchanged = i <= len(old) and (old[i - 1] is block or old[i - 1] == block)
+        for i, mark in enumerate(marks, start=1):
+            unchanged = i <= len(old) and (old[i - 1] is mark or old[i - 1] == mark)
             fresh.append(None if unchanged else b"")
             if not unchanged:
                 changed.append(i)
