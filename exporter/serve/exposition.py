@@ -12,11 +12,12 @@ trips over a dict changing size is retried.
 
 A render costs what changed, not what there is. A family comes in blocks (`RowBlocks`: rows of
 `add_metric` arguments, a few rooms' worth each, which the collector keeps between renders; any
-other family is one block, its samples). Per format, the gzip members are kept with the rows
-they were encoded from and the length of each block's text; a render re-encodes only the blocks
-whose rows differ, with prometheus_client's own encoders, and recompresses only the gzip members
-whose texts changed, their unchanged texts taken from the old member: a member holds
-MEMBER_TEXTS block texts, and the body is the members' concatenation (valid gzip).
+other family is one block, its samples). Per format, the gzip members are kept with the length
+of each block's text and what tells each block's rows from the next render's (the collector's
+stamps, or the rows); a render re-encodes only the blocks whose rows differ, with
+prometheus_client's own encoders, and recompresses only the gzip members whose texts changed,
+their unchanged texts taken from the old member: a member holds MEMBER_TEXTS block texts, and
+the body is the members' concatenation (valid gzip).
 
 A scrape never waits for a render that is already under way: it gets the previous one (the state
 before the cycle that just ended, at most one render old). A callback's change is rendered soon
@@ -218,7 +219,7 @@ _GC_PAUSE = _GcPause()
 
 @dataclass(slots=True)
 class _Kept:
-    """A family as the last render left it: its blocks, and per format its gzip members and
+    """A family as the last render left it: its blocks' marks, and per format its gzip members and
     the length of each text they hold (the header's, then each block's). The texts themselves
     are not kept (13 MB at 10,000 rooms): a member to redo gives back its unchanged ones."""
 
