@@ -2,7 +2,8 @@
 # The real binaries the tests run (promtool, prometheus, amtool, alertmanager, redis-server,
 # systemd-analyze) come from Debian's packages. Those not on PATH are fetched with
 # `apt-get download` and unpacked into .tools/: nothing is installed on the host, no service is
-# started or enabled, and no root is needed (only current apt lists: `apt-get update`).
+# started or enabled, and no root is needed (only current apt lists: `apt-get update`), but for
+# alertmanager's templates (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=.tools
@@ -17,7 +18,18 @@ wanted=()
 for binary in "${!package[@]}"; do
   command -v "$binary" >/dev/null || wanted+=(${package[$binary]})
 done
-[ ${#wanted[@]} -eq 0 ] && exit 0
+
+# Debian's alertmanager reads its templates (default.tmpl, email.tmpl) from a folder built into
+# it: unpacked ones are copied there when the host has none (needs root, as CI is).
+templates=usr/share/prometheus/alertmanager
+place_templates() {
+  for file in "$dest/$templates"/*.tmpl; do
+    [ -f "$file" ] && [ ! -e "/$templates/${file##*/}" ] || continue
+    install -D -m 644 "$file" "/$templates/${file##*/}" ||
+      echo "could not write /$templates: alertmanager will not start (run as root)" >&2
+  done
+}
+if [ ${#wanted[@]} -eq 0 ]; then place_templates; exit 0; fi
 # Their libraries, when the host lacks them (only missing ones: none shadows the host's).
 declare -A libraries=([redis-tools]="libjemalloc2 liblzf1 libatomic1" [systemd]=libsystemd-shared)
 for owner in "${!libraries[@]}"; do
@@ -34,3 +46,4 @@ if ! (cd "$download" && apt-get download -q $(printf '%s\n' "${wanted[@]}" | sor
   exit 1
 fi
 for deb in "$download"/*.deb; do dpkg-deb -x "$deb" "$dest"; done
+place_templates
