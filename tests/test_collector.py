@@ -217,33 +217,52 @@ def test_the_kept_blocks_always_render_what_a_fresh_collector_renders(
         assert openmetrics(kept) == openmetrics(ExporterCollector(state, {}, poll_interval=15.0))
 
 
-def test_a_change_to_one_room_rebuilds_only_its_block() -> None:
+def _blocks(collector: ExporterCollector) -> dict[str, RowBlocks]:
+    return {f.name: f for f in collector.collect() if isinstance(f, RowBlocks)}
+
+
+def test_a_change_to_one_room_renews_only_its_blocks_stamps() -> None:
     """Only the changed room's block is rebuilt; its stamp is new in the families whose rows
     changed there, and only in those (a render re-encodes by stamp)."""
     state = ExporterState.for_apps([(7, ROOMS, 1000)], callbacks=frozenset({7}))
     collector = ExporterCollector(state, {}, poll_interval=15.0)
-
-    def blocks() -> dict[str, tuple[list[tuple[object, ...]], list[int]]]:
-        return {f.name: (list(f.blocks), list(f.stamps or ())) for f in collector.collect()
-                if isinstance(f, RowBlocks)}
-
-    before = blocks()
+    before = {name: (list(f.blocks), list(f.stamps or ()))
+              for name, f in _blocks(collector).items()}
     state.apps[7].apply(ChangeSet(Source.CALLBACK, 1, (TaskEvent(
         EventKind.ENDED_ABNORMALLY, "t", "r20", Source.CALLBACK),)))
-    after = blocks()
+    after = _blocks(collector)
     changed = ROOMS.index("r20") // BLOCK_ROOMS
     renewed = set()
     for name, (was, was_stamps) in before.items():
-        now, stamps = after[name]
+        now, stamps = list(after[name].blocks), list(after[name].stamps or ())
         assert len(now) == len(was) == len(stamps) == -(-len(ROOMS) // BLOCK_ROOMS) > 2
         for index, block in enumerate(now):
-            if index != changed:
-                assert block is was[index] and stamps[index] == was_stamps[index], (name, index)
-            elif stamps[index] != was_stamps[index]:
+            if index == changed and stamps[index] != was_stamps[index]:
                 renewed.add(name)
+                assert block != was[index]
             else:
-                assert block is was[index], name  # rebuilt the same: the old block, kept
+                assert block == was[index] and stamps[index] == was_stamps[index], (name, index)
     assert renewed == {"zego_cloudrecord_tasks_ended_abnormally"}
+
+
+def test_a_block_encoded_after_the_state_moved_is_stamped_anew_even_if_it_moves_back() -> None:
+    """The rows are built when encoded, after the stamps were given: a block whose rows then
+    differ from what its stamp stood for gets a new stamp at the next collect, even if the state
+    is back where it was (else the text encoded meanwhile would stay)."""
+    state = ExporterState.for_apps([(7, ROOMS, 1000)], callbacks=frozenset({7}))
+    collector = ExporterCollector(state, {}, poll_interval=15.0)
+    app, name = state.apps[7], "zego_cloudrecord_tasks"
+    index = ROOMS.index("r20") // BLOCK_ROOMS
+    tracked = ChangeSet(Source.POLL, 1, tracked={"t": TrackedTask(
+        "t", "r20", TaskStatus.RECORDING, 0)})
+    app.apply(tracked)
+    family = _blocks(collector)[name]
+    stamp = list(family.stamps or ())[index]
+    app.apply(ChangeSet(Source.POLL, 2, untracked=frozenset({"t"})))  # while the render runs
+    encoded = family.blocks[index]
+    assert ((("7", "r20", "recording"), 0)) in encoded  # built from the state as it is now
+    app.apply(tracked)  # and back
+    assert list(_blocks(collector)[name].stamps or ())[index] != stamp
 
 
 async def test_a_room_first_seen_in_one_app_moves_the_next_apps_blocks_and_renders_follow(
