@@ -269,11 +269,13 @@ class ExporterCollector(Collector):
 
     def _per_room(self, name: str) -> RowBlocks:
         """A per-room family as its blocks' stamps, and the blocks to build when encoded."""
+        stamps = array.array("q")  # as kept by the exposition: 8 bytes a block, no int objects
         with self._lock:
-            stamps = [kept.stamps[name][:] for kept in self._rooms.values()]
-            blocks = _Blocks(name, [(kept, len(own)) for kept, own in
-                                    zip(self._rooms.values(), stamps, strict=True)], self._lock)
-        return RowBlocks(_PER_ROOM[name], blocks, [stamp for own in stamps for stamp in own])
+            counts = []
+            for kept in self._rooms.values():
+                counts.append((kept, len(kept.stamps[name])))
+                stamps.extend(kept.stamps[name])
+        return RowBlocks(_PER_ROOM[name], _Blocks(name, counts, self._lock), stamps)
 
     def _callbacks(self) -> Iterator[Metric]:
         by_reason = CounterMetricFamily(
