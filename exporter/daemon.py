@@ -300,8 +300,8 @@ class Exporter:
         self.exposition.prerender()  # the first scrape finds the starting state rendered
         # What is alive at the first start (modules, config, the restored state) lives as long
         # as the process: moved out of the cyclic collector's sight, a full collection, which
-        # stops the loop, walks only what came after (bench --rooms 1000 --callbacks: longest
-        # GC 22.4 -> 6-7 ms, the loop's worst lag 14.3 -> 9.8 ms).
+        # stops the loop, walks only what came after (bench --rooms 1000 --callbacks: the
+        # longest full collection 22.4 -> 5-9 ms).
         if not gc.get_freeze_count():
             gc.collect()
             gc.freeze()

@@ -260,7 +260,7 @@ def test_a_block_encoded_after_the_state_moved_is_stamped_anew_even_if_it_moves_
     stamp = list(family.stamps or ())[index]
     app.apply(ChangeSet(Source.POLL, 2, untracked=frozenset({"t"})))  # while the render runs
     encoded = family.blocks[index]
-    assert ((("7", "r20", "recording"), 0)) in encoded  # built from the state as it is now
+    assert (("7", "r20", "recording"), 0) in encoded  # built from the state as it is now
     app.apply(tracked)  # and back
     assert list(_blocks(collector)[name].stamps or ())[index] != stamp
 
