@@ -143,7 +143,6 @@ class _RoomBlocks:
         self._where: dict[str, int] = {}  # room label -> its place in rooms
         self.stamps = {name: array.array("q") for name in _PER_ROOM}  # 8 bytes a stamp
         self.signatures: dict[str, list[tuple[Any, ...] | None]] = {n: [] for n in _PER_ROOM}
-        self.stale: set[int] = set()  # blocks encoded from rows their signature did not match
 
     def rows(self, name: str, index: int) -> Block:
         return tuple(row for room in self.rooms[index * BLOCK_ROOMS:(index + 1) * BLOCK_ROOMS]
@@ -160,8 +159,6 @@ class _RoomBlocks:
         dirty = {self._where[room] // BLOCK_ROOMS for room in changed if room in self._where}
         if len(self.rooms) > known:  # new rooms: the last block and any new ones
             dirty.update(range(known // BLOCK_ROOMS, math.ceil(len(self.rooms) / BLOCK_ROOMS)))
-        dirty |= self.stale
-        self.stale = set()
         for index in sorted(dirty):  # new blocks last, in order
             for name, signatures in self.signatures.items():
                 signature, stamps = _signature(self.rows(name, index)), self.stamps[name]
@@ -174,11 +171,12 @@ class _RoomBlocks:
 
     def encoded(self, name: str, index: int, rows: Block) -> None:
         """`rows` are being encoded for the block's stamp: if the state moved since `update`
-        signed it, the block is rebuilt and stamped anew by the next (never left stale)."""
+        signed it, the signature is dropped, so the next `update` stamps the block anew even if
+        the state moves back (it rebuilds the block: the move changed one of its rooms after the
+        revision `update` read)."""
         signatures = self.signatures[name]
         if index < len(signatures) and signatures[index] != _signature(rows):
             signatures[index] = None
-            self.stale.add(index)
 
 
 class _Blocks(Sequence[Block]):
