@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from bench import rig
-from bench.probe import decoded, probe_main, scrape
+from bench.probe import bare_main, decoded, probe_main, scrape
 from exporter.demo import free_port
 
 ABNORMAL_LINE = re.compile(
@@ -158,8 +158,10 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
     visible: dict[int, float] = {}  # cycle index -> when its render was ready
     scrape_times: list[float] = []
     scrape_started: list[float] = []
+    bare_times: list[float] = []  # the same body from a bare server, scraped right after each
     gzip_answers = 0
-    warmed = False
+    bare_url: str | None = None
+    bare: multiprocessing.process.BaseProcess | None = None
     done: dict[str, Any] | None = None
     connector = aiohttp.TCPConnector(limit=4)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
@@ -169,6 +171,7 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         prober: multiprocessing.process.BaseProcess | None = None
         probe_stop = multiprocessing.get_context("spawn").Event()
         probe_out = multiprocessing.get_context("spawn").Queue()
+        bare_stop = multiprocessing.get_context("spawn").Event()
         while done is None:
             while True:
                 try:
@@ -189,14 +192,25 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
             # Scraping starts once the first cycle is done (the exporter is ready), on a
             # connection one untimed scrape opened: Prometheus keeps its connection open, and
             # a first request's one-time costs made it the slowest but one of 170 (14 ms).
-            if cycles and not warmed:
-                await scrape(session, metrics_url)
-                warmed = True
+            # The bare server answers with that scrape's body, warmed the same way.
+            if cycles and bare_url is None:
+                _, body, encoding = await scrape(session, metrics_url)
+                headers = {"Content-Type": "text/plain"}
+                if encoding:
+                    headers["Content-Encoding"] = encoding
+                bare_port = multiprocessing.get_context("spawn").Queue()
+                bare = rig.spawn(bare_main, body, headers, bare_port, bare_stop)
+                port = await asyncio.get_running_loop().run_in_executor(
+                    None, bare_port.get, True, 60)
+                bare_url = f"http://127.0.0.1:{port}/metrics"
+                await scrape(session, bare_url)
             if cycles and (clock.time() >= next_scrape or done is not None):
                 scrape_started.append(clock.time())
                 seconds, body, encoding = await scrape(session, metrics_url)
                 scrape_times.append(seconds)
                 gzip_answers += encoding == "gzip"
+                assert bare_url is not None
+                bare_times.append((await scrape(session, bare_url))[0])
                 next_scrape = clock.time() + args.scrape_interval
             await asyncio.sleep(min(0.05, args.scrape_interval / workload.speed))
         assert done is not None
@@ -205,6 +219,9 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
             probes = await asyncio.get_running_loop().run_in_executor(
                 None, probe_out.get, True, 60)
             prober.join(10)
+        bare_stop.set()
+        if bare is not None:
+            bare.join(10)
         _, body, encoding = await scrape(session, metrics_url)
         last_text = decoded(body, encoding)
         last_gzip = len(body) if encoding == "gzip" else None
@@ -301,6 +318,8 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         "scrapes_gzip": gzip_answers,
         "scrape_p50_s": rig.percentile(scrape_times, 0.5),
         "scrape_p99_s": scrape_p99,
+        "bare_scrape_p50_s": rig.percentile(bare_times, 0.5),
+        "bare_scrape_p99_s": rig.percentile(bare_times, 0.99),
         "generate_latest_p50_s": rig.percentile(baseline, 0.5),
         "generate_latest_p99_s": generate_p99,
         "scrape_to_generate_latest_p99": scrape_p99 / generate_p99
@@ -369,6 +388,8 @@ def table(r: dict[str, Any]) -> str:
          f"{_fmt(r['scrape_p99_s'] * 1000, ' ms')} ({r['scrapes']} scrapes, {r['scrapes_gzip']} "
          f"gzip; {r['series']} series, {r['metrics_bytes'] / 2**20:.2f} MB, "
          f"{_fmt((r['metrics_gzip_bytes'] or 0) / 2**20, ' MB')} gzipped)"),
+        ("same body, bare server", f"p50 {_fmt(_ms(r['bare_scrape_p50_s']), ' ms')}, p99 "
+         f"{_fmt(_ms(r['bare_scrape_p99_s']), ' ms')} (its own process, scraped after each)"),
         ("generate_latest, same series", f"p50 {_fmt(r['generate_latest_p50_s'] * 1000, ' ms')}, "
          f"p99 {_fmt(r['generate_latest_p99_s'] * 1000, ' ms')}; scrape/generate_latest p99 = "
          f"{_fmt(r['scrape_to_generate_latest_p99'])}"),

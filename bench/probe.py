@@ -1,5 +1,6 @@
-"""The benchmark's scrapes as Prometheus makes them, and its callback -> /metrics probe, which
-runs in a process of its own (the driver spawns `probe_main`)."""
+"""The benchmark's scrapes as Prometheus makes them; its callback -> /metrics probe, and the
+bare server that gives a scrape's cost on this machine without the exporter, each in a process of
+its own (the driver spawns `probe_main` and `bare_main`)."""
 
 from __future__ import annotations
 
@@ -101,3 +102,25 @@ async def probe_callbacks(callback_url: str, metrics_url: str, clock: Any,
             else:
                 latencies.append(math.inf)
             await asyncio.sleep(rng.uniform(0.1, 0.5))
+
+
+def bare_main(body: bytes, headers: dict[str, str], port_out: Any, stop: Any) -> None:
+    """A server in a process of its own that answers every GET /metrics with `body`, a /metrics
+    answer as sent: what a scrape of that size costs on this machine, under the same load,
+    without the exporter's work beside it (the driver spawns it after its first scrape)."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, headers=headers)
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port_out.put(runner.addresses[0][1])
+        await rig.wait_for(stop)
+        await runner.cleanup()
+
+    asyncio.run(run())
