@@ -262,6 +262,9 @@ def test_a_row_naming_a_tracked_task_under_another_room_is_not_news_about_it() -
     assert kinds(state, observed, {"a": LookupFailed.FAILED}) == []
     wrong_room = RecordStatus("a", "r2", S.ENDED_ABNORMALLY, NOW - 60_000, NOW, ())
     assert kinds(state, snap(), {"a": wrong_room}) == []
+    listed_elsewhere = snap([row("a", room="r2")])  # live there, absent from its own room
+    assert needs_lookup(state, listed_elsewhere, MARGIN) == ["a"]
+    assert kinds(state, listed_elsewhere, {"a": status("a", S.ENDED)}) == [(EventKind.ENDED, "a")]
 
 
 def test_a_task_a_callback_finished_before_the_baseline_stays_finished() -> None:

@@ -14,9 +14,18 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
@@ -26,7 +35,7 @@ from prometheus_client.samples import Exemplar
 
 from exporter.clock import ManualClock
 from exporter.daemon import Exporter, ListenAddress
-from exporter.serve.exposition import ExpositionCache, RowBlocks, accepts_gzip
+from exporter.serve.exposition import ExpositionCache, LiveEncoder, RowBlocks, accepts_gzip
 from exporter.simulator.engine import SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
 from tests.conftest import APP_ID, QUIET, SECRET, make_config
@@ -98,7 +107,11 @@ async def test_a_scrape_renders_a_changed_state_itself_when_no_render_is_under_w
     assert await served.started("r2") == 1
 
 
-async def test_a_scrape_during_a_render_gets_the_previous_one_without_waiting() -> None:
+@pytest.mark.parametrize("queued", [False, True], ids=["render-running", "scrape-queued-first"])
+async def test_a_scrape_during_a_render_gets_the_previous_one_without_waiting(
+        queued: bool) -> None:
+    """`queued`: the loop serves the scrape between `prerender()` and the render's first step,
+    as it does a request read in the same loop iteration as a cycle's end."""
     value = [1.0]
     gate = threading.Event()
 
@@ -114,12 +127,16 @@ async def test_a_scrape_during_a_render_gets_the_previous_one_without_waiting() 
     _, plain = choose_encoder("")
     assert b"thing 1.0" in gzip.decompress((await cache.get(plain)).gzipped)
     value[0] = 2.0
+    scrape = asyncio.ensure_future(cache.get(plain)) if queued else None  # its step runs first
     cache.invalidate()
     cache.prerender()
-    await asyncio.sleep(0.05)  # the render of the new state is under way, blocked
-    during = await asyncio.wait_for(cache.get(plain), timeout=1.0)
-    assert b"thing 1.0" in gzip.decompress(during.gzipped)
+    if scrape is None:
+        await asyncio.sleep(0.05)  # the render of the new state is under way, blocked
+        scrape = asyncio.ensure_future(cache.get(plain))
+    done, _ = await asyncio.wait({scrape}, timeout=1.0)
     gate.set()
+    assert scrape in done
+    assert b"thing 1.0" in gzip.decompress(scrape.result().gzipped)
     await cache.settled()
     assert b"thing 2.0" in gzip.decompress((await cache.get(plain)).gzipped)
 
@@ -394,3 +411,52 @@ async def test_a_render_encodes_only_the_blocks_that_changed() -> None:
     assert await encoded_by_a_render() == 0  # nothing changed
     rooms.counts["room-60"] += 1
     assert await encoded_by_a_render() == formats * 16  # that room's block
+
+
+LABEL_VALUES = st.text(st.characters(codec="utf-8"), max_size=6)  # quotes, \\, newlines too
+VALUES = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10**18, 10**18)
+
+
+@st.composite
+def live_families(draw: st.DrawFn, rooms: list[str]) -> list[Metric]:
+    """Families of every kind the live part has (and more), for some of `rooms`, with values of
+    every float kind; some with a created time, an exemplar or a timestamp (encoded whole)."""
+    labels = draw(st.lists(st.sampled_from(rooms), min_size=1, unique=True))
+    value = partial(draw, VALUES)
+    counter = CounterMetricFamily("things", "Things \\ done.", labels=["room"])
+    gauge = GaugeMetricFamily("level", "A level.", labels=["room", "kind"])
+    histogram = HistogramMetricFamily("took_seconds", "Took.", labels=["action"])
+    for label in labels:
+        counter.add_metric([label], abs(value()), created=draw(st.none() | st.just(1.5e9)),
+                           timestamp=draw(st.none() | st.just(1.7e9)))
+        gauge.add_metric([label, "x"], value())
+        histogram.add_metric([label], [("0.1", 1), ("1.0", 2), ("+Inf", 3)], value())
+    return [counter, gauge, histogram,
+            SummaryMetricFamily("wait_seconds", "Waited.", count_value=2, sum_value=value()),
+            InfoMetricFamily("build", "Build.", value={"version": draw(st.sampled_from(rooms))}),
+            GaugeMetricFamily("bare", "No labels.", value=value())]
+
+
+class Families(Collector):
+    def __init__(self) -> None:
+        self.families: list[Metric] = []
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["", OPENMETRICS]),
+       st.lists(LABEL_VALUES, min_size=1, max_size=4, unique=True), st.data())
+def test_the_live_part_is_prometheus_clients_own_scrape_after_scrape(
+        accept: str, rooms: list[str], data: st.DataObject) -> None:
+    """Each scrape's live part (its label sets seen before or new, its values changed) equals
+    prometheus_client's own encoding of the same families."""
+    collector = Families()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    encoder = choose_encoder(accept)[0]
+    live = LiveEncoder(encoder)
+    for _ in range(data.draw(st.integers(1, 5))):
+        collector.families = data.draw(live_families(rooms))
+        assert live(registry) == encoder(registry)

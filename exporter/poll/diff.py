@@ -200,6 +200,10 @@ def diff(
             tracked[old.task_id] = replace(old, status=status, begin_ms=begin)
 
     for tid, old in tracking.live.items():
+        live_row = live_rows.get(tid)
+        if (live_row is not None and live_row.status is old.status
+                and live_row.begin_ms == old.begin_ms and live_row.room_id == old.room_id):
+            continue  # listed live just as tracked (most tasks, every cycle): nothing changes
         ended_row, live_row = _row_of(old, terminal_rows), _row_of(old, live_rows)
         if ended_row is not None:
             ended(old, ended_row.status, now)
@@ -281,8 +285,8 @@ def diff(
     # `ended_since - margin` is at most `now - 2 margins`, so one cutoff covers both rules; ZEGO
     # lists nothing begun over 3 days ago, which frees ids after an outage too.
     cutoff = max(ended_since - margin_ms - LIVE_GRACE_MS, now - HORIZON_MS - margin_ms)
-    forgotten = frozenset(t for t, at in (*tracking.finished.items(), *tracking.settled.items())
-                          if at < cutoff)
+    forgotten = frozenset([t for t, at in tracking.finished.items() if at < cutoff]
+                          + [t for t, at in tracking.settled.items() if at < cutoff])
     changes = ChangeSet(
         Source.POLL, learned, tuple(events), tracked,
         untracked=frozenset(finished.keys() & tracking.live.keys()),
