@@ -56,6 +56,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString as _untyped_go_string
 
+from exporter.serve.serving import on_loop
+
 log = structlog.get_logger("exporter.exposition")
 
 GZIP_LEVEL = 6
@@ -452,14 +454,27 @@ class ExpositionCache:
         """What a scrape gets in `content_type`: the render of the current state; the last
         render while a newer one is under way or, after changes made `soon`, is scheduled;
         else a render of the current state, waited for."""
-        ready = self._ready.get(content_type)
+        ready = self._current(content_type)
         if ready is not None:
-            if ready.version >= self._exact_from:
-                return ready
-            if self._rendering is not None and self._rendering[0] >= self._exact_from:
-                return ready  # the previous state while this one renders: no waiting
+            return ready
         await self._fresh()
         return self._ready[content_type]
+
+    def _current(self, content_type: str) -> Rendered | None:
+        """What `get` gives without waiting, or None. It only reads, so a thread may call it
+        too: a render's end or an `invalidate()` it meets halfway gives the state before or
+        after it, as a scrape a moment earlier or later would get."""
+        ready = self._ready.get(content_type)
+        if ready is None:
+            return None
+        exact_from = self._exact_from
+        rendering = self._rendering
+        if ready.version >= exact_from or (rendering is not None and rendering[0] >= exact_from):
+            return ready  # the previous state while this one renders: no waiting
+        return None
+
+    async def _asked(self, accept: str) -> Rendered:
+        return await self.get(self._remember(accept))
 
     async def _fresh(self) -> None:
         """Render the current state in every format, or wait for the render of it under way."""
@@ -628,10 +643,16 @@ class ExpositionCache:
                 at += count
         return header, fresh
 
-    async def respond(self, request: web.Request) -> web.Response:
-        """The /metrics answer: the format the Accept header asks for, gzipped if allowed."""
-        content_type = self._remember(request.headers.get("Accept", ""))
-        rendered = await self.get(content_type)
+    async def respond(self, request: web.Request,
+                      owner: asyncio.AbstractEventLoop | None = None) -> web.Response:
+        """The /metrics answer: the format the Accept header asks for, gzipped if allowed.
+        `owner`: the loop that renders, when another serves the scrape (`ServingThread`); it
+        is asked only for a render to wait for, or a format not asked for before."""
+        accept = request.headers.get("Accept", "")
+        content_type = choose_encoder(accept)[1]
+        rendered = self._current(content_type)
+        if rendered is None:
+            rendered = await on_loop(owner, self._asked(accept))
         headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
         live = b""
         if self._live is not None:

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -26,6 +27,7 @@ from exporter import __version__
 from exporter.logs import ContainedErrors, Throttle
 from exporter.serve.events import BadQuery, EventQuery, as_json, recent
 from exporter.serve.exposition import EXPOSITION
+from exporter.serve.serving import call_on, handed_over
 from exporter.state.model import ExporterState
 
 # aiohttp names itself and Python's version in every answer's Server header, its own error
@@ -70,13 +72,22 @@ class Edge:
     """One listener's edge: counts each 4xx by reason, logs client mistakes at a bounded rate
     and without a traceback, and contains a handler's bug (counted, logged once, a 500)."""
 
-    def __init__(self, state: ExporterState, listener: str, errors: ContainedErrors) -> None:
+    def __init__(self, state: ExporterState, listener: str, errors: ContainedErrors,
+                 owner: asyncio.AbstractEventLoop | None = None) -> None:
         self._state = state
         self.listener = listener
-        self.errors = errors
+        self._errors = errors
+        self._owner = owner  # the loop that writes state (None: the caller's)
         self._throttle = Throttle()
 
     def refused(self, reason: str, **fields: Any) -> None:
+        call_on(self._owner, partial(self._refused, reason, **fields))
+
+    def contained(self, where: str, exc: BaseException) -> None:
+        """A bug caught at this edge: counted and logged (see ContainedErrors)."""
+        call_on(self._owner, self._errors.record, where, exc)
+
+    def _refused(self, reason: str, **fields: Any) -> None:
         self._state.refused[(self.listener, reason)] += 1
         dropped = self._throttle.allow(reason)
         if dropped is not None:
@@ -105,7 +116,7 @@ class Edge:
             except (web.HTTPException, asyncio.CancelledError, ConnectionError):
                 raise
             except Exception as exc:
-                self.errors.record(f"{self.listener}_handler", exc)
+                self.contained(f"{self.listener}_handler", exc)
                 raise web.HTTPInternalServerError() from None
 
         return count_refusals, contain
@@ -121,7 +132,7 @@ class Edge:
                 if isinstance(exc_info, HttpProcessingError):
                     edge.refused(_snake(type(exc_info).__name__))
                 elif isinstance(exc_info, BaseException):
-                    edge.errors.record(f"{edge.listener}_server", exc_info)
+                    edge.contained(f"{edge.listener}_server", exc_info)
                 else:
                     super().exception(msg, *args, exc_info=exc_info, **kwargs)
 
@@ -194,15 +205,19 @@ def make_app(
     middlewares: Sequence[Middleware] = (),
     limits: ServerLimits | None = None,
     edge: Edge | None = None,
+    owner: asyncio.AbstractEventLoop | None = None,
 ) -> web.Application:
     """The app. `middlewares` (e.g. `WebConfig.middlewares()`) run outermost but for the
-    edge's counting; every route answers GET and HEAD only (405 with Allow otherwise)."""
+    edge's counting; every route answers GET and HEAD only (405 with Allow otherwise).
+    `owner`: the state's loop, when the app is served by another (`ServingThread`): the routes
+    that read the state run there, /metrics, /-/healthy and /runbook where the request is."""
     limits = limits or ServerLimits()
-    edge = edge or Edge(state, "metrics", ContainedErrors(state.internal_errors))
+    edge = edge or Edge(state, "metrics", ContainedErrors(state.internal_errors), owner)
+
     async def metrics(request: web.Request) -> web.Response:
         cache = request.app.get(EXPOSITION)  # the daemon's: rendered once per state change
         if cache is not None:
-            return await cache.respond(request)
+            return await cache.respond(request, owner)
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
 
@@ -238,8 +253,9 @@ def make_app(
                           handler_args=limits.handler_args(edge.server_log()))
     expect = edge.expect_handler(limits)
     for path, handler in ((telemetry_path, metrics), ("/-/healthy", healthy),
-                          ("/-/ready", readiness), ("/", landing), ("/runbook", runbook),
-                          ("/api/v1/events", events)):
+                          ("/-/ready", handed_over(owner, readiness)),
+                          ("/", handed_over(owner, landing)), ("/runbook", runbook),
+                          ("/api/v1/events", handed_over(owner, events))):
         app.router.add_get(path, handler, expect_handler=expect)
     return app
 
