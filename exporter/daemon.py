@@ -317,10 +317,16 @@ class Exporter:
 
     async def stop(self) -> None:
         await self.scheduler.stop()  # cancels a cycle in flight, before its session closes
-        if self._serving is not None:
-            await self._serving.stop()
-        if self._callback_runner is not None:
-            await self._callback_runner.cleanup()
+        try:
+            if self._serving is not None:
+                await self._serving.stop()
+            if self._callback_runner is not None:
+                await self._callback_runner.cleanup()
+        finally:
+            await self._stop_state()
+
+    async def _stop_state(self) -> None:
+        """What stop() does whatever the listeners did: the last render and the last save."""
         if self._session is not None:
             await self._session.close()
         await self.exposition.settled()  # no render left running when the loop closes

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import Counter, Gauge, Histogram
@@ -35,7 +36,14 @@ from prometheus_client.samples import Exemplar
 
 from exporter.clock import ManualClock
 from exporter.daemon import Exporter, ListenAddress
-from exporter.serve.exposition import ExpositionCache, LiveEncoder, RowBlocks, accepts_gzip
+from exporter.serve import exposition
+from exporter.serve.exposition import (
+    ExpositionCache,
+    LiveEncoder,
+    RowBlocks,
+    _Scrapes,
+    accepts_gzip,
+)
 from exporter.simulator.engine import SimEngine
 from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
 from tests.conftest import APP_ID, QUIET, SECRET, make_config
@@ -460,3 +468,59 @@ def test_the_live_part_is_prometheus_clients_own_scrape_after_scrape(
     for _ in range(data.draw(st.integers(1, 5))):
         collector.families = data.draw(live_families(rooms))
         assert live(registry) == encoder(registry)
+
+
+async def test_a_live_part_read_while_the_main_loop_changed_it_is_read_again() -> None:
+    """The main loop may add a label set to the live part's dicts while /metrics' thread walks
+    them (RuntimeError): the scrape reads them again instead of failing."""
+    trips = [1]
+
+    class Changing(Collector):
+        def collect(self) -> Iterator[Metric]:
+            if trips[0]:
+                trips[0] -= 1
+                raise RuntimeError("dictionary changed size during iteration")
+            yield GaugeMetricFamily("live_thing", "A live thing.", value=2.0)
+
+    live = CollectorRegistry(auto_describe=False)
+    live.register(Changing())
+    cache = ExpositionCache(CollectorRegistry(auto_describe=False), live)
+    response = await cache.respond(make_mocked_request("GET", "/metrics"))
+    assert response.status == 200 and trips == [0]
+    assert isinstance(response.body, bytes) and b"live_thing 2.0" in response.body
+
+
+def test_a_render_steps_aside_while_a_scrape_is_under_way_within_its_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    scrapes = _Scrapes()
+    order: list[str] = []
+    scraping, finish = threading.Event(), threading.Event()
+
+    def scrape() -> None:
+        with scrapes.one():
+            scraping.set()
+            finish.wait(10)
+            order.append("scrape answered")
+
+    def render_step() -> None:
+        threading.Thread(target=scrape).start()
+        assert scraping.wait(10)
+        scrapes.new_render()
+        scrapes.step_aside()
+        order.append("render went on")
+
+    monkeypatch.setattr(exposition, "SCRAPE_PAUSE_S", 10.0)
+    threading.Timer(0.05, finish.set).start()
+    render_step()
+    assert order == ["scrape answered", "render went on"]
+    # A scrape that outlasts the render's pause does not hold it back further.
+    monkeypatch.setattr(exposition, "SCRAPE_PAUSE_S", 0.01)
+    order.clear()
+    scraping.clear()
+    finish.clear()
+    releasing = threading.Timer(10, finish.set)  # ends the scrape if the render waited on
+    releasing.start()
+    render_step()
+    assert order == ["render went on"] and not finish.is_set()
+    finish.set()
+    releasing.cancel()

@@ -43,11 +43,13 @@ async def test_a_scrape_is_answered_while_the_main_loop_is_blocked(serve: StartE
     assert done.wait(10)  # the main loop waits here, blocked: it serves nothing meanwhile
     status, body = answers[0]
     assert status == 200 and b"zego_cloudrecord_up" in body
-    # A route that reads the state is answered by the main loop, once it runs again.
-    done, answers = in_thread(f"{url}/api/v1/events")
-    assert not done.wait(0.5)
-    await asyncio.to_thread(done.wait, 10)
-    assert answers[0][0] == 200
+    # A route that reads the state is answered by the main loop, once it runs again; so is
+    # the liveness probe, which a stuck main loop must fail.
+    for path in ("/api/v1/events", "/-/healthy"):
+        done, answers = in_thread(url + path)
+        assert not done.wait(0.5)
+        await asyncio.to_thread(done.wait, 10)
+        assert answers[0][0] == 200
 
 
 class Writers(Counter[Any]):

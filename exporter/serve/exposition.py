@@ -33,6 +33,7 @@ scrape waits only before the first render, or when a cycle's change has no rende
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import gc
 import gzip
@@ -46,7 +47,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
@@ -59,6 +61,7 @@ from prometheus_client.utils import floatToGoString as _untyped_go_string
 from exporter.serve.serving import on_loop
 
 log = structlog.get_logger("exporter.exposition")
+T = TypeVar("T")
 
 GZIP_LEVEL = 6
 # A callback's change is rendered this many renders' time after the last render ended: renders
@@ -67,6 +70,7 @@ SOON_RENDERS = 4
 GZIP_WBITS = 31  # zlib's gzip framing: one gzip member
 EOF = b"# EOF\n"
 RETRIES = 3
+SCRAPE_PAUSE_S = 0.05  # the most a render steps aside, in all, for scrapes under way
 BLOCK_ROWS = 16  # rows per block (RowBlocks.of): what a change to one row costs to re-encode
 # Block texts per gzip member (128 rooms with the collector's blocks of 2): what a change costs to
 # recompress (tens of KB), and what the body gives up against one member per family (10 % larger
@@ -348,6 +352,51 @@ def _members(texts: list[bytes | None], old_lengths: list[int], old_members: lis
     return members, lengths
 
 
+def _retried(step: Callable[[], T]) -> T:
+    """`step()`, again if the main loop changed a dict while this thread walked it."""
+    for attempt in range(RETRIES):
+        try:
+            return step()
+        except RuntimeError as exc:
+            if attempt == RETRIES - 1:
+                raise
+            log.debug("exposition_read_retried", error=str(exc))
+    raise AssertionError("unreachable")
+
+
+class _Scrapes:
+    """The scrapes under way, for the render thread to step aside. A render and a scrape share
+    the GIL: a scrape answered during a render took up to 5 ms more (bench/README, run B). The
+    render waits between families while one is under way, SCRAPE_PAUSE_S at most per render,
+    so that a flood of scrapes cannot hold the renders back."""
+
+    def __init__(self) -> None:
+        self._idle = threading.Event()
+        self._idle.set()
+        self._under_way = 0  # written by the thread that serves scrapes only
+        self._left = 0.0  # of this render's pause (the render thread's)
+
+    @contextlib.contextmanager
+    def one(self) -> Iterator[None]:
+        self._under_way += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._under_way -= 1
+            if not self._under_way:
+                self._idle.set()
+
+    def new_render(self) -> None:
+        self._left = SCRAPE_PAUSE_S
+
+    def step_aside(self) -> None:
+        if self._left > 0 and not self._idle.is_set():
+            begun = time.monotonic()
+            self._idle.wait(self._left)
+            self._left -= time.monotonic() - begun
+
+
 class ExpositionCache:
     """One registry's exposition, every format kept ready, re-rendered only after `invalidate()`."""
 
@@ -372,6 +421,7 @@ class ExpositionCache:
         self._rendering: tuple[int, asyncio.Future[None], frozenset[str]] | None = None
         self._encoders: dict[str, Encoder] = {}
         self._live_encoders: dict[str, LiveEncoder] = {}  # content type -> the live part's
+        self._scrapes = _Scrapes()
         self._kept: dict[str, _Kept] = {}  # family name -> its last render
         self._background: set[asyncio.Task[None]] = set()
         # One thread for every render: what a render keeps is allocated where the next one
@@ -515,18 +565,21 @@ class ExpositionCache:
                 if soon:
                     self._soon_took = took
         except BaseException as exc:
+            self._rendered(future)
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else must
             raise
-        finally:
-            if self._rendering is not None and self._rendering[1] is future:
-                self._rendering = None
         self.renders += 1
         for content_type, body in bodies.items():
             kept = self._ready.get(content_type)
             if kept is None or kept.version < version:  # the newest render is what scrapes get
                 self._ready[content_type] = Rendered(version, body)
+        self._rendered(future)  # after the bodies: `_current` never sees neither
         future.set_result(None)
+
+    def _rendered(self, future: asyncio.Future[None]) -> None:
+        if self._rendering is not None and self._rendering[1] is future:
+            self._rendering = None
 
     def _render(self, encoders: dict[str, Encoder]) -> tuple[dict[str, bytes], float]:
         """Every format's body, and the CPU seconds it took this thread."""
@@ -537,21 +590,12 @@ class ExpositionCache:
         begun = self._cpu_time()
         try:
             with _GC_PAUSE:
-                bodies = self._render_retried(encoders)
+                self._scrapes.new_render()
+                bodies = _retried(partial(self._render_once, encoders))
         finally:
             took = self._cpu_time() - begun
             self.render_cpu_seconds += took
         return bodies, took
-
-    def _render_retried(self, encoders: dict[str, Encoder]) -> dict[str, bytes]:
-        for attempt in range(RETRIES):
-            try:
-                return self._render_once(encoders)
-            except RuntimeError as exc:  # the loop changed a dict while the thread walked it
-                if attempt == RETRIES - 1:
-                    raise
-                log.debug("exposition_render_retried", error=str(exc))
-        raise AssertionError("unreachable")
 
     def _render_once(self, encoders: dict[str, Encoder]) -> dict[str, bytes]:
         """The cached part in every format, gzipped: one gzip member per family, kept from the
@@ -561,6 +605,8 @@ class ExpositionCache:
         members: dict[str, list[bytes]] = {t: [] for t in encoders}
         old = self._kept
         for family in self._registry.collect():
+            if self._in_thread:
+                self._scrapes.step_aside()
             key = (family.name, family.type, family.documentation, family.unit)
             # Taken out as used, so that old rows and texts go as the render goes (a render
             # that fails leaves the rest to be encoded afresh).
@@ -654,16 +700,18 @@ class ExpositionCache:
         if rendered is None:
             rendered = await on_loop(owner, self._asked(accept))
         headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
-        live = b""
-        if self._live is not None:
-            if content_type not in self._live_encoders:
-                self._live_encoders[content_type] = LiveEncoder(self._encoders[content_type])
-            live = self._live_encoders[content_type](self._live)
-        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
-            headers["Content-Encoding"] = "gzip"
-            body = rendered.gzipped + gzip.compress(live, compresslevel=GZIP_LEVEL, mtime=0)
-        else:
-            body = await asyncio.to_thread(gzip.decompress, rendered.gzipped) + live
+        with self._scrapes.one():
+            live = b""
+            if self._live is not None:
+                if content_type not in self._live_encoders:
+                    self._live_encoders[content_type] = LiveEncoder(self._encoders[content_type])
+                # The main loop may add a label set while this thread reads: read again.
+                live = _retried(partial(self._live_encoders[content_type], self._live))
+            if accepts_gzip(request.headers.get("Accept-Encoding", "")):
+                headers["Content-Encoding"] = "gzip"
+                body = rendered.gzipped + gzip.compress(live, compresslevel=GZIP_LEVEL, mtime=0)
+            else:
+                body = await asyncio.to_thread(gzip.decompress, rendered.gzipped) + live
         return web.Response(body=body, headers=headers)
 
 

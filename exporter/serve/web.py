@@ -27,7 +27,7 @@ from exporter import __version__
 from exporter.logs import ContainedErrors, Throttle
 from exporter.serve.events import BadQuery, EventQuery, as_json, recent
 from exporter.serve.exposition import EXPOSITION
-from exporter.serve.serving import call_on, handed_over
+from exporter.serve.serving import call_on, handed_over, on_loop
 from exporter.state.model import ExporterState
 
 # aiohttp names itself and Python's version in every answer's Server header, its own error
@@ -209,8 +209,8 @@ def make_app(
 ) -> web.Application:
     """The app. `middlewares` (e.g. `WebConfig.middlewares()`) run outermost but for the
     edge's counting; every route answers GET and HEAD only (405 with Allow otherwise).
-    `owner`: the state's loop, when the app is served by another (`ServingThread`): the routes
-    that read the state run there, /metrics, /-/healthy and /runbook where the request is."""
+    `owner`: the state's loop, when the app is served by another (`ServingThread`): every route
+    runs there but /metrics (the kept render) and /runbook (static)."""
     limits = limits or ServerLimits()
     edge = edge or Edge(state, "metrics", ContainedErrors(state.internal_errors), owner)
 
@@ -219,7 +219,12 @@ def make_app(
         if cache is not None:
             return await cache.respond(request, owner)
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+
+        async def encoded() -> bytes:  # the whole registry: it reads the state
+            return encoder(registry)
+
+        return web.Response(body=await on_loop(owner, encoded()),
+                            headers={"Content-Type": content_type})
 
     async def healthy(request: web.Request) -> web.Response:
         return web.Response(text="OK\n")
@@ -252,7 +257,8 @@ def make_app(
                           client_max_size=limits.client_max_size,
                           handler_args=limits.handler_args(edge.server_log()))
     expect = edge.expect_handler(limits)
-    for path, handler in ((telemetry_path, metrics), ("/-/healthy", healthy),
+    # /-/healthy is the liveness probe: answered by the main loop, so that a stuck one fails it.
+    for path, handler in ((telemetry_path, metrics), ("/-/healthy", handed_over(owner, healthy)),
                           ("/-/ready", handed_over(owner, readiness)),
                           ("/", handed_over(owner, landing)), ("/runbook", runbook),
                           ("/api/v1/events", handed_over(owner, events))):
