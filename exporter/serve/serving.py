@@ -5,7 +5,8 @@ milliseconds), answers callbacks and ZEGO's answers. A scrape served there waits
 that; served here it waits for none of it, only for its share of the GIL. What this thread
 does is read: the kept render, the live part's collectors. Whatever writes state (an edge's
 counters, a reload's count) or reads more than a kept value (the landing page, the events API,
-readiness, a render to wait for) is handed to the main loop (`on_loop`, `call_on`)."""
+readiness, a render to wait for) is handed to the main loop (`on_loop`, `call_on`), and so is
+the liveness probe, which a stuck main loop must fail."""
 
 from __future__ import annotations
 
