@@ -50,15 +50,12 @@ async def on_loop(loop: asyncio.AbstractEventLoop | None, step: Coroutine[Any, A
 
 
 def handed_over(loop: asyncio.AbstractEventLoop | None,
-                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+                handler: Callable[[web.Request], Coroutine[Any, Any, web.Response]]
+                ) -> Callable[[web.Request], Awaitable[web.Response]]:
     """`handler`, run on `loop`: a route that reads the state."""
 
-    async def handle(request: web.Request) -> web.StreamResponse:
-        async def step() -> web.StreamResponse:
-            return await handler(request)
-
-        return await on_loop(loop, step())
+    async def handle(request: web.Request) -> web.Response:
+        return await on_loop(loop, handler(request))
 
     return handle
 
