@@ -308,6 +308,7 @@ async def _measure(args: argparse.Namespace, workload: rig.Workload, sim_url: st
         "budget_use": describe.get("requests", 0) / polled_s / workload.rate_limit
         if polled_s > 0 else None,
         "max_requests_in_a_second": describe.get("max_per_second", 0),
+        "departed_max_in_a_second": done["departed_max_in_a_second"],
         "rate_limited_answers": stats["rate_limited"],
         "rate_limited_by_action": {action: figures["rate_limited"]
                                    for action, figures in by_action.items()},
@@ -379,7 +380,8 @@ def table(r: dict[str, Any]) -> str:
          f"{r['abnormal_ends_missed']} not shown, of which "
          f"{r['abnormal_ends_missed_begun_before_baseline']} begun before the baseline)"),
         ("budget use", f"{_fmt(r['budget_use'])} of {r['rate_limit']}/s; busiest second "
-         f"{r['max_requests_in_a_second']}; 300000003 answers {r['rate_limited_answers']} "
+         f"{r['max_requests_in_a_second']} (as sent: {r['departed_max_in_a_second']}); "
+         f"300000003 answers {r['rate_limited_answers']} "
          f"{r['rate_limited_by_action']}"),
         ("simulator", f"woke late by p99 {_fmt(_ms(r['simulator_lag_p99_s']), ' ms')}, worst "
          f"{_fmt(_ms(r['simulator_lag_max_s']), ' ms')} (real); priority "

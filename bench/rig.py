@@ -189,6 +189,7 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
     watcher = asyncio.create_task(_watch_callback_ends(exporter.exposition, callback_waiting,
                                                        by_callback, clock))
     pauses = _watch_gc()
+    departures = _watch_departures()
     lags: list[float] = []
     lag_probe = asyncio.create_task(_probe_loop_lag(lags))
     events.put(("ready", {"port": exporter.bound_port, "pid": os.getpid()}))
@@ -235,10 +236,41 @@ async def _exporter(workload: Workload, sim_url: str, events: Any, stop: Any) ->
     events.put(("done", {"cpu": time.process_time(), "peak_rss_bytes": rusage.ru_maxrss * 1024,
                          "by_callback": by_callback, "gc_pauses": pauses[2],
                          "gc_pause_max": max(max(p, default=0.0) for p in pauses.values()),
-                         "loop_lags": lags}))
+                         "loop_lags": lags,
+                         "departed_max_in_a_second": max(
+                             (_busiest_second([d.at for d in sent if d.at is not None])
+                              for sent in departures.values()), default=0)}))
     await wait_for(stop)  # keep serving /metrics for the driver's last scrapes
     await exporter.stop()
     state_dir.cleanup()
+
+
+def _watch_departures() -> dict[int, list[Any]]:
+    """Every request each of the exporter's rate limiters (one per app and Action) let go, with
+    when it really left (`Departure.at`, on the clock the simulator shares)."""
+    from exporter.zego.ratelimit import Departure, RateLimiter
+
+    departures: dict[int, list[Departure]] = {}
+    acquire = RateLimiter.acquire
+
+    async def recorded(limiter: RateLimiter) -> Departure:
+        departure = await acquire(limiter)
+        departures.setdefault(id(limiter), []).append(departure)
+        return departure
+
+    RateLimiter.acquire = recorded  # type: ignore[method-assign,assignment]
+    return departures
+
+
+def _busiest_second(times: list[float]) -> int:
+    """The most of `times` in any sliding second (t - 1, t], as ZEGO's gateway counts."""
+    times = sorted(times)
+    first, busiest = 0, 0
+    for last, at in enumerate(times):
+        while times[first] <= at - 1.0:
+            first += 1
+        busiest = max(busiest, last - first + 1)
+    return busiest
 
 
 def _watch_gc() -> dict[int, list[float]]:

@@ -29,6 +29,7 @@ def test_a_tiny_benchmark_reports_every_figure_and_no_rate_limited_answer(
                   for key in re.findall(r"`([a-z0-9_]+)`", cell)}
     assert set(result) == documented
     assert result["rate_limited_answers"] == 0
+    assert 0 < result["departed_max_in_a_second"] <= result["rate_limit"]
     assert result["cycles"] == 3 and result["rooms"] == 5
     assert result["scrapes"] > 0 and result["series"] > 0
     assert result["requests_per_cycle"] >= 1
@@ -53,3 +54,13 @@ def test_the_render_benchmark_prints_its_figures() -> None:
     assert figures["gzip_bytes"] < figures["text_bytes"]
     assert all(figures[key] > 0 for key in ("first_render_s", "render_after_changes_p50_s",
                                             "gzip_to_one_member", "peak_rss_mb"))
+
+
+@pytest.mark.parametrize(("times", "busiest"), [
+    ([], 0), ([3.0], 1), ([2.0, 1.0, 0.0], 1),  # a second apart: never in one window (t - 1, t]
+    ([0.0, 0.5, 0.99, 1.0, 1.5], 3), ([0.0, 0.0, 0.999], 3)])
+def test_the_busiest_sliding_second_counts_as_the_gateway_does(
+        times: list[float], busiest: int) -> None:
+    from bench.rig import _busiest_second
+
+    assert _busiest_second(times) == busiest
