@@ -119,3 +119,42 @@ def test_max_per_second_is_the_busiest_sliding_second() -> None:
 def test_a_zero_limit_is_unlimited() -> None:
     traffic = Traffic({"DescribeTasks": 0})
     assert all(traffic.admit(APP, "DescribeTasks", 0.0) for _ in range(100))
+
+
+def test_stamps_out_of_order_are_each_counted_in_their_own_second() -> None:
+    # Stamped on arrival, handled in another order: 0.95 comes after 1.5 and 1.9.
+    traffic = Traffic({"DescribeTasks": 2})
+    verdicts = [traffic.admit(APP, "DescribeTasks", at) for at in (0.0, 0.5, 1.5, 1.9, 0.95)]
+    # 1.5: (0.5, 1.5] holds none admitted before it; 1.9 joins it; 0.95's second (-0.05, 0.95]
+    # already holds 0.0 and 0.5: refused, though 1.5 and 1.9 were handled before it.
+    assert verdicts == [True, True, True, True, False]
+    busiest = Traffic({"DescribeTasks": 0})
+    for at in (0.0, 1.5, 1.9, 0.95):
+        busiest.admit(APP, "DescribeTasks", at)
+    # (0.9, 1.9] holds 0.95, 1.5 and 1.9: the late arrival counts in the later second too.
+    assert busiest.by_key[(APP, "DescribeTasks")].max_per_second == 3
+
+
+@pytest.mark.parametrize("honoured", [True, False])
+async def test_an_arrival_stamp_from_the_front_counts_when_the_options_name_its_header(
+        clock: ManualClock, session: aiohttp.ClientSession, honoured: bool) -> None:
+    engine = SimEngine(clock, {APP: SECRET}, seed=1, rooms=["room-1"],
+                       rates=LifecycleRates(arrivals_per_hour=0))
+    options = ServerOptions(rate_limits=rate_limits(10),
+                            arrival_header="X-Arrived" if honoured else None)
+    async with SimulatorServer(engine, options) as sim:
+        caller = SimCaller(session, sim.url, APP, SECRET, clock)
+        now = clock.monotonic()
+
+        async def code(stamp: str) -> int:
+            async with session.post(sim.url, params=caller.params("DescribeRecordStatus"),
+                                    json=STATUS_BODY, headers={"X-Arrived": stamp}) as answer:
+                return int((await answer.json(content_type=None))["Code"])
+
+        # Ten stamped within the last half second: the limit, however they are stamped.
+        assert Code.RATE_LIMITED not in [await code(repr(now - 0.5 + i / 50)) for i in range(10)]
+        # One stamped a second later: in a second of its own, if the stamp counts.
+        assert await code(repr(now + 1)) == (
+            Code.TASK_NOT_FOUND if honoured else Code.RATE_LIMITED)
+        # A stamp that is not a finite number is not one: the handler's own time stands.
+        assert await code("nan") == Code.RATE_LIMITED

@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -71,6 +72,10 @@ class ServerOptions:
     callback_interval_s: float = 0.1  # real seconds between background deliveries; 0: none
     callback_late: float = 0.0  # probability that a callback arrives late_s after its sending
     callback_late_s: tuple[float, float] = DEFAULT_LATE_S  # on the engine's clock
+    # A header carrying when a request arrived (the engine clock's monotonic seconds), stamped
+    # by a front that the simulator's own work cannot hold up (bench/rig.py's). None: stamped
+    # when the handler runs, late by whatever else the simulator's loop was doing.
+    arrival_header: str | None = None
 
     def callback_sender(self, engine: SimEngine) -> CallbackSender | None:
         """The sender these options describe, or None without a URL and a secret."""
@@ -165,13 +170,13 @@ def _authenticate(state: SimulatorState, query: Any) -> tuple[str, int]:
 
 
 def _answer(state: SimulatorState, query: Any, raw_body: bytes,
-            forced: FaultKind | None) -> dict[str, Any]:
+            forced: FaultKind | None, arrived: float) -> dict[str, Any]:
     """The envelope a well-behaved ZEGO would send (or the forced error code)."""
     try:
         action, app_id = _authenticate(state, query)
     except _Reject as exc:
         return _envelope(state, exc.code, exc.message)
-    if not state.traffic.admit(app_id, action, state.engine.clock.monotonic()):
+    if not state.traffic.admit(app_id, action, arrived):
         return _envelope(state, Code.RATE_LIMITED, "request frequency exceeds the limit")
     if forced in FAULT_CODES:
         return _envelope(state, FAULT_CODES[forced], f"injected fault {forced}")
@@ -211,17 +216,32 @@ async def _truncated(request: web.Request, payload: bytes) -> web.StreamResponse
     return response
 
 
+def _stamped(state: SimulatorState, request: web.Request) -> float | None:
+    """The arrival stamp the front put in `arrival_header`, if the options name one."""
+    name = state.options.arrival_header
+    try:
+        stamp = None if name is None else float(request.headers[name])
+    except (KeyError, ValueError):
+        return None
+    return stamp if stamp is not None and math.isfinite(stamp) else None
+
+
 async def handle_api(request: web.Request) -> web.StreamResponse:
     """`POST /?Action=...`: faults first (as the network would), then ZEGO's answer."""
     state = request.app[STATE]
+    clock = state.engine.clock
     state.traffic.arrive()
+    stamped = _stamped(state, request)
     raw_body = await request.read()
     action = request.query.get("Action", "")
-    decision = state.faults.decide(action, state.engine.clock.time())
+    decision = state.faults.decide(action, clock.time())
     code: int | None = None
+    delayed = 0.0
     try:
         if decision.delay_s:
+            sent = clock.monotonic()
             await asyncio.sleep(decision.delay_s)
+            delayed = clock.monotonic() - sent
         fault = decision.fault
         if fault == FaultKind.RESET:
             _reset(request)
@@ -233,7 +253,8 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
             status = HTTP_STATUS[fault]
             return web.Response(status=status, text=f"<html><body>{status}</body></html>",
                                 content_type="text/html")
-        envelope = _answer(state, request.query, raw_body, fault)
+        arrived = clock.monotonic() if stamped is None else stamped + delayed
+        envelope = _answer(state, request.query, raw_body, fault, arrived)
         code = envelope["Code"]
         if fault == FaultKind.MALFORMED_JSON:
             return web.Response(text="{Code: 0, 'Message': succeed, Data: {TaskidList: [}",

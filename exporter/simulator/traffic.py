@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +21,18 @@ class ActionTraffic:
     requests: int = 0
     rate_limited: int = 0
     max_per_second: int = 0  # the most requests seen in any sliding second, admitted or not
-    arrivals: deque[float] = field(default_factory=deque)
-    admitted: deque[float] = field(default_factory=deque)
+    latest: float = float("-inf")
+    arrivals: list[float] = field(default_factory=list)  # sorted: stamps may come out of order
+    admitted: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, int]:
         return {"requests": self.requests, "rate_limited": self.rate_limited,
                 "max_per_second": self.max_per_second}
+
+
+def _in_second(stamps: list[float], now: float) -> int:
+    """How many of the sorted `stamps` fall in the sliding second (now - 1, now]."""
+    return bisect.bisect_right(stamps, now) - bisect.bisect_right(stamps, now - WINDOW_SECONDS)
 
 
 @dataclass(slots=True)
@@ -35,7 +41,9 @@ class Traffic:
 
     Times come from the simulator's clock (`monotonic()`), so a test's ManualClock or a demo's
     ScaledClock sets the pace. A limit <= 0 (or an action without one) is unlimited. Only admitted
-    requests fill the window: a client that backs off gets through again after a second.
+    requests fill the window: a client that backs off gets through again after a second. Stamps
+    taken as requests arrive (`ServerOptions.arrival_header`) may reach `admit` a little out of
+    order: each is counted in its own second, (now - 1, now], wherever it falls.
     """
 
     limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
@@ -49,17 +57,22 @@ class Traffic:
         """Count one authenticated request; False if it exceeds the action's rate limit."""
         traffic = self.by_key.setdefault((app_id, action), ActionTraffic())
         traffic.requests += 1
-        horizon = now - WINDOW_SECONDS
+        traffic.latest = max(traffic.latest, now)
+        kept_from = traffic.latest - 2 * WINDOW_SECONDS  # room for stamps a second out of order
         for window in (traffic.arrivals, traffic.admitted):
-            while window and window[0] <= horizon:
-                window.popleft()
-        traffic.arrivals.append(now)
-        traffic.max_per_second = max(traffic.max_per_second, len(traffic.arrivals))
+            del window[:bisect.bisect_right(window, kept_from)]
+        bisect.insort(traffic.arrivals, now)
+        # The seconds this arrival is in: the one it ends, and those of any later ones within
+        # a second (counted already, without it, if it came out of order).
+        later = traffic.arrivals[bisect.bisect_left(traffic.arrivals, now):bisect.bisect_left(
+            traffic.arrivals, now + WINDOW_SECONDS)]
+        traffic.max_per_second = max(traffic.max_per_second,
+                                     *(_in_second(traffic.arrivals, t) for t in later))
         limit = self.limits.get(action, 0)
-        if limit > 0 and len(traffic.admitted) >= limit:
+        if limit > 0 and _in_second(traffic.admitted, now) >= limit:
             traffic.rate_limited += 1
             return False
-        traffic.admitted.append(now)
+        bisect.insort(traffic.admitted, now)
         return True
 
     def reset(self) -> None:
