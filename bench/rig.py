@@ -309,14 +309,13 @@ def _watch_departures() -> dict[int, list[Any]]:
 
 
 def _busiest_second(times: list[float]) -> int:
-    """The most of `times` in any sliding second (t - 1, t], as ZEGO's gateway counts."""
-    times = sorted(times)
-    first, busiest = 0, 0
-    for last, at in enumerate(times):
-        while times[first] <= at - 1.0:
-            first += 1
-        busiest = max(busiest, last - first + 1)
-    return busiest
+    """The most of `times` in any sliding second (t - 1, t], counted as the simulator counts."""
+    from exporter.simulator.traffic import Traffic
+
+    traffic = Traffic({})
+    for at in sorted(times):
+        traffic.admit(0, "sent", at)
+    return max((t.max_per_second for t in traffic.by_key.values()), default=0)
 
 
 def _watch_gc() -> dict[int, list[float]]:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import make_mocked_request
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter.clock import ManualClock
 from exporter.simulator.caller import SimCaller
 from exporter.simulator.engine import LifecycleRates, SimEngine
-from exporter.simulator.server import ServerOptions, SimulatorServer, rate_limits
+from exporter.simulator.server import (
+    STATE,
+    ServerOptions,
+    SimulatorServer,
+    _stamped,
+    create_app,
+    rate_limits,
+)
 from exporter.simulator.traffic import Traffic
 from exporter.zego.errors import Code
 from tests.conftest import APP_ID as APP
@@ -158,3 +169,14 @@ async def test_an_arrival_stamp_from_the_front_counts_when_the_options_name_its_
             Code.TASK_NOT_FOUND if honoured else Code.RATE_LIMITED)
         # A stamp that is not a finite number is not one: the handler's own time stands.
         assert await code("nan") == Code.RATE_LIMITED
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.floats().map(repr), st.integers().map(str)))
+def test_any_arrival_header_is_a_finite_stamp_or_none(raw: str) -> None:
+    engine = SimEngine(ManualClock(), {APP: SECRET}, seed=1, rooms=["room-1"],
+                       rates=LifecycleRates(arrivals_per_hour=0))
+    app = create_app(engine, ServerOptions(arrival_header="X-Arrived"))
+    request = make_mocked_request("POST", "/", headers={"X-Arrived": raw}, app=app)
+    stamp = _stamped(app[STATE], request)
+    assert stamp is None or math.isfinite(stamp)

@@ -21,7 +21,6 @@ class ActionTraffic:
     requests: int = 0
     rate_limited: int = 0
     max_per_second: int = 0  # the most requests seen in any sliding second, admitted or not
-    latest: float = float("-inf")
     arrivals: list[float] = field(default_factory=list)  # sorted: stamps may come out of order
     admitted: list[float] = field(default_factory=list)
 
@@ -57,8 +56,8 @@ class Traffic:
         """Count one authenticated request; False if it exceeds the action's rate limit."""
         traffic = self.by_key.setdefault((app_id, action), ActionTraffic())
         traffic.requests += 1
-        traffic.latest = max(traffic.latest, now)
-        kept_from = traffic.latest - 2 * WINDOW_SECONDS  # room for stamps a second out of order
+        latest = max(now, traffic.arrivals[-1]) if traffic.arrivals else now
+        kept_from = latest - 2 * WINDOW_SECONDS  # room for stamps a second out of order
         for window in (traffic.arrivals, traffic.admitted):
             del window[:bisect.bisect_right(window, kept_from)]
         bisect.insort(traffic.arrivals, now)
