@@ -22,6 +22,7 @@ from exporter.cli import main
 from exporter.daemon import Exporter
 from exporter.demo import free_port
 from exporter.state.changes import (
+    AwaitedUpload,
     ChangeSet,
     CycleOutcome,
     EventKind,
@@ -51,6 +52,14 @@ def busy_app() -> AppState:
         marks=Marks(12_345, frozenset({"a", "b"}), 10_000, {"b": 11_000}),
         observed_ms=98_000, cycle=CycleOutcome(True, 1.0, None, 1_750_000_000.5)))
     return app
+
+
+def as_plain(app: AppState) -> dict[str, Any]:
+    """What the file keeps of an app's tracking and counters, as plain values (a copy)."""
+    tracking = app.tracking
+    return {"live": dict(tracking.live), "finished": dict(tracking.finished),
+            "awaited": dict(tracking.awaited), "settled": dict(tracking.settled),
+            "counters": {room: dict(kinds) for room, kinds in app.counters.items()}}
 
 
 def same(one: AppState, other: AppState) -> bool:
@@ -167,6 +176,33 @@ def test_each_save_writes_what_changed_and_the_file_stays_exact(tmp_path: Path) 
     assert set(loaded.tracking.live) == {"t2", "n31"}
     assert {"n00", "n30"} <= loaded.tracking.finished.keys()
     assert loaded.counters["a"][EventKind.STARTED] == 9
+
+
+def test_rows_write_the_state_as_it_was_when_taken(tmp_path: Path) -> None:
+    """The rows are taken on the event loop and written in the writer thread while the loop
+    goes on applying: what the write puts in the file is the state when they were taken."""
+    path = tmp_path / "state.db"
+    store = Store(path)
+    app = busy_app()
+    store.save(app)
+    app.apply(ChangeSet(Source.POLL, 6_000, (TaskEvent(EventKind.ENDED, "t2", "b"),),
+                        {"t3": TrackedTask("t3", "a", TaskStatus.RECORDING, 5000)},
+                        untracked=frozenset({"t2"}), finished={"t2": 6_000},
+                        awaited={"t2": AwaitedUpload("b", 6_000)}, observed_ms=6_000))
+    taken = as_plain(app)
+    rows = store.rows(app)
+    app.mark_saved(rows.pending)
+    # Meanwhile every part of what the rows hold changes again (t2 back: only to tell).
+    app.apply(ChangeSet(Source.CALLBACK, 7_000,
+                        (TaskEvent(EventKind.ENDED, "t3", "a", duration_s=2.0),),
+                        {"t2": TrackedTask("t2", "b", TaskStatus.RECORDING, 1000)},
+                        untracked=frozenset({"t3"}), finished={"t3": 7_000},
+                        forgotten=frozenset({"t2"}), awaited={"t3": AwaitedUpload("a", 7_000)}))
+    store.write(rows)
+    loaded = AppState(7, ("a", "b"))
+    Store(path).load(loaded)
+    assert as_plain(loaded) == taken
+    assert set(loaded.tracking.live) == {"t3"} and set(loaded.tracking.awaited) == {"t2"}
 
 
 def test_a_failed_save_loses_nothing_and_the_next_save_writes_it(tmp_path: Path) -> None:
